@@ -1,0 +1,1 @@
+"""Triton kernels for LoRA training, each beside the PyTorch reference that defines it."""

@@ -1,0 +1,26 @@
+from setuptools import setup
+
+setup(
+    name="gesso",
+    version="0.1.0",
+    description="Fast LoRA training for Stable Diffusion XL and SD 1.5, with Triton kernels",
+    python_requires=">=3.11",
+    packages=["models", "engine", "kernels"],
+    py_modules=["cli"],
+    package_data={"models": ["tokenizers/clip/*"]},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "safetensors>=0.4",
+        "transformers>=4.40",
+        "huggingface_hub>=0.23",
+        "numpy",
+        "Pillow",
+        "tqdm",
+    ],
+    extras_require={
+        # diffusers is the reference implementation the parity tests compare against.
+        "test": ["pytest", "pytest-benchmark", "diffusers>=0.30"],
+    },
+    entry_points={"console_scripts": ["gesso=cli:main"]},
+)
