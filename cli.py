@@ -1,0 +1,50 @@
+"""Gesso's command line: `python cli.py COMMAND ...`, also installed as `gesso`.
+
+This is the edge: it parses arguments, builds the typed config once, and turns the engine's input
+errors into one-line messages with a non-zero exit instead of tracebacks.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+CONFIG_HELP = "Every config key, its default and meaning: README.md, section 'Config reference'."
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from engine.config import load_config
+    from engine.train import train
+
+    cfg = load_config(args.config, args.set)
+    output_dir = Path(args.output_dir or cfg.output.dir or Path("output") / cfg.output.name)
+    result = train(cfg, output_dir)
+    print(f"saved {result.final} ({len(result.epoch_files)} epoch files, metrics in {output_dir / 'metrics.jsonl'})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gesso", description="Fast LoRA training for SDXL and SD 1.5.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a LoRA from a TOML config", description=f"Train a LoRA from a TOML config. {CONFIG_HELP}")
+    p.add_argument("config", help="path to the TOML config (see examples/demo.toml)")
+    p.add_argument("--output-dir", help="where the LoRA files and metrics.jsonl go (default: output.dir, else output/<output.name>)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key; repeatable")
+    p.set_defaults(run=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from engine.errors import USER_ERRORS
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,6 @@
+"""The input errors the CLI reports as one line and exit code 2, never as a traceback."""
+from engine.config import ConfigError
+from engine.lora_file import LoRAFileError
+from engine.train import TrainError
+
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, LoRAFileError, TrainError)

@@ -1,0 +1,74 @@
+"""Kohya-layout LoRA files: `<module>.lora_down.weight`, `<module>.lora_up.weight`, `<module>.alpha`.
+
+This is the layout ComfyUI, AUTOMATIC1111/Forge and diffusers all read. Metadata values are strings;
+JSON-valued ones (`ss_tag_frequency`, `ss_dataset_dirs`, ...) are valid JSON, and the `sshs_*` hashes are
+what kohya's scripts and AUTOMATIC1111 compute, so the file shows the same hash in every tool.
+"""
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+
+from engine.io import write_bytes_atomic
+
+SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+
+
+class LoRAFileError(Exception):
+    """A LoRA file that cannot be read or placed; the message names the file or key."""
+
+
+def weights_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+    """(sshs_model_hash, sshs_legacy_hash) over the file as saved with its `ss_*` metadata only.
+
+    model hash: sha256 of the bytes after the safetensors header; legacy hash: first 8 hex digits of the
+    sha256 of 64 KiB at offset 1 MiB (AUTOMATIC1111's old model hash), as kohya's scripts compute them.
+    """
+    blob = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header_len = int.from_bytes(blob[:8], "little")
+    model_hash = hashlib.sha256(blob[8 + header_len :]).hexdigest()
+    legacy_hash = hashlib.sha256(blob[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8]
+    return model_hash, legacy_hash
+
+
+def save_lora(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write tensors (kohya keys) with metadata, hashes added, atomically."""
+    for key in tensors:
+        if not key.endswith(SUFFIXES) or "." in key[: -len(next(s for s in SUFFIXES if key.endswith(s)))]:
+            raise LoRAFileError(f"{key}: not a kohya LoRA key (module names must not contain dots)")
+    metadata = {k: str(v) for k, v in metadata.items()}
+    metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = weights_hashes(tensors, metadata)
+    blob = save(tensors, metadata)
+    assert blob[8:10] == b'{"', "AUTOMATIC1111 requires the header to start with {\""
+    write_bytes_atomic(path, blob)
+
+
+def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors LoRA file, or a one-line LoRAFileError."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except FileNotFoundError:
+        raise LoRAFileError(f"{path}: no such file") from None
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise LoRAFileError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def group_modules(tensors: dict[str, torch.Tensor], path: str | Path = "") -> dict[str, dict[str, torch.Tensor]]:
+    """Kohya keys grouped by module: name -> {"down", "up", "alpha"}; alpha defaults to rank (scale 1)."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        for suffix, part in zip(SUFFIXES, ("down", "up", "alpha")):
+            if key.endswith(suffix):
+                groups.setdefault(key[: -len(suffix)], {})[part] = t
+                break
+        else:
+            raise LoRAFileError(f"{path}: key {key} is not in the kohya LoRA layout")
+    for name, g in groups.items():
+        if "down" not in g or "up" not in g:
+            raise LoRAFileError(f"{path}: module {name} lacks lora_down or lora_up")
+        g.setdefault("alpha", torch.tensor(float(g["down"].shape[0])))
+    return groups

@@ -1,0 +1,67 @@
+"""The `ss_*` and `modelspec.*` metadata that kohya's scripts write and the consumers read.
+
+AUTOMATIC1111 lists a LoRA under SDXL only when `ss_base_model_version` starts with `sdxl_`, and parses
+values that start with `{` as JSON, so JSON-valued keys are always valid JSON strings.
+"""
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+from engine.config import Config
+from engine.data import Item
+
+BASE_MODEL_VERSION = {"sdxl": "sdxl_base_v1-0", "sd15": "sd_v1", "sd2": "sd_v2"}
+MODELSPEC_ARCHITECTURE = {"sdxl": "stable-diffusion-xl-v1-base/lora", "sd15": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2/lora"}
+
+
+def tag_frequency(items: list[Item]) -> dict[str, dict[str, int]]:
+    """{folder name: {tag: count}} over comma-separated caption tags, as kohya records it."""
+    out: dict[str, Counter] = {}
+    for it in items:
+        tags = [t.strip() for t in it.caption.split(",") if t.strip()]
+        out.setdefault(it.path.parent.name, Counter()).update(tags)
+    return {folder: dict(counts) for folder, counts in out.items()}
+
+
+def training_metadata(cfg: Config, family: str, items: list[Item], started_at: float) -> dict[str, str]:
+    """Everything known before the first step; epoch, steps and finish time are added at each save."""
+    res = cfg.dataset.resolution
+    folder = Path(cfg.dataset.path).name
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": cfg.network.rank,
+        "ss_network_alpha": cfg.network.alpha,
+        "ss_network_args": json.dumps({}),
+        "ss_base_model_version": BASE_MODEL_VERSION[family],
+        "ss_v2": family == "sd2",
+        "ss_sd_model_name": cfg.model.checkpoint or cfg.model.name,
+        "ss_resolution": f"({res}, {res})",
+        "ss_num_epochs": cfg.train.epochs,
+        "ss_batch_size_per_device": cfg.train.batch_size,
+        "ss_learning_rate": cfg.train.learning_rate,
+        "ss_unet_lr": cfg.train.learning_rate,
+        "ss_text_encoder_lr": 0.0,
+        "ss_optimizer": "torch.optim.AdamW",
+        "ss_lr_scheduler": "constant",
+        "ss_mixed_precision": "no",
+        "ss_seed": cfg.train.seed,
+        "ss_num_train_images": len(items) * cfg.dataset.repeats,
+        "ss_tag_frequency": json.dumps(tag_frequency(items)),
+        "ss_dataset_dirs": json.dumps({folder: {"n_repeats": cfg.dataset.repeats, "img_count": len(items)}}),
+        "ss_output_name": cfg.output.name,
+        "ss_training_started_at": started_at,
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": MODELSPEC_ARCHITECTURE[family],
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl" else "diffusers",
+        "modelspec.title": cfg.output.name,
+        "modelspec.resolution": f"{res}x{res}",
+        "modelspec.prediction_type": "epsilon",
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started_at)),
+        "modelspec.trigger_phrase": cfg.dataset.trigger,
+    }
+    return {k: str(v) for k, v in meta.items()}
+
+
+def at_save(meta: dict[str, str], epoch: int, step: int) -> dict[str, str]:
+    return {**meta, "ss_epoch": str(epoch), "ss_steps": str(step), "ss_training_finished_at": str(time.time())}

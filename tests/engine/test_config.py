@@ -1,0 +1,56 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path, text):
+    (tmp_path / "data").mkdir(exist_ok=True)
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return path
+
+
+def test_demo_config_resolves_dataset_next_to_the_file():
+    cfg = load_config(ROOT / "examples" / "demo.toml")
+    assert Path(cfg.dataset.path) == ROOT / "examples" / "demo"
+    assert cfg.network.rank == 8 and cfg.dataset.trigger == "gssdemo"
+
+
+def test_overrides_are_typed(tmp_path):
+    cfg = load_config(write(tmp_path, '[dataset]\npath = "data"\nresolution = 64\n'),
+                      ["train.learning_rate=3e-4", "output.name=my lora", "train.epochs=2", "network.alpha=4"])
+    assert cfg.train.learning_rate == 3e-4 and cfg.output.name == "my lora" and cfg.train.epochs == 2
+    assert cfg.network.alpha == 4.0 and isinstance(cfg.network.alpha, float)
+
+
+@pytest.mark.parametrize("text, overrides, message", [
+    ('[dataset]\npath = "data"\n[train]\nepoch = 3\n', [], "unknown key train.epoch"),  # typo in a key
+    ('[dataset]\npath = "data"\n[trian]\n', [], "unknown section [trian]"),  # typo in a section
+    ('[dataset]\npath = "data"\n', ["train.epochs=three"], "train.epochs: expected int"),  # wrong type
+    ('[dataset]\npath = "missing"\n', [], "dataset.path: no such folder"),  # missing dataset
+    ('[dataset]\npath = "data"\nresolution = 100\n', [], "multiple of 64"),
+    ('[dataset]\npath = "data"\n[output]\nsave_dtype = "fp8"\n', [], "output.save_dtype"),
+    ('[dataset]\npath = "data"\n', ["train.lr=1"], "unknown key train.lr"),  # typo in an override
+])
+def test_bad_config_names_the_key(tmp_path, text, overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config(write(tmp_path, text), overrides)
+
+
+def test_cli_reports_bad_key_in_one_line_and_exits_2(tmp_path):
+    path = write(tmp_path, '[dataset]\npath = "data"\n[train]\nepoch = 3\n')
+    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "train", str(path)], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "unknown key train.epoch" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_reports_missing_config_file(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "train", str(tmp_path / "nope.toml")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "nope.toml: no such config file" in proc.stderr
