@@ -1,0 +1,48 @@
+"""Choose the Triton kernel or the PyTorch reference for a call.
+
+`GESSO_KERNELS` = `auto` (default) | `triton` | `reference`. In `auto`, CUDA tensors on a GPU of
+compute capability >= 8.0 take the Triton kernels and everything else takes the reference.
+`triton` forces the kernels even for CPU tensors (the interpreter tests: `TRITON_INTERPRET=1`).
+This is the only place below cli.py that reads the environment.
+"""
+import os
+import sys
+
+import torch
+
+ENV_VAR = "GESSO_KERNELS"
+MODES = ("auto", "triton", "reference")
+MIN_CAPABILITY = (8, 0)  # bf16 tensor cores and the Triton features these kernels assume
+
+_noticed: set[int] = set()
+
+
+def kernel_mode() -> str:
+    mode = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(f"{ENV_VAR}={mode!r}: expected one of {', '.join(MODES)}")
+    return mode
+
+
+def _capable(device: torch.device) -> bool:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    capability = torch.cuda.get_device_capability(index)
+    if capability >= MIN_CAPABILITY:
+        return True
+    if index not in _noticed:
+        _noticed.add(index)
+        print(f"gesso: GPU {index} has compute capability {capability[0]}.{capability[1]} < 8.0; "
+              f"using the PyTorch reference kernels", file=sys.stderr)
+    return False
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """True when the call with these tensors should run the Triton kernel."""
+    mode = kernel_mode()
+    if mode != "auto":
+        return mode == "triton"
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) != 1:
+        return False
+    (device,) = devices
+    return device.type == "cuda" and _capable(device)
