@@ -1,0 +1,97 @@
+import pytest
+import torch
+
+from kernels.lora_linear import dequantize_weight, dropout_keep_mask, lora_linear, lora_linear_ref
+
+CASES = [
+    # (x shape, out, rank)
+    ((5, 16), 16, 4),  # minimal
+    ((2, 77, 96), 80, 8),  # sequence 77, rows (154) and features not multiples of the blocks
+    ((1, 33, 70), 130, 128),  # largest rank, out spans three column tiles
+    ((1, 77, 320), 320, 16),  # SDXL level-0 width, one 77-token row block
+]
+
+
+def _inputs(x_shape, out, rank, dtype, device, bias=True):
+    K = x_shape[-1]
+    x = torch.randn(x_shape, device=device, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(out, K, device=device) / K**0.5).to(dtype)
+    b = torch.randn(out, device=device, dtype=dtype) if bias else None
+    down = (torch.randn(rank, K, device=device) / K**0.5).to(dtype).requires_grad_()
+    up = (torch.randn(out, rank, device=device) / rank**0.5).to(dtype).requires_grad_()
+    return x, weight, b, down, up
+
+
+def _grads(y, dy, x, down, up):
+    return torch.autograd.grad(y, (x, down, up), dy)
+
+
+def _run_and_check(assert_parity, x, weight, b, down, up, scale, **kw):
+    """Kernel forward and all three gradients against the float64 reference (and torch's own low precision)."""
+    ref_kw = {k: v for k, v in kw.items() if k != "dropout_seed"}
+    if kw.get("dropout_p", 0.0) > 0:
+        ref_kw["dropout_mask"] = dropout_keep_mask(kw["dropout_seed"], x.shape, kw["dropout_p"], x.device)
+    y = lora_linear(x, weight, b, down, up, scale, **kw)
+    dy = torch.randn_like(y)
+    grads = _grads(y, dy, x, down, up)
+    y64 = lora_linear_ref(x, weight, b, down, up, scale, upcast=True, **ref_kw)
+    grads64 = _grads(y64, dy.double(), x, down, up)
+    lowprec = [None] * 4
+    if x.dtype in (torch.float16, torch.bfloat16):
+        y_lp = lora_linear_ref(x, weight, b, down, up, scale, **ref_kw)
+        lowprec = [y_lp, *_grads(y_lp, dy, x, down, up)]
+    for name, out, ref, lp in zip(("y", "dx", "d_down", "d_up"), (y, *grads), (y64, *grads64), lowprec):
+        assert_parity(name, out, ref, lp)
+
+
+@pytest.mark.parametrize("x_shape,out,rank", CASES)
+def test_fp32_forward_and_grads(x_shape, out, rank, device, assert_parity):
+    _run_and_check(assert_parity, *_inputs(x_shape, out, rank, torch.float32, device), scale=0.75)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("x_shape,out,rank", CASES[1:3])
+def test_low_precision_forward_and_grads(x_shape, out, rank, dtype, device, assert_parity):
+    _run_and_check(assert_parity, *_inputs(x_shape, out, rank, dtype, device), scale=0.5)
+
+
+def test_no_bias_and_strided_input(device, assert_parity):
+    # a transposed view, as a (B, C, T) activation fed without a copy
+    x, weight, _, down, up = _inputs((2, 77, 48), 40, 8, torch.float32, device, bias=False)
+    xt = x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    assert not xt.is_contiguous()
+    _run_and_check(assert_parity, xt, weight, None, down, up, scale=1.0)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_weight_dequantised_in_kernel(per_channel, dtype, device, assert_parity):
+    # rows 154, out 80: per-channel scales cross the tile edge
+    x, weight, b, down, up = _inputs((2, 77, 96), 80, 8, dtype, device)
+    w32 = weight.float()
+    amax = w32.abs().amax(dim=1) if per_channel else w32.abs().max()
+    w_scale = (amax / 448.0).float()  # 448: largest finite e4m3
+    w8 = (w32 / (w_scale[:, None] if per_channel else w_scale)).to(torch.float8_e4m3fn)
+    assert (dequantize_weight(w8, w_scale, torch.float32) - w32).abs().max() < 0.07 * w32.abs().max()
+    _run_and_check(assert_parity, x, w8, b, down, up, scale=0.5, weight_scale=w_scale)
+
+
+def test_dropout_matches_reference_with_the_kernels_mask(device, assert_parity):
+    x, weight, b, down, up = _inputs((2, 77, 96), 80, 8, torch.float32, device)
+    _run_and_check(assert_parity, x, weight, b, down, up, scale=0.5, dropout_p=0.3, dropout_seed=1234)
+
+
+def test_dropout_mask_statistics_and_seeding(device):
+    keep = dropout_keep_mask(7, (300, 200), 0.25, device)
+    # 60000 Bernoulli(0.75) draws: std of the mean 0.0018, so 0.01 is > 5 sigma
+    assert abs(keep.float().mean().item() - 0.75) < 0.01
+    assert torch.equal(keep, dropout_keep_mask(7, (300, 200), 0.25, device))
+    assert not torch.equal(keep, dropout_keep_mask(8, (300, 200), 0.25, device))
+
+
+def test_preconditions_fail_loudly(device):
+    x, weight, b, down, up = _inputs((4, 32), 16, 4, torch.float32, device)
+    with pytest.raises(AssertionError, match="requires_grad=False"):
+        lora_linear(x, weight.requires_grad_(), b, down, up, 1.0)
+    with pytest.raises(AssertionError, match="weight_scale"):
+        lora_linear(x, weight.detach().to(torch.float8_e4m3fn), b, down, up, 1.0)
