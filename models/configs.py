@@ -63,7 +63,7 @@ class OpenCLIPTextConfig:
     layers: int = 32
     heads: int = 20
     mlp_dim: int = 5120
-    proj_dim: int | None = 1280  # None: the checkpoint carries no text_projection (SD 2.x)
+    proj_dim: int | None = 1280  # None: no text_projection
     act: str = "gelu"
     hidden_layer: int = -2
     final_norm: bool = False  # SD 2.x applies ln_final to the penultimate state
@@ -119,7 +119,7 @@ SD21 = ModelConfig(
         adm_in_channels=None,
     ),
     vae=VAEConfig(),
-    text_encoders=(OpenCLIPTextConfig(width=1024, layers=24, heads=16, mlp_dim=4096, proj_dim=None, final_norm=True),),
+    text_encoders=(OpenCLIPTextConfig(width=1024, layers=24, heads=16, mlp_dim=4096, proj_dim=1024, final_norm=True),),
     latent_scale=0.18215,
     prediction="v",
 )

@@ -103,3 +103,35 @@ def hf_clip(te, checkpoint: dict) -> CLIPTextModel:
 def hf_openclip(te, checkpoint: dict, prefix: str = SDXL_BIGG) -> CLIPTextModelWithProjection:
     model = CLIPTextModelWithProjection(hf_text_config(te))
     return _load_strict(model, sfu.convert_open_clip_checkpoint(model, checkpoint, prefix=prefix))
+
+
+def write_diffusers_folder(model, folder, text_model_prefix: bool = True) -> None:
+    """A diffusers pipeline folder holding `model`'s weights, written by diffusers' and transformers' own
+    save_pretrained after diffusers' single-file conversion. text_model_prefix rewrites the text encoders'
+    keys as older transformers saved them (`text_model.embeddings...`), the layout of the folders on the Hub."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from models.tokenizer import SHIPPED
+
+    folder = Path(folder)
+    cfg, state = model.cfg, model.state_dict()
+    diffusers_unet(cfg, state).save_pretrained(folder / "unet")
+    diffusers_vae(cfg, state).save_pretrained(folder / "vae")
+    hf_clip(cfg.text_encoders[0], state).save_pretrained(folder / "text_encoder")
+    if cfg.family == "sdxl":
+        hf_openclip(cfg.text_encoders[1], state).save_pretrained(folder / "text_encoder_2")
+    for sub in ("text_encoder", "text_encoder_2"):
+        weights = folder / sub / "model.safetensors"
+        if text_model_prefix and weights.is_file():
+            tensors = load_file(weights)
+            renamed = {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v
+                       for k, v in tensors.items()}
+            save_file(renamed, weights, metadata={"format": "pt"})
+    for sub in ("tokenizer", "tokenizer_2")[: len(cfg.text_encoders)]:
+        shutil.copytree(SHIPPED, folder / sub)
+    pipeline = "StableDiffusionXLPipeline" if cfg.family == "sdxl" else "StableDiffusionPipeline"
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
