@@ -1,0 +1,58 @@
+"""Fused LoRA linear vs the same maths as torch matmuls (F.linear x3), forward and forward+backward."""
+import pytest
+import torch
+
+from benchmarks import harness
+from benchmarks.harness import DEVICE, DTYPE, ON_GPU, gpu_only
+from kernels.lora_linear import lora_linear, lora_linear_ref
+
+# (name, rows M, in, out); SDXL at 1024x1024, batch 1: 4096 tokens at 640 channels, 1024 at 1280
+GPU_CASES = [
+    ("640-attn-proj", 4096, 640, 640),
+    ("640-ff-in", 4096, 640, 5120),
+    ("640-ff-out", 4096, 2560, 640),
+    ("640-cross-kv", 77, 2048, 640),
+    ("1280-attn-proj", 1024, 1280, 1280),
+    ("1280-ff-in", 1024, 1280, 10240),
+    ("1280-ff-out", 1024, 5120, 1280),
+    ("1280-cross-kv", 77, 2048, 1280),
+]
+CPU_CASES = [("smoke-proj", 256, 64, 64), ("smoke-ff-in", 256, 64, 512)]
+IMPLS = {"gesso-triton": lora_linear, "torch-matmuls": lora_linear_ref}
+
+
+def _operands(M, K, N, rank, fp8):
+    x = torch.randn(M, K, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    weight = torch.randn(N, K, device=DEVICE, dtype=DTYPE) / K**0.5
+    scale = None
+    if fp8:
+        scale = weight.float().abs().amax(dim=1) / 448.0  # per output channel
+        weight = (weight.float() / scale[:, None]).to(torch.float8_e4m3fn)
+    bias = torch.randn(N, device=DEVICE, dtype=DTYPE)
+    down = (torch.randn(rank, K, device=DEVICE, dtype=DTYPE) / K**0.5).requires_grad_()
+    up = torch.randn(N, rank, device=DEVICE, dtype=DTYPE).requires_grad_()
+    return x, weight, scale, bias, down, up
+
+
+@pytest.mark.parametrize("impl", [gpu_only("gesso-triton"), "torch-matmuls"])
+@pytest.mark.parametrize("fp8", [False, pytest.param(True, marks=pytest.mark.skipif(not ON_GPU, reason="GPU only"))],
+                         ids=["w-act-dtype", "w-fp8"])
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("rank", [16, 64])
+@pytest.mark.parametrize("case", GPU_CASES if ON_GPU else CPU_CASES, ids=lambda c: c[0])
+def bench_lora_linear(benchmark, case, rank, backward, fp8, impl):
+    name, M, K, N = case
+    x, weight, scale, bias, down, up = _operands(M, K, N, rank, fp8)
+    dy = torch.randn(M, N, device=DEVICE, dtype=DTYPE)
+    fn = IMPLS[impl]
+
+    def step():
+        y = fn(x, weight, bias, down, up, 0.5, weight_scale=scale)
+        if backward:
+            torch.autograd.grad(y, (x, down, up), dy)
+
+    # forward x W^T, (x A^T), (.) B^T; backward dy W, dy B, (dy B) A, d_down, d_up: 2 FLOPs per MAC
+    fwd = 2 * M * (K * N + K * rank + rank * N)
+    bwd = 2 * M * (N * K + N * rank + rank * K + rank * K + N * rank)
+    tag = f"{name}-r{rank}-{'fwd+bwd' if backward else 'fwd'}-{'wfp8' if fp8 else 'w-act-dtype'}"
+    harness.run(benchmark, "lora_linear", tag, impl, step, flops=fwd + (bwd if backward else 0))
