@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="where the LoRA files and metrics.jsonl go (default: output.dir, else output/<output.name>)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key; repeatable")
     p.set_defaults(run=cmd_train)
+    from engine.sample_cli import add_parsers; add_parsers(sub)  # noqa: E702  `sample` and `grid`
     return parser
 
 

@@ -1,0 +1,165 @@
+"""`gesso sample` (single images) and `gesso grid` (X/Y plots), registered on cli.py's subparsers by add_parsers.
+
+Parsing only: the commands build a Pipeline and Settings once and hand plain values to engine.render.
+"""
+import argparse
+import random
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+import models
+from engine import render, sampling
+from engine.lora_file import read_lora
+from engine.prompt import EMPHASIS, PromptError, extract_lora_tags
+
+NATIVE_SIZE = {"sdxl": 1024, "sd15": 512, "sd21": 768, "tiny-sdxl": 128, "tiny-sd15": 128}
+AXIS_HELP = ("KIND[=V1,V2,...]; KIND is epoch (default: every epoch file of --run), strength, seed, cfg, steps or "
+             "sampler, e.g. --x epoch --y strength=0.2,0.4,0.6,0.8,1")
+
+
+def add_parsers(subparsers) -> None:
+    p = subparsers.add_parser("sample", help="render images from a prompt, with <lora:name:w> tags",
+                              description="Render images in AUTOMATIC1111's prompt syntax; each PNG carries its parameters.")
+    _common(p)
+    p.add_argument("--batch-size", type=int, default=1, help="images per sampling pass (seeds seed, seed+1, ...)")
+    p.add_argument("--batch-count", type=int, default=1, help="sampling passes, each continuing the seeds")
+    p.add_argument("--init-image", help="img2img: start from this image instead of pure noise")
+    p.add_argument("--denoise", type=float, default=0.75, help="img2img denoising strength in (0, 1] (default 0.75)")
+    p.add_argument("--out", default="output/samples", help="folder for the PNGs (default output/samples)")
+    p.set_defaults(run=_guarded(cmd_sample))
+
+    g = subparsers.add_parser("grid", help="X/Y plot: epochs by LoRA strength, or two of seed/cfg/steps/sampler",
+                              description="Render an X/Y grid as one labelled PNG plus the single images.")
+    _common(g)
+    g.add_argument("--run", help="training output folder with <name>-NNNNNN.safetensors epoch files (used as --lora-dir)")
+    g.add_argument("--name", help="the run's output name when the folder holds several runs' files")
+    g.add_argument("--x", required=True, help=AXIS_HELP)
+    g.add_argument("--y", required=True, help=AXIS_HELP)
+    g.add_argument("--strength", type=float, default=1.0, help="LoRA strength when strength is not an axis (default 1)")
+    g.add_argument("--out", help="folder for the PNGs (default <run>/grids, else output/grids)")
+    g.set_defaults(run=_guarded(cmd_grid))
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", required=True, help='e.g. "gssdemo, (red circle:1.2) <lora:demo:0.8>"')
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--model", help="built-in model name (default: the LoRA file's ss_sd_model_name)")
+    p.add_argument("--model-seed", type=int, default=0, help="init seed of a built-in model (model.seed of the run; default 0)")
+    p.add_argument("--lora-dir", help="folder holding the <lora:name:...> files as name.safetensors")
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--sampler", default="dpmpp_2m_karras", choices=sorted(sampling.SAMPLERS))
+    p.add_argument("--cfg", type=float, default=6.0, help="classifier-free guidance scale (default 6)")
+    p.add_argument("--seed", type=int, default=-1, help="-1: a random seed (recorded in the PNG)")
+    p.add_argument("--width", type=int, help="default: the model's native size")
+    p.add_argument("--height", type=int, help="default: the model's native size")
+    p.add_argument("--emphasis", default="a1111", choices=EMPHASIS,
+                   help="a1111: scale tokens then restore the mean; comfy: scale away from the empty prompt")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--dtype", default="fp32", choices=sorted(render.DTYPES), help="UNet and text encoders (default fp32)")
+    p.add_argument("--vae-dtype", default="fp32", choices=["fp32", "bf16"], help="VAE decode precision (never fp16)")
+
+
+def _guarded(command):
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except (render.RenderError, PromptError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def _model_name(args, lora_files: list[Path]) -> str:
+    if args.model:
+        return args.model
+    for path in lora_files:
+        name = read_lora(path)[1].get("ss_sd_model_name", "")
+        if name in models.configs.REGISTRY:
+            return name
+    raise render.RenderError("pass --model (no LoRA file names a built-in model in ss_sd_model_name)")
+
+
+def _pipeline(args, lora_dir: Path | None, lora_files: list[Path]) -> render.Pipeline:
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    return render.load_pipeline(_model_name(args, lora_files), args.model_seed, device, args.dtype, args.vae_dtype, lora_dir)
+
+
+def _settings(args, model: str) -> render.Settings:
+    size = NATIVE_SIZE.get(model) or NATIVE_SIZE[models.configs.get(model).family]
+    seed = args.seed if args.seed >= 0 else random.randrange(2**32)
+    return render.Settings(args.prompt, args.negative_prompt, args.steps, args.sampler, args.cfg, seed,
+                           args.width or size, args.height or size, emphasis=args.emphasis)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    lora_dir = Path(args.lora_dir) if args.lora_dir else None
+    tags = extract_lora_tags(args.prompt)[1]
+    lora_files = [lora_dir / f"{t.name}.safetensors" for t in tags] if lora_dir else []
+    pipe = _pipeline(args, lora_dir, lora_files)
+    s = _settings(args, pipe.model_name)
+    init = None
+    if args.init_image:
+        init = Image.open(args.init_image)
+        s = replace(s, denoising_strength=args.denoise)
+    out = Path(args.out)
+    index = render.next_index(out)
+    started = time.time()
+    for batch in range(args.batch_count):
+        batch_settings = replace(s, seed=s.seed + batch * args.batch_size)
+        for i, (image, text) in enumerate(render.render(pipe, batch_settings, args.batch_size, init)):
+            print(render.save_png(image, out / f"{index:05d}-{batch_settings.seed + i}.png", text))
+            index += 1
+    print(f"{args.batch_count * args.batch_size} images in {time.time() - started:.1f} s")
+    return 0
+
+
+def parse_axis(spec: str, run_files: list[Path]) -> render.Axis:
+    kind, _, values = spec.partition("=")
+    if kind not in render.AXES:
+        raise render.RenderError(f"axis {spec!r}: kind must be one of {', '.join(render.AXES)}")
+    items = [v.strip() for v in values.split(",") if v.strip()]
+    if kind == "epoch":
+        stems = [p.stem for p in run_files]
+        if not stems:
+            raise render.RenderError("an epoch axis needs --run, the training output folder")
+        chosen = [s for s in stems if not items or str(int(s.rsplit("-", 1)[1])) in items]
+        return render.Axis(kind, tuple(chosen))
+    if not items:
+        raise render.RenderError(f"axis {kind}: give its values, e.g. {kind}=...")
+    convert = {"strength": float, "cfg": float, "seed": int, "steps": int, "sampler": str}[kind]
+    try:
+        parsed = tuple(convert(v) for v in items)
+    except ValueError:
+        raise render.RenderError(f"axis {spec!r}: values must be {convert.__name__}s") from None
+    unknown = [name for name in parsed if kind == "sampler" and name not in sampling.SAMPLERS]
+    if unknown:
+        raise render.RenderError(f"sampler {unknown[0]!r}: known: {', '.join(sampling.SAMPLERS)}")
+    return render.Axis(kind, parsed)
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run) if args.run else None
+    run_files = render.epoch_files(run_dir, args.name) if run_dir else []
+    x, y = parse_axis(args.x, run_files), parse_axis(args.y, run_files)
+    kinds = {x.kind, y.kind}
+    if "strength" in kinds and not run_dir:
+        raise render.RenderError("a strength axis needs --run, the training output folder")
+    lora_name = None
+    if "strength" in kinds and "epoch" not in kinds:
+        lora_name = run_files[0].name.rsplit("-", 1)[0]  # strength of the run's final file
+        if not (run_dir / f"{lora_name}.safetensors").is_file():
+            raise render.RenderError(f"{run_dir / lora_name}.safetensors: no final LoRA file for the strength axis")
+    lora_dir = run_dir or (Path(args.lora_dir) if args.lora_dir else None)
+    pipe = _pipeline(args, lora_dir, run_files)
+    base = _settings(args, pipe.model_name)
+    out = Path(args.out) if args.out else (run_dir / "grids" if run_dir else Path("output/grids"))
+    started = time.time()
+    grid, singles = render.render_grid(pipe, base, x, y, out, lora_name, args.strength)
+    print(f"{grid} ({len(singles)} images in {time.time() - started:.1f} s; singles {singles[0].name} .. {singles[-1].name})")
+    return 0
