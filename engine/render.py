@@ -19,6 +19,7 @@ from PIL.PngImagePlugin import PngInfo
 import models
 from engine import diffusion, lora, prompt as prompts, sampling
 from engine.lora_file import LoRAFileError, group_modules, read_lora
+from models.loaders import CheckpointError, load_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -60,18 +61,24 @@ class Pipeline:
 
 def load_pipeline(model: str, model_seed: int = 0, device: str = "cpu", dtype: str = "fp32",
                   vae_dtype: str = "fp32", lora_dir: str | Path | None = None) -> Pipeline:
-    """A built-in architecture at random init from `model_seed` (the demo's base model), ready to sample."""
-    try:
-        cfg = models.configs.get(model)
-    except KeyError as e:
-        raise RenderError(f"model: {e.args[0]}") from None
-    if cfg.family == "sdxl" and vae_dtype == "fp16":
+    """`model`: a built-in name (random init from `model_seed`, as the demo trains on) or a checkpoint source
+    (single file, diffusers folder, cached Hub id) for models.loaders; ready to sample."""
+    if model in models.configs.REGISTRY:
+        sd = models.build(model, seed=model_seed, device=device).to(DTYPES[dtype])
+        name = model
+    else:
+        try:
+            sd = load_model(model, DTYPES[dtype], device)
+        except CheckpointError as e:
+            raise RenderError(f"model: {e}; built-in names: {', '.join(models.configs.REGISTRY)}") from None
+        name = Path(model).stem
+    if sd.cfg.family == "sdxl" and vae_dtype == "fp16":
         raise RenderError("vae dtype fp16: SDXL's VAE overflows in fp16; use bf16 or fp32")
-    sd = models.build(cfg, seed=model_seed, device=device)
+    if sd.cfg.prediction != "epsilon":
+        raise RenderError(f"{name}: {sd.cfg.prediction}-prediction models are not supported by the samplers yet")
     sd.requires_grad_(False).eval()
-    sd.to(DTYPES[dtype])
     sd.vae.to(DTYPES[vae_dtype])
-    return Pipeline(sd, models.load_tokenizers(cfg), model, Path(lora_dir) if lora_dir else None, DTYPES[vae_dtype])
+    return Pipeline(sd, models.load_tokenizers(sd.cfg), name, Path(lora_dir) if lora_dir else None, DTYPES[vae_dtype])
 
 
 def attach_lora(unet: torch.nn.Module, path: Path) -> tuple[lora.LoRANetwork, list[str]]:

@@ -17,7 +17,7 @@ from engine import render, sampling
 from engine.lora_file import read_lora
 from engine.prompt import EMPHASIS, PromptError, extract_lora_tags
 
-NATIVE_SIZE = {"sdxl": 1024, "sd15": 512, "sd21": 768, "tiny-sdxl": 128, "tiny-sd15": 128}
+NATIVE_SIZE = {"sdxl": 1024, "sd15": 512, "sd2": 768, "tiny-sdxl": 128, "tiny-sd15": 128}
 AXIS_HELP = ("KIND[=V1,V2,...]; KIND is epoch (default: every epoch file of --run), strength, seed, cfg, steps or "
              "sampler, e.g. --x epoch --y strength=0.2,0.4,0.6,0.8,1")
 
@@ -48,7 +48,8 @@ def add_parsers(subparsers) -> None:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True, help='e.g. "gssdemo, (red circle:1.2) <lora:demo:0.8>"')
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--model", help="built-in model name (default: the LoRA file's ss_sd_model_name)")
+    p.add_argument("--model", help="built-in name (tiny-sdxl, sdxl, sd15, ...) or checkpoint file/diffusers folder "
+                                   "(default: the LoRA file's ss_sd_model_name)")
     p.add_argument("--model-seed", type=int, default=0, help="init seed of a built-in model (model.seed of the run; default 0)")
     p.add_argument("--lora-dir", help="folder holding the <lora:name:...> files as name.safetensors")
     p.add_argument("--steps", type=int, default=28)
@@ -80,9 +81,9 @@ def _model_name(args, lora_files: list[Path]) -> str:
         return args.model
     for path in lora_files:
         name = read_lora(path)[1].get("ss_sd_model_name", "")
-        if name in models.configs.REGISTRY:
+        if name in models.configs.REGISTRY or (name and Path(name).exists()):
             return name
-    raise render.RenderError("pass --model (no LoRA file names a built-in model in ss_sd_model_name)")
+    raise render.RenderError("pass --model (no LoRA file's ss_sd_model_name is a built-in model or an existing checkpoint)")
 
 
 def _pipeline(args, lora_dir: Path | None, lora_files: list[Path]) -> render.Pipeline:
@@ -90,8 +91,8 @@ def _pipeline(args, lora_dir: Path | None, lora_files: list[Path]) -> render.Pip
     return render.load_pipeline(_model_name(args, lora_files), args.model_seed, device, args.dtype, args.vae_dtype, lora_dir)
 
 
-def _settings(args, model: str) -> render.Settings:
-    size = NATIVE_SIZE.get(model) or NATIVE_SIZE[models.configs.get(model).family]
+def _settings(args, model: str, family: str) -> render.Settings:
+    size = NATIVE_SIZE.get(model) or NATIVE_SIZE[family]
     seed = args.seed if args.seed >= 0 else random.randrange(2**32)
     return render.Settings(args.prompt, args.negative_prompt, args.steps, args.sampler, args.cfg, seed,
                            args.width or size, args.height or size, emphasis=args.emphasis)
@@ -102,7 +103,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     tags = extract_lora_tags(args.prompt)[1]
     lora_files = [lora_dir / f"{t.name}.safetensors" for t in tags] if lora_dir else []
     pipe = _pipeline(args, lora_dir, lora_files)
-    s = _settings(args, pipe.model_name)
+    s = _settings(args, pipe.model_name, pipe.sd.cfg.family)
     init = None
     if args.init_image:
         init = Image.open(args.init_image)
@@ -157,7 +158,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
             raise render.RenderError(f"{run_dir / lora_name}.safetensors: no final LoRA file for the strength axis")
     lora_dir = run_dir or (Path(args.lora_dir) if args.lora_dir else None)
     pipe = _pipeline(args, lora_dir, run_files)
-    base = _settings(args, pipe.model_name)
+    base = _settings(args, pipe.model_name, pipe.sd.cfg.family)
     out = Path(args.out) if args.out else (run_dir / "grids" if run_dir else Path("output/grids"))
     started = time.time()
     grid, singles = render.render_grid(pipe, base, x, y, out, lora_name, args.strength)

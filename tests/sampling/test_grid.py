@@ -155,3 +155,17 @@ def test_cli_sample_and_errors(run_dir, tmp_path, capsys):
     assert (info["Sampler"], info["Model"], info["Seed"]) == ("DDIM", "tiny-sdxl", "9")
     assert cli.main(args[:-6] + ["--width", "65", "--height", "64", "--out", str(out)]) == 2
     assert "multiples of 32" in capsys.readouterr().err
+
+
+def test_checkpoint_file_renders_like_the_built_model(pipe, tmp_path):
+    # --model accepts a single-file checkpoint (models.loaders); the same weights give the same image
+    from safetensors.torch import save_file
+
+    sd = models.build("tiny-sdxl", seed=0)
+    save_file({k: v.contiguous() for k, v in sd.state_dict().items()}, tmp_path / "tiny.safetensors")
+    loaded = render.load_pipeline(str(tmp_path / "tiny.safetensors"))
+    s = render.replace(BASE, seed=21)
+    (a, text), = render.render(loaded, s)
+    (b, _), = render.render(pipe, s)
+    assert "Model: tiny," in text
+    assert np.array_equal(pixels(a), pixels(b))
