@@ -14,7 +14,7 @@ ENV_VAR = "GESSO_KERNELS"
 MODES = ("auto", "triton", "reference")
 MIN_CAPABILITY = (8, 0)  # bf16 tensor cores and the Triton features these kernels assume
 
-_noticed: set[int] = set()
+_noticed: set = set()  # (GPU index, minimum) pairs already announced
 
 
 def kernel_mode() -> str:
@@ -24,20 +24,20 @@ def kernel_mode() -> str:
     return mode
 
 
-def _capable(device: torch.device) -> bool:
+def _capable(device: torch.device, minimum: tuple = MIN_CAPABILITY) -> bool:
     index = device.index if device.index is not None else torch.cuda.current_device()
     capability = torch.cuda.get_device_capability(index)
-    if capability >= MIN_CAPABILITY:
+    if capability >= minimum:
         return True
-    if index not in _noticed:
-        _noticed.add(index)
-        print(f"gesso: GPU {index} has compute capability {capability[0]}.{capability[1]} < 8.0; "
-              f"using the PyTorch reference kernels", file=sys.stderr)
+    if (index, minimum) not in _noticed:
+        _noticed.add((index, minimum))
+        print(f"gesso: GPU {index} has compute capability {capability[0]}.{capability[1]} < "
+              f"{minimum[0]}.{minimum[1]}; using the PyTorch reference kernels", file=sys.stderr)
     return False
 
 
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """True when the call with these tensors should run the Triton kernel."""
+def use_triton(*tensors: torch.Tensor, min_capability: tuple = MIN_CAPABILITY) -> bool:
+    """True when the call with these tensors should run the Triton kernel (on a GPU of min_capability)."""
     mode = kernel_mode()
     if mode != "auto":
         return mode == "triton"
@@ -45,4 +45,4 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if len(devices) != 1:
         return False
     (device,) = devices
-    return device.type == "cuda" and _capable(device)
+    return device.type == "cuda" and _capable(device, min_capability)

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import MIN_CAPABILITY, use_triton
 
 FP8_DTYPES = (torch.float8_e4m3fn,)
+FP8_MIN_CAPABILITY = (8, 9)
 W_SCALE_NONE, W_SCALE_TENSOR, W_SCALE_CHANNEL = 0, 1, 2
 
 
@@ -343,10 +344,12 @@ def lora_linear(x, weight, bias, down, up, scale: float, *, weight_scale=None,
     dropout_p > 0 applies LoRA dropout to the low-rank input; pass it only in training.
     dropout_seed fixes the Triton kernel's Philox mask (drawn from torch's CPU generator when None).
     """
-    assert not weight.requires_grad, "the frozen weight must have requires_grad=False (LoRA never trains W)"
     assert 0.0 <= dropout_p < 1.0, f"dropout_p={dropout_p} must be in [0, 1)"
-    if not use_triton(x, weight, down, up):
+    # fp8 e4m3 tiles convert in hardware from sm_89 (Ada, Hopper); older GPUs dequantise in the reference
+    min_capability = FP8_MIN_CAPABILITY if weight.dtype in FP8_DTYPES else MIN_CAPABILITY
+    if not use_triton(x, weight, down, up, min_capability=min_capability):
         return lora_linear_ref(x, weight, bias, down, up, scale, weight_scale=weight_scale, dropout_p=dropout_p)
+    assert not weight.requires_grad, "the Triton path never computes dW: freeze the base weight (requires_grad_(False))"
     if dropout_seed is None:
         dropout_seed = int(torch.randint(0, 2**31 - 1, ()).item()) if dropout_p > 0.0 else 0
     return LoRALinearFunction.apply(x, weight, bias, down, up, float(scale), weight_scale,

@@ -115,9 +115,14 @@ def test_200_steps_track_fp32_adamw(monkeypatch):
             opt.step()
         return torch.tensor(out)
 
-    fp32, int8 = losses(torch.optim.AdamW), losses(AdamW8bit)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: thread hand-offs cost more than they save on a busy 2-core box
+    try:
+        fp32, int8 = losses(torch.optim.AdamW), losses(AdamW8bit)
+    finally:
+        torch.set_num_threads(threads)
     assert int8[-1] < 1e-3 * int8[0]  # it converged
-    # measured (3 seeds): worst gap 0.12% of the initial loss, final losses within 0.07%
+    # measured (6 seeds): worst gap 0.12% of the initial loss, final losses within 0.064%
     assert (int8 - fp32).abs().max() <= 5e-3 * fp32[0]
     assert abs(int8[-1] - fp32[-1]) <= 0.01 * fp32[-1]
 

@@ -31,5 +31,7 @@ def test_old_gpus_fall_back_with_one_notice(monkeypatch, capsys):
     assert dispatch._capable(device) is False
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "7.5 < 8.0" in lines[0]
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 9))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 6))
     assert dispatch._capable(torch.device("cuda", 1)) is True
+    assert dispatch._capable(torch.device("cuda", 1), (8, 9)) is False  # fp8 weights want sm_89
+    assert "8.6 < 8.9" in capsys.readouterr().err
