@@ -72,3 +72,32 @@ def group_modules(tensors: dict[str, torch.Tensor], path: str | Path = "") -> di
             raise LoRAFileError(f"{path}: module {name} lacks lora_down or lora_up")
         g.setdefault("alpha", torch.tensor(float(g["down"].shape[0])))
     return groups
+
+
+def load_network(unet, path: str | Path, prefix: str = "lora_unet_", multiplier: float = 1.0):
+    """Inject the LoRA modules of a kohya file into `unet` with the file's ranks, alphas and weights.
+
+    Module names are matched against the UNet's attention targets; a key that names no such module is an
+    error naming it, so a file for another architecture never half-loads.
+    """
+    from engine import lora
+
+    tensors, _ = read_lora(path)
+    groups = group_modules(tensors, path)
+    by_name = {lora.kohya_name(prefix, p): p for p in lora.attention_targets(unet)}
+    unknown = sorted(n for n in groups if n not in by_name)
+    if unknown:
+        raise LoRAFileError(f"{path}: {len(unknown)} modules not in this model, first: {unknown[0]}")
+    names = sorted(groups)
+    network = lora.inject(unet, [by_name[n] for n in names], prefix,
+                          rank={n: groups[n]["down"].shape[0] for n in names},
+                          alpha={n: float(groups[n]["alpha"]) for n in names})
+    for n in names:
+        m = network.modules[n]
+        for part, param in (("down", m.lora_down), ("up", m.lora_up)):
+            if groups[n][part].shape != param.shape:
+                network.remove()
+                raise LoRAFileError(f"{path}: {n} {part} has shape {tuple(groups[n][part].shape)}, the model needs {tuple(param.shape)}")
+            param.data.copy_(groups[n][part].float())
+    network.set_multiplier(multiplier)
+    return network
