@@ -36,7 +36,7 @@ def add_parsers(subparsers) -> None:
     g = subparsers.add_parser("grid", help="X/Y plot: epochs by LoRA strength, or two of seed/cfg/steps/sampler",
                               description="Render an X/Y grid as one labelled PNG plus the single images.")
     _common(g)
-    g.add_argument("--run", help="training output folder with <name>-NNNNNN.safetensors epoch files (used as --lora-dir)")
+    g.add_argument("--run", dest="run_dir", help="training output folder with <name>-NNNNNN.safetensors epoch files (used as --lora-dir)")
     g.add_argument("--name", help="the run's output name when the folder holds several runs' files")
     g.add_argument("--x", required=True, help=AXIS_HELP)
     g.add_argument("--y", required=True, help=AXIS_HELP)
@@ -145,7 +145,7 @@ def parse_axis(spec: str, run_files: list[Path]) -> render.Axis:
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run) if args.run else None
+    run_dir = Path(args.run_dir) if args.run_dir else None
     run_files = render.epoch_files(run_dir, args.name) if run_dir else []
     x, y = parse_axis(args.x, run_files), parse_axis(args.y, run_files)
     kinds = {x.kind, y.kind}

@@ -18,7 +18,7 @@ from engine.lora_file import save_lora
 SIZE, STEPS = 64, 3
 BASE = render.Settings("gssdemo, a red circle", "blurry", steps=STEPS, cfg_scale=5.0, seed=11, width=SIZE, height=SIZE)
 STRENGTHS = (0.25, 0.5, 0.75, 1.0)
-PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # A1111's infotext field pattern
+FIELD = re.compile(r'([A-Za-z][\w /-]*): ("(?:[^"\\]|\\.)*"|[^,]*)(?:, |$)')  # Key: value or Key: "quoted, value"
 
 
 def lora_tensors(seed: int, rank: int = 4, alpha: float = 2.0) -> dict[str, torch.Tensor]:
@@ -53,7 +53,7 @@ def parse_infotext(text: str) -> dict:
     *lines, last = text.split("\n")
     out = {"Prompt": "\n".join(l for l in lines if not l.startswith("Negative prompt: "))}
     out.update({"Negative prompt": l[len("Negative prompt: "):] for l in lines if l.startswith("Negative prompt: ")})
-    out.update({k: v for k, v in PARAM.findall(last)})
+    out.update({k: v for k, v in FIELD.findall(last)})
     return out
 
 
@@ -169,3 +169,25 @@ def test_checkpoint_file_renders_like_the_built_model(pipe, tmp_path):
     (b, _), = render.render(pipe, s)
     assert "Model: tiny," in text
     assert np.array_equal(pixels(a), pixels(b))
+
+
+def test_cli_grid_of_seed_by_sampler(tmp_path):
+    out = tmp_path / "grid"
+    args = ["grid", "--model", "tiny-sdxl", "--prompt", "a blue square", "--x", "seed=1,2", "--y", "sampler=euler,ddim",
+            "--steps", "2", "--width", "64", "--height", "64", "--out", str(out)]
+    assert cli.main(args) == 0
+    singles = sorted(out.glob("0*.png"))
+    (grid,) = out.glob("xy_grid-*.png")
+    assert len(singles) == 4 and Image.open(grid).size[0] > 2 * SIZE
+    cells = {(i["Seed"], i["Sampler"]) for i in (parse_infotext(Image.open(p).text["parameters"]) for p in singles)}
+    assert cells == {("1", "Euler"), ("2", "Euler"), ("1", "DDIM"), ("2", "DDIM")}
+
+
+def test_cli_grid_of_run_epochs(run_dir, tmp_path):
+    out = tmp_path / "grid"
+    args = ["grid", "--run", str(run_dir), "--prompt", "gssdemo", "--x", "epoch=1,3", "--y", "strength=0.5,1",
+            "--steps", "2", "--width", "64", "--height", "64", "--seed", "3", "--out", str(out)]
+    assert cli.main(args) == 0  # model from the files' ss_sd_model_name
+    prompts = {parse_infotext(Image.open(p).text["parameters"])["Prompt"] for p in out.glob("0*.png")}
+    assert prompts == {f"gssdemo <lora:demo-00000{e}:{w}>" for e in (1, 3) for w in ("0.5", "1")}
+    assert cli.main(args[:5] + ["--x", "epoch", "--y", "epoch"] + args[9:]) == 2  # the same axis twice
