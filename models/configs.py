@@ -164,7 +164,25 @@ TINY_SD15 = ModelConfig(
     latent_scale=0.18215,
 )
 
-REGISTRY: dict[str, ModelConfig] = {c.name: c for c in (SDXL_BASE, SD15, SD21, TINY_SDXL, TINY_SD15)}
+TINY_SD2 = ModelConfig(
+    name="tiny-sd2",
+    family="sd2",
+    unet=UNetConfig(
+        model_channels=32,
+        channel_mult=(1, 2, 4, 4),
+        transformer_depth=(1, 1, 1, 0),
+        transformer_depth_middle=1,
+        head_dim=16,
+        context_dim=64,
+        adm_in_channels=None,
+    ),
+    vae=VAEConfig(ch=32),
+    text_encoders=(OpenCLIPTextConfig(width=64, layers=3, heads=4, mlp_dim=256, proj_dim=64, final_norm=True),),
+    latent_scale=0.18215,
+    prediction="v",
+)
+
+REGISTRY: dict[str, ModelConfig] = {c.name: c for c in (SDXL_BASE, SD15, SD21, TINY_SDXL, TINY_SD15, TINY_SD2)}
 
 
 def get(name: str) -> ModelConfig:

@@ -11,11 +11,12 @@ from models.detect import detect_family, expected_shapes, is_lora, is_optional
 from models.files import CheckpointError, file_refs
 from models.loaders import open_checkpoint
 
+UNET_VAE = {"unet": "model.diffusion_model.", "vae": "first_stage_model."}
 COMPONENTS = {
-    "sdxl": {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
-             "text_encoder (CLIP-L)": "conditioner.embedders.0.", "text_encoder_2 (OpenCLIP bigG)": "conditioner.embedders.1."},
-    "sd15": {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder (CLIP-L)": "cond_stage_model."},
-    "sd2": {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder (OpenCLIP H)": "cond_stage_model."},
+    "sdxl": UNET_VAE | {"text_encoder (CLIP-L)": "conditioner.embedders.0.",
+                        "text_encoder_2 (OpenCLIP bigG)": "conditioner.embedders.1."},
+    "sd15": UNET_VAE | {"text_encoder (CLIP-L)": "cond_stage_model."},
+    "sd2": UNET_VAE | {"text_encoder (OpenCLIP H)": "cond_stage_model."},
 }
 SHOWN = 10  # keys listed per problem kind
 LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".lora_A.weight", ".lora_B.weight")

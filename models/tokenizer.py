@@ -25,13 +25,17 @@ def _clip_tokenizer(folder: Path, pad_token: int) -> CLIPTokenizer:
     return tok
 
 
-def load_tokenizers(cfg: ModelConfig, path=None) -> list[CLIPTokenizer]:
+def load_tokenizers(cfg: ModelConfig, path=None, cache_dir=None) -> list[CLIPTokenizer]:
     """One tokenizer per text encoder of `cfg`.
 
-    path: None (the shipped CLIP vocabulary), a folder with vocab.json + merges.txt (used for every encoder),
-    or a diffusers folder with tokenizer/ and tokenizer_2/.
+    path: None or a single-file checkpoint (the shipped CLIP vocabulary), a folder with vocab.json + merges.txt
+    (used for every encoder), a diffusers folder with tokenizer/ and tokenizer_2/, or a Hub repo id in the cache.
     """
-    root = SHIPPED if path is None else Path(path)
+    from models.loaders import resolve
+
+    root = SHIPPED if path is None else resolve(path, cache_dir)
+    if root.is_file():
+        root = SHIPPED
     folders = []
     for i, _ in enumerate(cfg.text_encoders):
         sub = root / ("tokenizer" if i == 0 else f"tokenizer_{i + 1}")

@@ -100,6 +100,15 @@ def hf_clip(te, checkpoint: dict) -> CLIPTextModel:
     return _load_strict(model, state)
 
 
+def hf_openclip_sd2(te, checkpoint: dict) -> CLIPTextModel:
+    """SD 2.x: diffusers' converter drops text_projection and the tower is a plain CLIPTextModel."""
+    model = CLIPTextModel(hf_text_config(te))
+    state = sfu.convert_open_clip_checkpoint(model, checkpoint, prefix="cond_stage_model.model.")
+    if not hasattr(model, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
+        state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    return _load_strict(model, state)
+
+
 def hf_openclip(te, checkpoint: dict, prefix: str = SDXL_BIGG) -> CLIPTextModelWithProjection:
     model = CLIPTextModelWithProjection(hf_text_config(te))
     return _load_strict(model, sfu.convert_open_clip_checkpoint(model, checkpoint, prefix=prefix))

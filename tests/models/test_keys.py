@@ -85,7 +85,7 @@ def test_sd21_unet_count():
     assert n_params(models.build(SD21, device="meta").unet) == 865_910_724
 
 
-@pytest.mark.parametrize("cfg", [SDXL_BASE, SD15], ids=["sdxl", "sd15"])
+@pytest.mark.parametrize("cfg", [SDXL_BASE, SD15, SD21], ids=["sdxl", "sd15", "sd21"])
 def test_unet_keys_and_shapes_are_what_diffusers_converter_expects(cfg):
     """Every original key converts to a diffusers key of the real config with the same number of elements."""
     state = models.build(cfg, device="meta").state_dict()
@@ -98,10 +98,10 @@ def test_unet_keys_and_shapes_are_what_diffusers_converter_expects(cfg):
     assert {k: v.numel() for k, v in converted.items()} == {k: v.numel() for k, v in ref.items()}
 
 
-@pytest.mark.parametrize("name", ["tiny-sdxl", "tiny-sd15"])
+@pytest.mark.parametrize("name", ["tiny-sdxl", "tiny-sd15", "tiny-sd2"])
 def test_tiny_configs_have_the_full_size_key_structure(name):
     """Tiny and full-size models differ in widths and depths only: the same key names once indices are dropped."""
-    full = {"tiny-sdxl": SDXL_BASE, "tiny-sd15": SD15}[name]
+    full = {"tiny-sdxl": SDXL_BASE, "tiny-sd15": SD15, "tiny-sd2": SD21}[name]
 
     def pattern(key: str) -> str:
         return ".".join("N" if part.isdigit() else part for part in key.split("."))

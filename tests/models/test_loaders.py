@@ -37,6 +37,15 @@ def test_single_file_loads_bit_identical_and_detects_its_config(sdxl_file):
     assert_same(load_model(sdxl_file), state_of("tiny-sdxl"))
 
 
+@pytest.mark.parametrize("name, family", [("tiny-sd15", "sd15"), ("tiny-sd2", "sd2")])
+def test_other_families_are_detected_and_load(tmp_path, name, family):
+    state = state_of(name)
+    save_file(state, tmp_path / "m.safetensors")
+    ckpt = open_checkpoint(tmp_path / "m.safetensors")
+    assert (ckpt.family, ckpt.config.name) == (family, name)
+    assert_same(load_model(tmp_path / "m.safetensors"), state)
+
+
 def test_headers_only_until_weights_are_needed(sdxl_file, monkeypatch):
     def no_reads(*args, **kwargs):
         raise AssertionError("tensor data read")
@@ -129,8 +138,7 @@ def test_hub_repo_id_from_the_local_cache(tmp_path, sdxl_file, folders):
     reference = load_model(sdxl_file).state_dict()
     for repo in ("someone/tiny-sdxl", "someone/tiny-sdxl-single"):
         assert_same(load_model(repo, cache_dir=tmp_path / "hub"), reference)
-    tokenizers = models.load_tokenizers(models.configs.TINY_SDXL, open_checkpoint(
-        "someone/tiny-sdxl", cache_dir=tmp_path / "hub").path)
+    tokenizers = models.load_tokenizers(models.configs.TINY_SDXL, "someone/tiny-sdxl", cache_dir=tmp_path / "hub")
     assert [t.pad_token_id for t in tokenizers] == [49407, 0]
     with pytest.raises(CheckpointError, match="someone/absent: not a local path, and not in the Hugging Face cache"):
         load_model("someone/absent", cache_dir=tmp_path / "hub")

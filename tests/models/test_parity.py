@@ -2,14 +2,15 @@
 the single-file layout, converted by diffusers' single-file converters into diffusers / transformers models."""
 import pytest
 import torch
-from models_testutil import SDXL_BIGG, diffusers_unet, diffusers_vae, hf_clip, hf_openclip, rel_err
+from models_testutil import (SDXL_BIGG, diffusers_unet, diffusers_vae, hf_clip, hf_openclip, hf_openclip_sd2,
+                             rel_err)
 
 import models
 
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module", params=["tiny-sdxl", "tiny-sd15"])
+@pytest.fixture(scope="module", params=["tiny-sdxl", "tiny-sd15", "tiny-sd2"])
 def model(request):
     return models.build(request.param, seed=1).eval()
 
@@ -61,8 +62,10 @@ def test_vae_matches_diffusers(model):
 
 
 @torch.no_grad()
-def test_clip_text_matches_transformers(model):
+@pytest.mark.parametrize("name", ["tiny-sdxl", "tiny-sd15"])
+def test_clip_text_matches_transformers(name):
     g = torch.Generator().manual_seed(0)
+    model = models.build(name, seed=1)
     encoder = model.text_encoders[0]
     ref = hf_clip(encoder.cfg, model.state_dict())
     ids = random_ids(g, 3)
@@ -101,3 +104,19 @@ def test_encode_text_is_the_sdxl_recipe():
         expected = torch.cat([te1(chunk)[0][-2], te2(chunk)[0][-2]], dim=-1)
         torch.testing.assert_close(context[:, 77 * i : 77 * (i + 1)], expected)
     torch.testing.assert_close(pooled, te2(chunk1)[1])
+
+
+@torch.no_grad()
+def test_sd2_text_matches_transformers():
+    """SD 2.x conditions on ln_final(penultimate state) of OpenCLIP ViT-H; diffusers drops the last layer and
+    takes transformers' last_hidden_state, which is the same tensor."""
+    g = torch.Generator().manual_seed(0)
+    model = models.build("tiny-sd2", seed=4)
+    (encoder,) = model.text_encoders
+    ref = hf_openclip_sd2(encoder.cfg, model.state_dict())
+    ids = random_ids(g, 3)
+    context, pooled = model.encode_text([ids])
+    out = ref(ids, output_hidden_states=True)
+    final_norm = ref.text_model.final_layer_norm if hasattr(ref, "text_model") else ref.final_layer_norm
+    assert pooled is None
+    assert rel_err(context, final_norm(out.hidden_states[-2])) < TOL
