@@ -77,6 +77,15 @@ def test_optional_and_ignored_keys(tmp_path):
     assert_same(model, state | {k: model.state_dict()[k] for k in model.state_dict().keys() - state.keys()})
 
 
+def test_position_ids_are_always_the_arange(tmp_path):
+    """Some merged fine-tunes store position_ids as floats like 76.9999, which would truncate to 76."""
+    state = state_of("tiny-sd15")
+    key = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+    state[key] = torch.arange(77, dtype=torch.float32)[None] - 1e-3
+    save_file(state, tmp_path / "m.safetensors")
+    assert torch.equal(load_model(tmp_path / "m.safetensors").state_dict()[key], torch.arange(77)[None])
+
+
 def test_legacy_ckpt(tmp_path):
     state = state_of("tiny-sd15")
     torch.save({"state_dict": state, "global_step": 470000}, tmp_path / "m.ckpt")
