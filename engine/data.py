@@ -1,72 +1,234 @@
-"""Datasets as artists prepare them: a folder of images with same-named caption files.
+"""Datasets as artists prepare them: folders of images with same-named caption files.
 
-Each image is loaded once (EXIF orientation applied, any mode converted to RGB over white), resized so
-its shorter side is the training resolution and centre-cropped to a square; the original size and
-the crop offset are kept for SDXL's size conditioning.
+A subset is a folder. Its own images train `repeats` times per epoch, and so do those of each sub-folder
+named `N_name` (kohya's convention: N repeats; an explicit `Subset.repeats` wins over N). Other
+sub-folders are ignored and listed in the report, hidden files and folders (`.gesso_cache`) silently.
+Every image is decoded once here, so a broken file is skipped before any model work; each kept image is
+assigned its bucket, resized size and crop now, which fixes its latent cache key.
 """
-from dataclasses import dataclass
+import hashlib
+import logging
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+from engine import buckets as B
+from engine.buckets import Size
+from engine.captions import augment, read_caption, with_trigger
+from engine.images import IMAGE_EXTENSIONS, BadImage, decode, to_pixels
+
+log = logging.getLogger("gesso.data")
+REPEATS_FOLDER = re.compile(r"^(\d+)_(.+)$")
+REPORT_LINES = 20  # per section: the report stays short on a dataset of thousands
+
+
+@dataclass(frozen=True)
+class Subset:
+    path: str | Path
+    repeats: int = 0  # 0: N from an `N_name` folder name, else 1
+    trigger: str = ""  # prepended to each caption that lacks it
+
+
+@dataclass(frozen=True)
+class DatasetOptions:
+    resolution: int = 1024  # buckets hold about resolution^2 pixels
+    bucketing: bool = True  # False: every image is cropped to a resolution x resolution square
+    min_bucket_side: int = 256  # clamped to at most `resolution`
+    max_bucket_side: int = 2048  # clamped to at least `resolution`
+    random_crop: bool = False  # crop position drawn once per image from `seed` (latents are cached), else centred
+    flip: bool = False  # each sample mirrored with probability 1/2
+    shuffle_caption: bool = False  # shuffle comma-separated tags after the first `keep_tokens`
+    keep_tokens: int = 0
+    caption_dropout_rate: float = 0.0  # probability that a sample trains on the empty caption
+    caption_extension: str = ".txt"  # tried first; .txt and .caption are both accepted
+    seed: int = 0  # seeds random crops
+
+    @property
+    def augments_captions(self) -> bool:
+        return self.shuffle_caption or self.caption_dropout_rate > 0
+
+    def bucket_sizes(self) -> list[Size]:
+        if not self.bucketing:
+            return [(self.resolution, self.resolution)]
+        lo, hi = min(self.min_bucket_side, self.resolution), max(self.max_bucket_side, self.resolution)
+        return B.bucket_sizes(self.resolution, lo, hi)
 
 
 @dataclass(frozen=True)
 class Item:
     path: Path
-    caption: str
+    caption: str  # trigger included, before augmentation
+    repeats: int
+    digest: str  # sha256 of the file's bytes
+    original_size: Size  # (h, w) upright, before resizing
+    bucket: Size  # (h, w) trained
+    resized: Size  # (h, w) after resizing, before cropping
+    crop: Size  # (top, left) in resized pixels
+    root: Path  # the subset folder, home of the default cache
+
+    def conditioning(self, flipped: bool) -> tuple[Size, Size, Size]:
+        """SDXL's (original size, crop top-left, target size) for this image, mirrored or not."""
+        crop = B.flipped_crop(self.crop, self.resized, self.bucket) if flipped else self.crop
+        return self.original_size, crop, self.bucket
 
 
-@dataclass(frozen=True)
-class Prepared:
-    pixels: torch.Tensor  # (3, H, W) in [-1, 1]
-    original_size: tuple[int, int]  # (height, width) before resizing
-    crop: tuple[int, int]  # (top, left) of the crop, in resized pixels
+class Sample(NamedTuple):
+    index: int  # into Dataset.items
+    flipped: bool
+    caption: str  # after augmentation
 
 
-def read_caption(image: Path, extension: str, trigger: str) -> str:
-    """The image's caption with the trigger word first; a missing or unreadable caption is just the trigger."""
-    path = image.with_suffix(extension)
+@dataclass
+class Dataset:
+    items: list[Item]
+    options: DatasetOptions
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # files not trained, with why
+    caption_problems: list[tuple[Path, str]] = field(default_factory=list)  # images trained despite their caption
+    ignored_folders: list[tuple[Path, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        """Samples per epoch: images x repeats."""
+        return sum(it.repeats for it in self.items)
+
+    def _sample_buckets(self) -> tuple[list[int], list[Size]]:
+        indices = [i for i, it in enumerate(self.items) for _ in range(it.repeats)]
+        return indices, [self.items[i].bucket for i in indices]
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return B.count_batches(self._sample_buckets()[1], batch_size)
+
+    def epoch(self, epoch: int, batch_size: int, seed: int) -> list[list[Sample]]:
+        """The epoch's batches, each from one bucket; a pure function of (epoch, batch_size, seed), so a
+        resumed run can rebuild an epoch and skip the batches it already trained."""
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        indices, sample_buckets = self._sample_buckets()
+        o = self.options
+        out = []
+        for positions in B.batches_by_bucket(sample_buckets, batch_size, g):
+            batch = []
+            for p in positions:
+                i = indices[p]
+                flipped = o.flip and float(torch.rand((), generator=g)) < 0.5
+                caption = augment(self.items[i].caption, o.shuffle_caption, o.keep_tokens, o.caption_dropout_rate, g)
+                batch.append(Sample(i, flipped, caption))
+            out.append(batch)
+        return out
+
+    def describe(self, batch_size: int) -> str:
+        """`12 images x repeats = 40 samples in 3 buckets / batch 2 = 21 steps per epoch`."""
+        n_buckets = len({it.bucket for it in self.items})
+        return (f"{len(self.items)} images x repeats = {len(self)} samples in {n_buckets} bucket{'s' * (n_buckets != 1)}"
+                f" / batch {batch_size} = {self.steps_per_epoch(batch_size)} steps per epoch")
+
+    def report(self) -> str:
+        """What was skipped or patched and why: a few lines for the end of a run."""
+        counts: dict[Size, int] = {}
+        for it in self.items:
+            counts[it.bucket] = counts.get(it.bucket, 0) + 1
+        sizes = ", ".join(f"{w}x{h}: {n}" for (h, w), n in sorted(counts.items()))
+        lines = [f"dataset: {len(self.items)} images trained ({len(self)} samples per epoch); buckets (WxH): {sizes or 'none'}"]
+        for title, entries in (("skipped", self.skipped), ("caption problems (image still trained)", self.caption_problems),
+                               ("ignored folders", self.ignored_folders)):
+            if entries:
+                lines.append(f"{title}: {len(entries)}")
+                lines += [f"  {path}: {why}" for path, why in entries[:REPORT_LINES]]
+                lines += [f"  ... and {len(entries) - REPORT_LINES} more"] if len(entries) > REPORT_LINES else []
+        return "\n".join(lines)
+
+
+def _parse_name(folder: Path) -> tuple[int | None, str]:
+    """(N, name) of an `N_name` folder, else (None, "")."""
+    m = REPEATS_FOLDER.match(folder.name)
+    return (int(m.group(1)), m.group(2)) if m else (None, "")
+
+
+def _folders(subset: Subset, ignored: list[tuple[Path, str]]) -> list[tuple[Path, int, str]]:
+    """(folder, repeats, class tokens) for the subset folder and its `N_name` sub-folders; as in kohya, the
+    name part of `N_name` is the caption of an image that has no caption file."""
+    root = Path(subset.path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset folder not found: {root}")
+    n, name = _parse_name(root)
+    out = [(root, subset.repeats or n or 1, name)]
+    for child in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        n, name = _parse_name(child)
+        if n is None:
+            ignored.append((child, "name is not N_name (N repeats), e.g. 10_cat"))
+        elif n == 0 and not subset.repeats:
+            ignored.append((child, "0 repeats"))
+        else:
+            out.append((child, subset.repeats or n, name))
+    return out
+
+
+def _probe(path: Path) -> tuple[str, Size] | str:
+    """(sha256, upright (h, w)) of an image file, or why it cannot train."""
     try:
-        caption = path.read_text(encoding="utf-8").strip()
-    except (FileNotFoundError, UnicodeDecodeError):
-        caption = ""
-    if trigger and trigger not in caption:
-        caption = f"{trigger}, {caption}" if caption else trigger
-    return caption
+        data = path.read_bytes()
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    try:
+        im = decode(data)
+    except BadImage as e:
+        return str(e)
+    return hashlib.sha256(data).hexdigest(), (im.height, im.width)
+
+
+def _place(size: Size, sizes: list[Size], options: DatasetOptions, digest: str) -> tuple[Size, Size, Size]:
+    bucket = B.assign(size, sizes)
+    resized = B.cover(size, bucket)
+    if options.random_crop:
+        g = torch.Generator().manual_seed(options.seed ^ int(digest[:15], 16))  # fixed per image and seed
+        return bucket, resized, B.random_crop(resized, bucket, g)
+    return bucket, resized, B.centre_crop(resized, bucket)
+
+
+def build_dataset(subsets: list[Subset], options: DatasetOptions = DatasetOptions()) -> Dataset:
+    """Scan, decode and place every image of `subsets`; broken files are skipped with a warning naming them."""
+    sizes = options.bucket_sizes()
+    dataset = Dataset([], options)
+    found = []  # (path, repeats, class tokens, subset)
+    for subset in subsets:
+        for folder, repeats, class_tokens in _folders(subset, dataset.ignored_folders):
+            files = sorted(p for p in folder.iterdir()
+                           if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file())
+            found += [(p, repeats, class_tokens, subset) for p in files]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes without the GIL
+        probes = list(pool.map(_probe, [f[0] for f in found]))
+    for (path, repeats, class_tokens, subset), probe in zip(found, probes):
+        if isinstance(probe, str):
+            log.warning("skipped %s: %s", path, probe)
+            dataset.skipped.append((path, probe))
+            continue
+        digest, size = probe
+        caption, caption_file, problem = read_caption(path, options.caption_extension)
+        if caption_file is None and class_tokens:
+            caption, problem = class_tokens, f"no caption file (folder name used: {class_tokens!r})"
+        if problem:
+            dataset.caption_problems.append((caption_file or path, problem))
+        bucket, resized, crop = _place(size, sizes, options, digest)
+        dataset.items.append(Item(path, with_trigger(caption, subset.trigger), repeats, digest, size, bucket, resized,
+                                  crop, Path(subset.path)))
+    if dataset.caption_problems:
+        first = dataset.caption_problems[0]
+        log.warning("%d caption problems (images still train), first: %s: %s", len(dataset.caption_problems), *first)
+    return dataset
+
+
+def load_pixels(item: Item) -> torch.Tensor:
+    """The item's training pixels: (3, bucket h, bucket w) in [-1, 1], not flipped."""
+    im = decode(item.path.read_bytes())
+    (rh, rw), (top, left), (bh, bw) = item.resized, item.crop, item.bucket
+    im = im.resize((rw, rh), Image.Resampling.LANCZOS).crop((left, top, left + bw, top + bh))
+    return to_pixels(im)
 
 
 def scan(folder: str | Path, extension: str = ".txt", trigger: str = "") -> list[Item]:
-    """Images of `folder` (sorted, so runs are reproducible) with their captions."""
-    images = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-    return [Item(p, read_caption(p, extension, trigger)) for p in images]
-
-
-def load_rgb(path: Path) -> Image.Image:
-    """Any mode, bit depth or orientation to upright 8-bit RGB; transparency composited over white."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            im = im.convert("RGBA")
-            background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            return Image.alpha_composite(background, im).convert("RGB")
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(im, dtype=np.float64)
-            im = Image.fromarray((arr / max(arr.max(), 1) * 255).astype(np.uint8))
-        return im.convert("RGB")
-
-
-def prepare(path: Path, resolution: int) -> Prepared:
-    """Resize the shorter side to `resolution` and centre-crop a square."""
-    im = load_rgb(path)
-    w, h = im.size
-    scale = resolution / min(w, h)
-    rw, rh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    im = im.resize((rw, rh), Image.Resampling.LANCZOS)
-    top, left = (rh - resolution) // 2, (rw - resolution) // 2
-    im = im.crop((left, top, left + resolution, top + resolution))
-    pixels = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
-    return Prepared(pixels, (h, w), (top, left))
+    """Square-cropped items of one folder, 1 repeat each: the interface engine/train.py used before build_dataset."""
+    return build_dataset([Subset(folder, 1, trigger)], DatasetOptions(bucketing=False, caption_extension=extension)).items
