@@ -1,17 +1,258 @@
-"""Encode the dataset once: VAE latents per image, text-encoder outputs and the ADM vector per caption.
+"""On-disk caches of VAE latents and text-encoder outputs, and the bucket-pure batches the step consumes.
 
-After this the VAE and text encoders are not needed by the training step, which sees only these tensors.
+Latents: one safetensors file per image and setting under `<cache>/latents/`, keyed by sha256 of the
+image's bytes, the VAE's fingerprint, the bucket, resized size, crop and flip. With flip on, the mirrored
+image is encoded as well and stored in the same file: a latent cannot be mirrored exactly (the VAE is not
+equivariant), and encoding both at cache time keeps the VAE out of the training step.
+Text: one file per caption under `<cache>/text/`, keyed by the caption, the text encoders' fingerprint and
+the tokenizers; it holds the context at the caption's own chunk count and the pooled vector. Shuffle or
+dropout makes each step's caption new, and trained text encoders change their outputs, so then the text
+cache is off and text is encoded per batch. SDXL's ADM vector is built per batch from the pooled vector
+and the sample's size and crop: cheap, and a flip changes the crop.
+Files are written atomically and never deleted; an unreadable file is a miss; a cache folder that cannot
+be written is reported once and the run continues from memory.
 """
-from dataclasses import dataclass
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from itertools import groupby
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 import models
-from engine.data import Item, prepare
+from engine.buckets import centre_crop, cover
+from engine.data import Dataset, Item, Sample, load_pixels
+from engine.images import BadImage
+from engine.io import write_atomic
+
+log = logging.getLogger("gesso.cache")
+FORMAT = "gesso-cache-1"  # in every key: bump when decoding, resizing or encoding changes
+CHUNK = 77
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # latents (B, 4, h, w), context (B, 77k, D), y (B, adm) or None
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    """sha256 of every tensor's name, shape, dtype and ~1024 evenly spaced values: another checkpoint or
+    precision gives another fingerprint, at a cost of milliseconds even for SDXL."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        flat = t.detach().reshape(-1)
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(flat[:: max(1, flat.numel() // 1024)].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps([FORMAT, *parts]).encode()).hexdigest()
+
+
+@dataclass
+class CacheStats:
+    latents_encoded: int = 0  # images through the VAE at cache time (a mirrored copy not counted apart)
+    latents_loaded: int = 0
+    texts_encoded: int = 0
+    texts_loaded: int = 0
+
+
+@dataclass
+class _Store:
+    """safetensors files: a corrupt one reads as missing; the first write failure is reported, later ones are silent."""
+    write_failed: bool = False
+
+    def load(self, path: Path) -> dict[str, torch.Tensor] | None:
+        try:
+            return load_file(path)
+        except FileNotFoundError:
+            return None
+        except Exception as e:  # truncated or foreign file: encode again and overwrite it
+            log.warning("cache file %s unreadable (%s); encoding again", path, e)
+            return None
+
+    def save(self, path: Path, tensors: dict[str, torch.Tensor], source: str) -> None:
+        try:
+            write_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, {"source": source}))
+        except OSError as e:
+            if not self.write_failed:
+                log.warning("cannot write the cache in %s (%s); this run keeps it in memory only", path.parent.parent, e)
+            self.write_failed = True
+
+
+@torch.no_grad()
+def encode_latents(sd, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) pixels -> (B, 4, H/8, W/8) float32 latents on the CPU, on the VAE's device and dtype."""
+    p = next(sd.vae.parameters())
+    return sd.encode_images(pixels.to(device=p.device, dtype=p.dtype)).float().cpu()
+
+
+def encode_captions(sd, tokenizers, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Captions -> context (B, 77k, D) and pooled (B, P) or None, float32 on the text encoders' device.
+    Gradients flow when enabled: the per-step path for augmented captions or trained text encoders."""
+    tokens = models.tokenize(tokenizers, captions)
+    device = next(sd.text_encoders[0].parameters()).device
+    context, pooled = sd.encode_text([t.to(device) for t in tokens])
+    return context.float(), None if pooled is None else pooled.float()
+
+
+@dataclass
+class Cache:
+    sd: torch.nn.Module
+    tokenizers: list
+    dataset: Dataset
+    device: torch.device
+    latents: list[torch.Tensor]  # per item (4, h/8, w/8), CPU
+    flipped: list[torch.Tensor | None]  # per item, the mirrored image's latents when flip is on
+    text: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None  # caption -> (77k, D), (P,); None: per step
+    train_text_encoders: bool = False
+    stats: CacheStats = field(default_factory=CacheStats)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return self.dataset.steps_per_epoch(batch_size)
+
+    def batches(self, epoch: int, batch_size: int, seed: int, skip: int = 0) -> Iterator[Batch]:
+        """The epoch's batches on the device, each from one bucket; `skip` drops the first batches of a resumed epoch."""
+        for samples in self.dataset.epoch(epoch, batch_size, seed)[skip:]:
+            yield self.tensors(samples)
+
+    def tensors(self, samples: list[Sample]) -> Batch:
+        latents = torch.stack([(self.flipped if s.flipped else self.latents)[s.index] for s in samples])
+        context, pooled = self._text([s.caption for s in samples])
+        y = None
+        if pooled is not None:
+            sizes = [self.dataset.items[s.index].conditioning(s.flipped) for s in samples]
+            y = self.sd.adm(pooled, *[[c[j] for c in sizes] for j in range(3)])
+        return latents.to(self.device), context, y
+
+    def _text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.text is None:
+            with torch.set_grad_enabled(self.train_text_encoders and torch.is_grad_enabled()):
+                context, pooled = encode_captions(self.sd, self.tokenizers, captions)
+            return context.to(self.device), None if pooled is None else pooled.to(self.device)
+        cached = [self.text[c] for c in captions]
+        empty = self.text[""][0]  # (77, D): encoders see each chunk alone, so padding = the empty prompt's chunk
+        longest = max(ctx.shape[0] for ctx, _ in cached)
+        context = torch.stack([torch.cat([ctx, empty.repeat((longest - ctx.shape[0]) // CHUNK, 1)]) for ctx, _ in cached])
+        pooled = None if cached[0][1] is None else torch.stack([p for _, p in cached]).to(self.device)
+        return context.to(self.device), pooled
+
+    def release_encoders(self) -> None:
+        """Move the VAE, and the text encoders unless text is encoded per step, off the accelerator."""
+        self.sd.vae.to("cpu")
+        if self.text is not None:
+            for encoder in self.sd.text_encoders:
+                encoder.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def describe(self) -> str:
+        s = self.stats
+        text = "encoded per step" if self.text is None else f"{s.texts_encoded} captions encoded, {s.texts_loaded} from cache"
+        return f"cache: {s.latents_encoded} images encoded, {s.latents_loaded} from cache; text: {text}"
+
+
+def _folder(cache_dir: str | Path | None, item: Item) -> Path:
+    return Path(cache_dir) if cache_dir is not None else item.root / ".gesso_cache"
+
+
+def _cache_latents(sd, dataset: Dataset, cache_dir, vae_id: str, store: _Store, stats: CacheStats, batch_size: int):
+    items, flip = dataset.items, dataset.options.flip
+    latents: list[torch.Tensor | None] = [None] * len(items)
+    flipped: list[torch.Tensor | None] = [None] * len(items)
+    paths, missing = [], []
+    for i, it in enumerate(items):
+        paths.append(_folder(cache_dir, it) / "latents" / f"{_key(it.digest, vae_id, it.bucket, it.resized, it.crop, flip)}.safetensors")
+        got = store.load(paths[i])
+        if got is not None and "latents" in got and (not flip or "flipped" in got):
+            latents[i], flipped[i] = got["latents"], got.get("flipped")
+            stats.latents_loaded += 1
+        else:
+            missing.append(i)
+    broken = set()
+    for _, group in groupby(sorted(missing, key=lambda i: items[i].bucket), key=lambda i: items[i].bucket):
+        group = list(group)
+        for start in range(0, len(group), batch_size):
+            chunk, pixels = [], []
+            for i in group[start : start + batch_size]:
+                try:
+                    pixels.append(load_pixels(items[i]))
+                    chunk.append(i)
+                except (OSError, BadImage) as e:  # changed or removed since the scan
+                    log.warning("skipped %s: %s", items[i].path, e)
+                    dataset.skipped.append((items[i].path, str(e)))
+                    broken.add(i)
+            if not chunk:
+                continue
+            batch = torch.stack(pixels)  # (b, 3, H, W)
+            encoded = encode_latents(sd, torch.cat([batch, batch.flip(-1)]) if flip else batch)
+            stats.latents_encoded += len(chunk)
+            for j, i in enumerate(chunk):
+                latents[i] = encoded[j].clone()
+                tensors = {"latents": latents[i]}
+                if flip:
+                    flipped[i] = tensors["flipped"] = encoded[len(chunk) + j].clone()
+                store.save(paths[i], tensors, str(items[i].path))
+    keep = [i for i in range(len(items)) if i not in broken]
+    dataset.items = [items[i] for i in keep]
+    return [latents[i] for i in keep], [flipped[i] for i in keep]
+
+
+def _cache_text(sd, tokenizers, dataset: Dataset, cache_dir, text_id: str, store: _Store, stats: CacheStats, batch_size: int):
+    roots = {"": dataset.items[0]} | {it.caption: it for it in reversed(dataset.items)}  # first item holding each caption
+    text, paths, missing = {}, {}, []
+    for caption, it in roots.items():
+        paths[caption] = _folder(cache_dir, it) / "text" / f"{_key(caption, text_id)}.safetensors"
+        got = store.load(paths[caption])
+        if got is not None and "context" in got:
+            text[caption] = (got["context"], got.get("pooled"))
+            stats.texts_loaded += 1
+        else:
+            missing.append(caption)
+    chunks = {c: models.tokenize(tokenizers, [c])[0].shape[1] for c in missing}
+    by_length = sorted(missing, key=lambda c: chunks[c])  # one padded length per encoder call: each caption keeps its own
+    for _, group in groupby(by_length, key=lambda c: chunks[c]):
+        group = list(group)
+        for start in range(0, len(group), batch_size):
+            captions = group[start : start + batch_size]
+            with torch.no_grad():
+                context, pooled = encode_captions(sd, tokenizers, captions)
+            for j, c in enumerate(captions):
+                text[c] = (context[j].cpu().clone(), None if pooled is None else pooled[j].cpu().clone())
+                tensors = {"context": text[c][0]} | ({} if pooled is None else {"pooled": text[c][1]})
+                store.save(paths[c], tensors, c)
+            stats.texts_encoded += len(captions)
+    return text
+
+
+def prepare_cache(sd, tokenizers, dataset: Dataset, device: torch.device, cache_dir: str | Path | None = None,
+                  model_id: str = "", train_text_encoders: bool = False, encode_batch_size: int = 4) -> Cache:
+    """Load or encode the latents (and, unless captions change per step, the text) of every item.
+
+    cache_dir: None puts each subset's cache in `<subset>/.gesso_cache`. model_id: when given, it names the
+    model in the keys instead of the weights' fingerprints. Items whose file broke since the scan are dropped.
+    """
+    store, stats = _Store(), CacheStats()
+    vae_id = f"{model_id}:vae" if model_id else fingerprint(sd.vae)
+    latents, flipped = _cache_latents(sd, dataset, cache_dir, vae_id, store, stats, encode_batch_size)
+    text = None
+    if dataset.options.augments_captions or train_text_encoders:
+        why = "text encoders are trained" if train_text_encoders else "caption shuffle/dropout changes captions every step"
+        log.warning("text cache off: %s, so captions are encoded per batch", why)
+    elif dataset.items:
+        tokenizer_id = [[type(t).__name__, len(t), t.pad_token_id] for t in tokenizers]
+        text_id = f"{model_id}:text" if model_id else [fingerprint(e) for e in sd.text_encoders]
+        text = _cache_text(sd, tokenizers, dataset, cache_dir, json.dumps([text_id, tokenizer_id]), store, stats, 16)
+    return Cache(sd, tokenizers, dataset, torch.device(device), latents, flipped, text, train_text_encoders, stats)
 
 
 @dataclass
 class EncodedDataset:
+    """The in-memory square-crop cache engine/train.py used before prepare_cache."""
     latents: torch.Tensor  # (N, 4, H/8, W/8)
     context: torch.Tensor  # (N, 77*k, context_dim)
     y: torch.Tensor | None  # (N, adm) for SDXL, None for SD 1.x
@@ -19,25 +260,25 @@ class EncodedDataset:
     def __len__(self) -> int:
         return self.latents.shape[0]
 
-    def batch(self, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def batch(self, index: torch.Tensor, device: torch.device) -> Batch:
         y = None if self.y is None else self.y[index].to(device)
         return self.latents[index].to(device), self.context[index].to(device), y
 
 
 @torch.no_grad()
 def encode_dataset(sd, tokenizers, items: list[Item], resolution: int, device: torch.device, batch_size: int = 4) -> EncodedDataset:
-    """Latents, contexts and (SDXL) ADM vectors for every item, kept on the CPU."""
+    """Latents, contexts and (SDXL) ADM vectors of `items` centre-cropped to resolution^2, kept on the CPU."""
+    square = (resolution, resolution)
+    items = [replace(it, bucket=square, resized=cover(it.original_size, square),
+                     crop=centre_crop(cover(it.original_size, square), square)) for it in items]
     latents, contexts, ys = [], [], []
     tokens = models.tokenize(tokenizers, [it.caption for it in items])  # one padded length for the whole set
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        prepared = [prepare(it.path, resolution) for it in chunk]
-        pixels = torch.stack([p.pixels for p in prepared]).to(device)
-        latents.append(sd.encode_images(pixels).float().cpu())
+        latents.append(encode_latents(sd, torch.stack([load_pixels(it) for it in chunk])))
         context, pooled = sd.encode_text([t[start : start + batch_size].to(device) for t in tokens])
         contexts.append(context.float().cpu())
         if pooled is not None:
-            target = [(resolution, resolution)] * len(chunk)
-            y = sd.adm(pooled, [p.original_size for p in prepared], [p.crop for p in prepared], target)
+            y = sd.adm(pooled, [it.original_size for it in chunk], [it.crop for it in chunk], [square] * len(chunk))
             ys.append(y.float().cpu())
     return EncodedDataset(torch.cat(latents), torch.cat(contexts), torch.cat(ys) if ys else None)
