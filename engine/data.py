@@ -120,6 +120,14 @@ class Dataset:
             out.append(batch)
         return out
 
+    def folders(self) -> dict[str, dict[str, int]]:
+        """{folder name: {"n_repeats", "img_count"}}: kohya's `ss_dataset_dirs` metadata."""
+        out: dict[str, dict[str, int]] = {}
+        for it in self.items:
+            entry = out.setdefault(it.path.parent.name, {"n_repeats": it.repeats, "img_count": 0})
+            entry["img_count"] += 1
+        return out
+
     def describe(self, batch_size: int) -> str:
         """`12 images x repeats = 40 samples in 3 buckets / batch 2 = 21 steps per epoch`."""
         n_buckets = len({it.bucket for it in self.items})

@@ -22,6 +22,8 @@ def test_n_name_folders_repeat_n_times(tmp_path, make_image, small):
         assert counts == {"a.png": 3, "b.png": 3, "c.png": 1, "top.png": 1}
     # 7 square samples in batches of 3 -> 3 batches, the wide one alone -> 1; not ceil(8 / 3) = 3
     assert len(dataset.epoch(1, 3, seed=0)) == dataset.steps_per_epoch(3) == 4 != math.ceil(len(dataset) / 3)
+    assert dataset.folders() == {"3_cat": {"n_repeats": 3, "img_count": 2}, "1_dog": {"n_repeats": 1, "img_count": 1},
+                                 tmp_path.name: {"n_repeats": 1, "img_count": 1}}
     captions = {it.path.name: it.caption for it in dataset.items}
     assert captions == {"a.png": "zzk, cat, sitting", "b.png": "zzk, cat", "c.png": "zzk, dog", "top.png": "zzk, top"}
     report = dataset.report()
