@@ -120,6 +120,14 @@ class Cache:
         for samples in self.dataset.epoch(epoch, batch_size, seed)[skip:]:
             yield self.tensors(samples)
 
+    def fixed_batches(self, batch_size: int) -> Iterator[Batch]:
+        """Every item once, unflipped, with its caption as written, bucket by bucket in a fixed order: an evaluation set."""
+        order = sorted(range(len(self.dataset.items)), key=lambda i: self.dataset.items[i].bucket)
+        for _, group in groupby(order, key=lambda i: self.dataset.items[i].bucket):
+            group = list(group)
+            for start in range(0, len(group), batch_size):
+                yield self.tensors([Sample(i, False, self.dataset.items[i].caption) for i in group[start : start + batch_size]])
+
     def tensors(self, samples: list[Sample]) -> Batch:
         latents = torch.stack([(self.flipped if s.flipped else self.latents)[s.index] for s in samples])
         context, pooled = self._text([s.caption for s in samples])

@@ -61,6 +61,10 @@ def test_second_run_hits_and_each_change_misses_only_what_changed(tmp_path, make
     for (x0, c0, y0), (x1, c1, y1) in zip(first.batches(1, 2, seed=3), again.batches(1, 2, seed=3)):
         assert torch.equal(x0, x1) and torch.equal(c0, c1) and torch.equal(y0, y1)
 
+    fixed = list(again.fixed_batches(2))  # a and b share the square bucket, c is alone
+    assert sorted(x.shape[0] for x, _, _ in fixed) == [1, 2]
+    assert sorted(x.shape[-1] for x, _, _ in fixed) == [16, 24]
+
     pixels = np.asarray(Image.open(root / "b.png")).copy()
     pixels[0, 0] ^= 1  # one bit of one pixel
     Image.fromarray(pixels).save(root / "b.png")
