@@ -21,6 +21,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from models.inspect import inspect_main
+
+    return inspect_main(args.path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gesso", description="Fast LoRA training for SDXL and SD 1.5.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -29,7 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="where the LoRA files and metrics.jsonl go (default: output.dir, else output/<output.name>)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key; repeatable")
     p.set_defaults(run=cmd_train)
+    p = sub.add_parser("inspect", help="what a checkpoint or LoRA file holds (reads only the header)",
+                       description="Detected architecture, parameter counts and dtypes, missing or unexpected keys; for a LoRA, "
+                                   "rank, alpha, targets and metadata. Exit 1 when keys do not match, 2 when unreadable.")
+    p.add_argument("path", help="a .safetensors/.ckpt file, a diffusers folder or a cached Hub repo id")
+    p.set_defaults(run=cmd_inspect)
     from engine.sample_cli import add_parsers; add_parsers(sub)  # noqa: E702  `sample` and `grid`
+    from engine.lora_cli import add_parsers as lora_parsers; lora_parsers(sub)  # noqa: E702  `convert`, `merge`, `resize`
     return parser
 
 

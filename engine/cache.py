@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
 
@@ -24,7 +24,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import models
-from engine.buckets import centre_crop, cover
 from engine.data import Dataset, Item, Sample, load_pixels
 from engine.images import BadImage
 from engine.io import write_atomic
@@ -257,36 +256,3 @@ def prepare_cache(sd, tokenizers, dataset: Dataset, device: torch.device, cache_
         text = _cache_text(sd, tokenizers, dataset, cache_dir, json.dumps([text_id, tokenizer_id]), store, stats, 16)
     return Cache(sd, tokenizers, dataset, torch.device(device), latents, flipped, text, train_text_encoders, stats)
 
-
-@dataclass
-class EncodedDataset:
-    """The in-memory square-crop cache engine/train.py used before prepare_cache."""
-    latents: torch.Tensor  # (N, 4, H/8, W/8)
-    context: torch.Tensor  # (N, 77*k, context_dim)
-    y: torch.Tensor | None  # (N, adm) for SDXL, None for SD 1.x
-
-    def __len__(self) -> int:
-        return self.latents.shape[0]
-
-    def batch(self, index: torch.Tensor, device: torch.device) -> Batch:
-        y = None if self.y is None else self.y[index].to(device)
-        return self.latents[index].to(device), self.context[index].to(device), y
-
-
-@torch.no_grad()
-def encode_dataset(sd, tokenizers, items: list[Item], resolution: int, device: torch.device, batch_size: int = 4) -> EncodedDataset:
-    """Latents, contexts and (SDXL) ADM vectors of `items` centre-cropped to resolution^2, kept on the CPU."""
-    square = (resolution, resolution)
-    items = [replace(it, bucket=square, resized=cover(it.original_size, square),
-                     crop=centre_crop(cover(it.original_size, square), square)) for it in items]
-    latents, contexts, ys = [], [], []
-    tokens = models.tokenize(tokenizers, [it.caption for it in items])  # one padded length for the whole set
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        latents.append(encode_latents(sd, torch.stack([load_pixels(it) for it in chunk])))
-        context, pooled = sd.encode_text([t[start : start + batch_size].to(device) for t in tokens])
-        contexts.append(context.float().cpu())
-        if pooled is not None:
-            y = sd.adm(pooled, [it.original_size for it in chunk], [it.crop for it in chunk], [square] * len(chunk))
-            ys.append(y.float().cpu())
-    return EncodedDataset(torch.cat(latents), torch.cat(contexts), torch.cat(ys) if ys else None)

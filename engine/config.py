@@ -23,11 +23,21 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class DatasetSection:
-    path: str = ""  # folder of images with same-named .txt captions
+    path: str = ""  # folder of images with same-named .txt captions; N_name sub-folders repeat N times
     trigger: str = ""  # prepended to every caption that lacks it
-    repeats: int = 1  # times each image is seen per epoch
-    resolution: int = 1024  # square training size in pixels (multiple of 64)
-    caption_extension: str = ".txt"
+    repeats: int = 0  # times each image is seen per epoch; 0: N from N_name folder names, else 1
+    subsets: list = field(default_factory=list)  # more folders: [[dataset.subsets]] path, repeats, trigger
+    resolution: int = 1024  # buckets hold about resolution^2 pixels (multiple of 64)
+    bucketing: bool = True  # aspect-ratio buckets; false: square resolution x resolution crops
+    min_bucket_side: int = 256
+    max_bucket_side: int = 2048
+    random_crop: bool = False  # random instead of centred crop (drawn once per image: latents are cached)
+    flip: bool = False  # horizontal flip with probability 1/2
+    shuffle_caption: bool = False  # shuffle comma-separated tags after the first keep_tokens
+    keep_tokens: int = 0
+    caption_dropout_rate: float = 0.0  # probability a sample trains on the empty caption
+    caption_extension: str = ".txt"  # .txt and .caption are both accepted
+    cache_dir: str = ""  # latent and text caches; empty: <dataset folder>/.gesso_cache
 
 
 @dataclass(frozen=True)
@@ -40,10 +50,35 @@ class NetworkSection:
 class TrainSection:
     epochs: int = 10
     batch_size: int = 1
-    learning_rate: float = 1e-4
+    gradient_accumulation_steps: int = 1
+    optimizer: str = "adamw"  # adamw, adamw8bit, prodigy, adafactor
+    learning_rate: float = 1e-4  # UNet LoRA; Prodigy wants 1.0
+    optimizer_args: dict = field(default_factory=dict)  # passed to the optimizer, e.g. {d_coef = 1.0}
     weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    lr_scheduler: str = "constant"  # constant, constant_with_warmup, cosine, cosine_with_restarts, linear
+    lr_warmup_steps: int = 0
+    lr_scheduler_num_cycles: int = 1
+    max_grad_norm: float = 1.0  # 0 disables gradient clipping
+    mixed_precision: str = "no"  # no, bf16, fp16 (with loss scaling)
+    gradient_checkpointing: bool = False
     seed: int = 42  # seeds data order, timesteps and noise
     device: str = "auto"  # auto (cuda when present), cpu, cuda
+
+
+@dataclass(frozen=True)
+class LossSection:
+    prediction: str = "epsilon"  # epsilon or v_prediction (SD 2.x 768-v)
+    loss_type: str = "l2"  # l2 or huber (pseudo-Huber)
+    huber_c: float = 0.1
+    min_snr_gamma: float = 0.0  # 0 disables; 5 is the usual value
+    noise_offset: float = 0.0
+    multires_noise_iterations: int = 0  # 0 disables pyramid noise; 6 to 10 is usual
+    multires_noise_discount: float = 0.3
+    min_timestep: int = 0
+    max_timestep: int = 1000  # timesteps drawn from [min_timestep, max_timestep)
 
 
 @dataclass(frozen=True)
@@ -51,7 +86,10 @@ class OutputSection:
     name: str = "lora"  # files are <name>-000001.safetensors per epoch and <name>.safetensors
     dir: str = ""  # empty: output/<name> under the current directory
     save_dtype: str = "fp16"  # fp16, bf16 or fp32
-    save_every_n_epochs: int = 1
+    save_every_n_epochs: int = 1  # 0: no per-epoch files
+    save_every_n_steps: int = 0  # 0: no per-step files
+    keep_last: int = 0  # keep only the newest K intermediate files; 0 keeps all
+    save_state: bool = True  # write a resumable state (state.pt) at every save
 
 
 @dataclass(frozen=True)
@@ -60,11 +98,17 @@ class Config:
     dataset: DatasetSection = field(default_factory=DatasetSection)
     network: NetworkSection = field(default_factory=NetworkSection)
     train: TrainSection = field(default_factory=TrainSection)
+    loss: LossSection = field(default_factory=LossSection)
     output: OutputSection = field(default_factory=OutputSection)
 
 
 CHOICES = {
     ("train", "device"): ("auto", "cpu", "cuda"),
+    ("train", "optimizer"): ("adamw", "adamw8bit", "prodigy", "adafactor"),
+    ("train", "lr_scheduler"): ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear"),
+    ("train", "mixed_precision"): ("no", "bf16", "fp16"),
+    ("loss", "prediction"): ("epsilon", "v_prediction"),
+    ("loss", "loss_type"): ("l2", "huber"),
     ("output", "save_dtype"): ("fp16", "bf16", "fp32"),
 }
 
@@ -75,6 +119,27 @@ def _coerce(where: str, value: Any, typ: type) -> Any:
     if typ is int and isinstance(value, bool) or not isinstance(value, typ):
         raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}")
     return value
+
+
+SUBSET_KEYS = {"path": str, "repeats": int, "trigger": str}
+
+
+def _subsets(source: str, raw: list, base: Path) -> list[dict]:
+    """[[dataset.subsets]] tables, checked key by key, paths resolved against the config's folder."""
+    out = []
+    for i, table in enumerate(raw):
+        where = f"{source}: dataset.subsets[{i}]"
+        if not isinstance(table, dict) or "path" not in table:
+            raise ConfigError(f"{where}: expected a table with at least a path")
+        for key, value in table.items():
+            if key not in SUBSET_KEYS:
+                raise ConfigError(f"{where}: unknown key {key} (known: {', '.join(SUBSET_KEYS)})")
+            _coerce(f"{where}.{key}", value, SUBSET_KEYS[key])
+        folder = (base / table["path"]).resolve()
+        if not folder.is_dir():
+            raise ConfigError(f"{where}.path: no such folder: {folder}")
+        out.append({**table, "path": str(folder)})
+    return out
 
 
 def _parse_override(item: str) -> tuple[str, str, Any]:
@@ -101,7 +166,7 @@ def build_config(data: dict[str, Any], source: str = "config") -> Config:
         for key, value in raw.items():
             if key not in known:
                 raise ConfigError(f"{source}: unknown key {f.name}.{key} (known: {', '.join(known)})")
-            value = _coerce(f"{source}: {f.name}.{key}", value, type(known[key].default))
+            value = _coerce(f"{source}: {f.name}.{key}", value, known[key].type)
             allowed = CHOICES.get((f.name, key))
             if allowed and value not in allowed:
                 raise ConfigError(f"{source}: {f.name}.{key} = {value!r}, expected one of {', '.join(allowed)}")
@@ -126,20 +191,29 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         section, key, value = _parse_override(item)
         data.setdefault(section, {})[key] = value
     cfg = build_config(data, str(path))
-    if not cfg.dataset.path:
+    if not cfg.dataset.path and not cfg.dataset.subsets:
         raise ConfigError(f"{path}: dataset.path is required")
-    dataset = (path.parent / cfg.dataset.path).resolve()
-    if not dataset.is_dir():
+    dataset = (path.parent / cfg.dataset.path).resolve() if cfg.dataset.path else ""
+    if dataset and not dataset.is_dir():
         raise ConfigError(f"{path}: dataset.path: no such folder: {dataset}")
+    subsets = _subsets(str(path), cfg.dataset.subsets, path.parent)
+    cache_dir = str((path.parent / cfg.dataset.cache_dir).resolve()) if cfg.dataset.cache_dir else ""
     checks = [
         (cfg.dataset.resolution % 64 == 0 and cfg.dataset.resolution > 0, "dataset.resolution must be a positive multiple of 64"),
-        (cfg.dataset.repeats >= 1, "dataset.repeats must be at least 1"),
+        (cfg.dataset.repeats >= 0, "dataset.repeats must be 0 (from N_name folders) or more"),
+        (0 <= cfg.dataset.caption_dropout_rate <= 1, "dataset.caption_dropout_rate must be within [0, 1]"),
         (cfg.network.rank >= 1, "network.rank must be at least 1"),
         (cfg.train.epochs >= 1, "train.epochs must be at least 1"),
         (cfg.train.batch_size >= 1, "train.batch_size must be at least 1"),
-        (cfg.output.save_every_n_epochs >= 1, "output.save_every_n_epochs must be at least 1"),
+        (cfg.output.save_every_n_epochs >= 0 and cfg.output.save_every_n_steps >= 0, "output.save_every_n_* must be 0 or more"),
+        (cfg.train.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps must be at least 1"),
+        (0 <= cfg.loss.min_timestep < cfg.loss.max_timestep <= 1000, "loss.min_timestep < loss.max_timestep, within [0, 1000]"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"{path}: {message}")
-    return dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, path=str(dataset)))
+    model = cfg.model
+    if model.checkpoint and (path.parent / model.checkpoint).exists():  # else a Hub repo id, resolved by the loader
+        model = dataclasses.replace(model, checkpoint=str((path.parent / model.checkpoint).resolve()))
+    data = dataclasses.replace(cfg.dataset, path=str(dataset), subsets=subsets, cache_dir=cache_dir)
+    return dataclasses.replace(cfg, model=model, dataset=data)

@@ -236,7 +236,3 @@ def load_pixels(item: Item) -> torch.Tensor:
     im = im.resize((rw, rh), Image.Resampling.LANCZOS).crop((left, top, left + bw, top + bh))
     return to_pixels(im)
 
-
-def scan(folder: str | Path, extension: str = ".txt", trigger: str = "") -> list[Item]:
-    """Square-cropped items of one folder, 1 repeat each: the interface engine/train.py used before build_dataset."""
-    return build_dataset([Subset(folder, 1, trigger)], DatasetOptions(bucketing=False, caption_extension=extension)).items

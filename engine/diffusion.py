@@ -18,3 +18,56 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cum
 def epsilon_loss(pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Mean squared error against the added noise, in fp32 (Ho et al. 2020, eq. 14, "simple" loss)."""
     return F.mse_loss(pred.float(), noise.float())
+
+
+def v_target(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x0 (Salimans & Ho 2022, "Progressive Distillation", sec. 4)."""
+    ab = alphas_cumprod.to(x0.device)[t].to(torch.float32).view(-1, *([1] * (x0.ndim - 1)))
+    return ab.sqrt() * noise.float() - (1 - ab).sqrt() * x0.float()
+
+
+def snr(t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio ᾱ_t / (1 - ᾱ_t) (Kingma et al. 2021, "Variational Diffusion Models", eq. 1)."""
+    ab = alphas_cumprod.to(t.device)[t].to(torch.float32)
+    return ab / (1 - ab)
+
+
+def min_snr_weight(t: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
+    """Per-sample loss weight min(SNR, γ)/SNR for ε-prediction, min(SNR, γ)/(SNR + 1) for v-prediction
+    (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy", eq. 9)."""
+    s = snr(t, alphas_cumprod)
+    return torch.clamp(s, max=gamma) / (s + 1 if prediction == "v_prediction" else s)
+
+
+def offset_noise(shape: torch.Size, generator: torch.Generator, offset: float) -> torch.Tensor:
+    """ε + offset · per-channel constant (Guttenberg 2023, "Diffusion with Offset Noise")."""
+    noise = torch.randn(shape, generator=generator)
+    if offset:
+        noise = noise + offset * torch.randn(shape[0], shape[1], 1, 1, generator=generator)
+    return noise
+
+
+def pyramid_noise(noise: torch.Tensor, generator: torch.Generator, iterations: int, discount: float) -> torch.Tensor:
+    """Multi-resolution noise: add upsampled coarser noise at discount^i, then renormalise to unit variance
+    (Whitaker 2023, "Multi-Resolution Noise for Diffusion Model Training")."""
+    b, c, h, w = noise.shape
+    out = noise.clone()
+    for i in range(1, iterations + 1):
+        size = (max(1, h // 2**i), max(1, w // 2**i))
+        coarse = torch.randn(b, c, *size, generator=generator)
+        out += discount**i * F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+        if min(size) == 1:
+            break
+    return out / out.std(dim=(1, 2, 3), keepdim=True)
+
+
+def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "l2", huber_c: float = 0.1) -> torch.Tensor:
+    """Mean over each sample of the squared error, or of the pseudo-Huber loss 2c(sqrt((p-y)^2 + c^2) - c)
+    (Charbonnier 1994; as used for diffusion by Khrapov et al. 2024, "Improving Diffusion Models's Data-Corruption
+    Resistance using Scheduled Pseudo-Huber Loss")."""
+    diff = pred.float() - target.float()
+    if kind == "huber":
+        err = 2 * huber_c * (torch.sqrt(diff**2 + huber_c**2) - huber_c)
+    else:
+        err = diff**2
+    return err.mean(dim=tuple(range(1, err.ndim)))

@@ -6,10 +6,9 @@ values that start with `{` as JSON, so JSON-valued keys are always valid JSON st
 import json
 import time
 from collections import Counter
-from pathlib import Path
 
 from engine.config import Config
-from engine.data import Item
+from engine.data import Dataset, Item
 
 BASE_MODEL_VERSION = {"sdxl": "sdxl_base_v1-0", "sd15": "sd_v1", "sd2": "sd_v2"}
 MODELSPEC_ARCHITECTURE = {"sdxl": "stable-diffusion-xl-v1-base/lora", "sd15": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2/lora"}
@@ -24,10 +23,11 @@ def tag_frequency(items: list[Item]) -> dict[str, dict[str, int]]:
     return {folder: dict(counts) for folder, counts in out.items()}
 
 
-def training_metadata(cfg: Config, family: str, items: list[Item], started_at: float) -> dict[str, str]:
+def training_metadata(cfg: Config, family: str, dataset: Dataset, started_at: float) -> dict[str, str]:
     """Everything known before the first step; epoch, steps and finish time are added at each save."""
     res = cfg.dataset.resolution
-    folder = Path(cfg.dataset.path).name
+    items = dataset.items
+    buckets = sorted({it.bucket for it in items})
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": cfg.network.rank,
@@ -42,13 +42,29 @@ def training_metadata(cfg: Config, family: str, items: list[Item], started_at: f
         "ss_learning_rate": cfg.train.learning_rate,
         "ss_unet_lr": cfg.train.learning_rate,
         "ss_text_encoder_lr": 0.0,
-        "ss_optimizer": "torch.optim.AdamW",
-        "ss_lr_scheduler": "constant",
-        "ss_mixed_precision": "no",
+        "ss_optimizer": cfg.train.optimizer + (f"({json.dumps(cfg.train.optimizer_args)})" if cfg.train.optimizer_args else ""),
+        "ss_lr_scheduler": cfg.train.lr_scheduler,
+        "ss_mixed_precision": cfg.train.mixed_precision,
         "ss_seed": cfg.train.seed,
-        "ss_num_train_images": len(items) * cfg.dataset.repeats,
+        "ss_num_train_images": len(dataset),
         "ss_tag_frequency": json.dumps(tag_frequency(items)),
-        "ss_dataset_dirs": json.dumps({folder: {"n_repeats": cfg.dataset.repeats, "img_count": len(items)}}),
+        "ss_dataset_dirs": json.dumps(dataset.folders()),
+        "ss_bucket_info": json.dumps({"buckets": {str(i): {"resolution": [w, h], "count": sum(it.bucket == (h, w) for it in items)}
+                                                  for i, (h, w) in enumerate(buckets)}}),
+        "ss_enable_bucket": cfg.dataset.bucketing,
+        "ss_flip_aug": cfg.dataset.flip,
+        "ss_shuffle_caption": cfg.dataset.shuffle_caption,
+        "ss_keep_tokens": cfg.dataset.keep_tokens,
+        "ss_caption_dropout_rate": cfg.dataset.caption_dropout_rate,
+        "ss_gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
+        "ss_max_grad_norm": cfg.train.max_grad_norm,
+        "ss_gradient_checkpointing": cfg.train.gradient_checkpointing,
+        "ss_lr_warmup_steps": cfg.train.lr_warmup_steps,
+        "ss_min_snr_gamma": cfg.loss.min_snr_gamma,
+        "ss_noise_offset": cfg.loss.noise_offset,
+        "ss_multires_noise_iterations": cfg.loss.multires_noise_iterations,
+        "ss_multires_noise_discount": cfg.loss.multires_noise_discount,
+        "ss_loss_type": cfg.loss.loss_type,
         "ss_output_name": cfg.output.name,
         "ss_training_started_at": started_at,
         "modelspec.sai_model_spec": "1.0.1",
@@ -56,7 +72,7 @@ def training_metadata(cfg: Config, family: str, items: list[Item], started_at: f
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl" else "diffusers",
         "modelspec.title": cfg.output.name,
         "modelspec.resolution": f"{res}x{res}",
-        "modelspec.prediction_type": "epsilon",
+        "modelspec.prediction_type": cfg.loss.prediction,
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started_at)),
         "modelspec.trigger_phrase": cfg.dataset.trigger,
     }

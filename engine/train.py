@@ -1,4 +1,4 @@
-"""The training loop: cache the dataset, inject LoRA into the UNet, AdamW on epsilon-prediction MSE."""
+"""The training loop: cache the dataset, inject LoRA into the UNet, optimise the diffusion loss."""
 import json
 import math
 import time
@@ -10,17 +10,22 @@ import torch
 from tqdm import tqdm
 
 import models
-from engine import data, diffusion, lora
-from engine.cache import EncodedDataset, encode_dataset
+from engine import diffusion, lora, objective
+from engine.cache import Cache, prepare_cache
+from engine.data import Dataset, DatasetOptions, Subset, build_dataset
 from engine.config import Config
 from engine.lora_file import save_lora
 from engine.metadata import at_save, training_metadata
+from engine.optim import build_optimizer
+from engine.schedules import build_schedule
+from engine.state import Position, load_state, restore_network, save_state
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrainError(Exception):
-    """A problem with the run's inputs (empty dataset, unknown model); one line naming it."""
+    """A problem with the run's inputs (empty dataset, unknown model, bad resume); one line naming it."""
 
 
 @dataclass
@@ -33,21 +38,31 @@ class TrainResult:
 
 @dataclass
 class Plan:
-    images: int
-    repeats: int
+    """Optimizer steps: batches per epoch (bucket-pure, so a bucket's last batch may be short) over accumulation."""
+
+    dataset: Dataset
     batch_size: int
     epochs: int
+    accumulation: int = 1
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.dataset.steps_per_epoch(self.batch_size)
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(self.images * self.repeats / self.batch_size)
+        return math.ceil(self.batches_per_epoch / self.accumulation)
 
     @property
     def total_steps(self) -> int:
         return self.steps_per_epoch * self.epochs
 
     def describe(self) -> str:
-        return (f"{self.images} images x {self.repeats} repeats / batch {self.batch_size} = {self.steps_per_epoch} steps per epoch"
+        d = self.dataset
+        repeats = sorted({it.repeats for it in d.items})
+        rep = f"{repeats[0]} repeats" if len(repeats) == 1 else "repeats"
+        accum = f" / accumulation {self.accumulation}" if self.accumulation > 1 else ""
+        return (f"{len(d.items)} images x {rep} = {len(d)} samples / batch {self.batch_size}{accum} = {self.steps_per_epoch} steps per epoch"
                 f" x {self.epochs} epochs = {self.total_steps} steps")
 
 
@@ -60,77 +75,155 @@ def pick_device(name: str) -> torch.device:
 
 
 def load_model(cfg: Config, device: torch.device):
-    """The base model: a built-in architecture at random init from `model.seed`."""
+    """The base model and its tokenizers: a checkpoint (file, diffusers folder, Hub id) when
+    `model.checkpoint` is set, else the built-in architecture `model.name` at random init from `model.seed`."""
+    if cfg.model.checkpoint:
+        sd = models.load_model(cfg.model.checkpoint, device=device)  # raises CheckpointError naming the file
+        return sd, sd.cfg, models.load_tokenizers(sd.cfg, cfg.model.checkpoint)
     try:
         model_cfg = models.configs.get(cfg.model.name)
     except KeyError as e:
         raise TrainError(f"model.name: {e.args[0]}") from None
-    return models.build(model_cfg, seed=cfg.model.seed, device=device), model_cfg
+    return models.build(model_cfg, seed=cfg.model.seed, device=device), model_cfg, models.load_tokenizers(model_cfg)
+
+
+def load_dataset(cfg: Config) -> Dataset:
+    d = cfg.dataset
+    subsets = [Subset(s["path"], s.get("repeats", 0), s.get("trigger", d.trigger)) for s in d.subsets]
+    if d.path:
+        subsets.insert(0, Subset(d.path, d.repeats, d.trigger))
+    options = DatasetOptions(resolution=d.resolution, bucketing=d.bucketing, min_bucket_side=d.min_bucket_side,
+                             max_bucket_side=d.max_bucket_side, random_crop=d.random_crop, flip=d.flip,
+                             shuffle_caption=d.shuffle_caption, keep_tokens=d.keep_tokens,
+                             caption_dropout_rate=d.caption_dropout_rate, caption_extension=d.caption_extension,
+                             seed=cfg.train.seed)
+    try:
+        dataset = build_dataset(subsets, options)
+    except (ValueError, FileNotFoundError) as e:
+        raise TrainError(f"dataset: {e}") from None
+    if not dataset.items:
+        raise TrainError(f"dataset: no trainable images (png, jpg, webp) in {', '.join(str(s.path) for s in subsets)}\n{dataset.report()}")
+    return dataset
 
 
 def prepare_run(cfg: Config, device: torch.device):
-    """Model with LoRA injected, the encoded dataset and the dataset items."""
-    items = data.scan(cfg.dataset.path, cfg.dataset.caption_extension, cfg.dataset.trigger)
-    if not items:
-        raise TrainError(f"dataset.path: no images (png, jpg, webp) in {cfg.dataset.path}")
-    sd, model_cfg = load_model(cfg, device)
+    """Model with LoRA injected into the UNet, the dataset, and its latents and text encodings cached."""
+    dataset = load_dataset(cfg)
+    sd, model_cfg, tokenizers = load_model(cfg, device)
     sd.requires_grad_(False)
     sd.eval()
-    tokenizers = models.load_tokenizers(model_cfg)
-    encoded = encode_dataset(sd, tokenizers, items, cfg.dataset.resolution, device)
+    cache = prepare_cache(sd, tokenizers, dataset, device, cfg.dataset.cache_dir or None)
+    cache.release_encoders()  # the VAE (and the text encoders when text is cached) leave the GPU
     network = lora.inject(sd.unet, lora.attention_targets(sd.unet), "lora_unet_", cfg.network.rank, cfg.network.alpha)
-    return sd, model_cfg, network, encoded, items
+    return sd, model_cfg, network, cache
 
 
 @torch.no_grad()
-def fixed_eval_loss(unet, encoded: EncodedDataset, seed: int = 1234, draws: int = 4) -> float:
-    """Mean epsilon loss over every cached image at fixed timesteps and noise: comparable before and after."""
+def fixed_eval_loss(unet, cache: Cache, seed: int = 1234, draws: int = 4, batch_size: int = 16) -> float:
+    """Mean epsilon loss over every image at fixed timesteps and noise: comparable before and after training."""
     g = torch.Generator().manual_seed(seed)
     ac = diffusion.scaled_linear_alphas_cumprod()
-    device = next(unet.parameters()).device
-    total = 0.0
+    total, count = 0.0, 0
     for _ in range(draws):
-        index = torch.arange(len(encoded))
-        x0, context, y = encoded.batch(index, device)
-        noise = torch.randn(x0.shape, generator=g).to(device)
-        t = torch.randint(0, len(ac), (len(index),), generator=g).to(device)
-        total += diffusion.epsilon_loss(unet(diffusion.add_noise(x0, noise, t, ac), t, context, y), noise).item()
-    return total / draws
+        for x0, context, y in cache.fixed_batches(batch_size):
+            noise = torch.randn(x0.shape, generator=g).to(x0.device)
+            t = torch.randint(0, len(ac), (x0.shape[0],), generator=g).to(x0.device)
+            total += diffusion.epsilon_loss(unet(diffusion.add_noise(x0, noise, t, ac), t, context, y), noise).item() * x0.shape[0]
+            count += x0.shape[0]
+    return total / count
 
 
-def train(cfg: Config, output_dir: str | Path, on_step: Callable[[dict], None] | None = None) -> TrainResult:
-    """Train a LoRA as `cfg` says and write its files to `output_dir`; `on_step` receives each step's metrics."""
+class Saver:
+    """Writes the LoRA files (per epoch, per N steps, final), prunes old ones, and keeps the resumable state."""
+
+    def __init__(self, cfg: Config, output_dir: Path, network, meta: dict[str, str], files: list[str]):
+        self.cfg, self.dir, self.network, self.meta = cfg, output_dir, network, meta
+        self.dtype = SAVE_DTYPES[cfg.output.save_dtype]
+        self.files = list(files)  # intermediate files written so far, oldest first
+
+    def lora(self, path: Path, epoch: int, step: int) -> Path:
+        save_lora(path, self.network.kohya_state_dict(self.dtype), at_save(self.meta, epoch, step))
+        return path
+
+    def intermediate(self, stem: str, epoch: int, step: int) -> Path:
+        path = self.lora(self.dir / f"{self.cfg.output.name}-{stem}.safetensors", epoch, step)
+        self.files.append(path.name)
+        keep = self.cfg.output.keep_last
+        while keep and len(self.files) > keep:
+            (self.dir / self.files.pop(0)).unlink(missing_ok=True)
+        return path
+
+    def state(self, optimizer, scheduler, scaler, pos: Position) -> None:
+        shape = {"rank": self.cfg.network.rank, "alpha": self.cfg.network.alpha}
+        save_state(self.dir, self.network, optimizer, scheduler, scaler, pos, self.files, shape)
+
+
+def train(cfg: Config, output_dir: str | Path, on_step: Callable[[dict], None] | None = None,
+          resume: str | Path | None = None) -> TrainResult:
+    """Train a LoRA as `cfg` says, writing its files to `output_dir`; `on_step` receives each step's metrics.
+
+    With `resume`, a folder holding a state.pt from an earlier run of the same config, training goes on
+    from where that run stopped and ends with the same files an uninterrupted run writes.
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    state = _load_resume(resume, cfg) if resume else None
     device = pick_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
-    started_at = time.time()
-    sd, model_cfg, network, encoded, items = prepare_run(cfg, device)
-    unet = sd.unet
-    meta = training_metadata(cfg, model_cfg.family, items, started_at)
-    plan = Plan(len(items), cfg.dataset.repeats, cfg.train.batch_size, cfg.train.epochs)
+    sd, model_cfg, network, cache = prepare_run(cfg, device)
+    unet, tc = sd.unet, cfg.train
+    unet.gradient_checkpointing = tc.gradient_checkpointing
+    amp = AMP_DTYPES.get(tc.mixed_precision)
+    if amp is not None:
+        unet.to(amp)  # frozen weights in half precision; the LoRA parameters stay fp32
+        for p in network.parameters():
+            p.data = p.data.float()
+    meta = training_metadata(cfg, model_cfg.family, cache.dataset, time.time())
+    plan = Plan(cache.dataset, tc.batch_size, tc.epochs, tc.gradient_accumulation_steps)
+    print(cache.describe(), flush=True)
     print(plan.describe(), flush=True)
 
-    params = network.parameters()
-    opt = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+    opt = build_optimizer(tc.optimizer, network.parameters(), tc.learning_rate, tc.weight_decay,
+                          betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon, **tc.optimizer_args)
+    sched = build_schedule(tc.lr_scheduler, opt, plan.total_steps, tc.lr_warmup_steps, tc.lr_scheduler_num_cycles)
+    scaler = torch.amp.GradScaler(device.type, enabled=tc.mixed_precision == "fp16")
     ac = diffusion.scaled_linear_alphas_cumprod()
-    g = torch.Generator().manual_seed(cfg.train.seed)  # CPU generator: the same draws on any device
-    save_dtype = SAVE_DTYPES[cfg.output.save_dtype]
+    g = torch.Generator().manual_seed(tc.seed)  # CPU generator: the same draws on any device
+    pos = Position(1, 0, 0, g.get_state())
+    saver = Saver(cfg, output_dir, network, meta, state["files"] if state else [])
+    if state:
+        restore_network(network, state)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        pos = Position(state["epoch"], state["batch"], state["step"], state["generator"])
+        g.set_state(pos.generator)
+        print(f"resuming at epoch {pos.epoch}, step {pos.step} of {plan.total_steps}", flush=True)
     result = TrainResult(output_dir, output_dir / f"{cfg.output.name}.safetensors")
-    step = 0
-    with open(output_dir / "metrics.jsonl", "w") as log, tqdm(total=plan.total_steps, unit="step", dynamic_ncols=True) as bar:
-        for epoch in range(1, plan.epochs + 1):
-            order = torch.randperm(plan.images * plan.repeats, generator=g) % plan.images
-            for index in order.split(plan.batch_size):
-                x0, context, y = encoded.batch(index, device)
-                noise = torch.randn(x0.shape, generator=g).to(device)
-                t = torch.randint(0, len(ac), (len(index),), generator=g).to(device)
-                loss = diffusion.epsilon_loss(unet(diffusion.add_noise(x0, noise, t, ac), t, context, y), noise)
-                loss.backward()
-                opt.step()
+    log = _open_metrics(output_dir / "metrics.jsonl", pos.step)
+    bar = tqdm(total=plan.total_steps, initial=pos.step, unit="step", dynamic_ncols=True)
+    try:
+        for epoch in range(pos.epoch, plan.epochs + 1):
+            micro_losses = []
+            for i, (x0, context, y) in enumerate(cache.batches(epoch, plan.batch_size, tc.seed, skip=pos.batch), start=pos.batch):
+                d = objective.draw(x0, cfg.loss, ac, g)
+                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    pred = unet(d.noisy, d.t, context, y)
+                loss = objective.loss(pred, d, cfg.loss, ac)
+                scaler.scale(loss / plan.accumulation).backward()
+                micro_losses.append(loss.item())  # syncs with the device once per micro-batch
+                if len(micro_losses) < plan.accumulation and i + 1 < plan.batches_per_epoch:
+                    continue  # accumulate gradients over the next micro-batch
+                if tc.max_grad_norm:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(network.parameters(), tc.max_grad_norm)
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
                 opt.zero_grad(set_to_none=True)
-                step += 1
-                record = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": opt.param_groups[0]["lr"]}  # .item() syncs
+                pos = Position(epoch, i + 1, pos.step + 1, g.get_state())
+                record = {"step": pos.step, "epoch": epoch, "loss": sum(micro_losses) / len(micro_losses), "lr": _current_lr(opt)}
+                micro_losses = []
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 result.losses.append(record["loss"])
@@ -138,9 +231,55 @@ def train(cfg: Config, output_dir: str | Path, on_step: Callable[[dict], None] |
                 bar.update()
                 if on_step:
                     on_step(record)
-            if epoch % cfg.output.save_every_n_epochs == 0:
-                path = output_dir / f"{cfg.output.name}-{epoch:06d}.safetensors"
-                save_lora(path, network.kohya_state_dict(save_dtype), at_save(meta, epoch, step))
-                result.epoch_files.append(path)
-    save_lora(result.final, network.kohya_state_dict(save_dtype), at_save(meta, plan.epochs, step))
+                if cfg.output.save_every_n_steps and pos.step % cfg.output.save_every_n_steps == 0 and pos.step < plan.total_steps:
+                    saver.intermediate(f"step{pos.step:08d}", epoch, pos.step)
+                    _save_state(cfg, saver, opt, sched, scaler, pos)
+            pos = Position(epoch + 1, 0, pos.step, g.get_state())
+            every = cfg.output.save_every_n_epochs
+            if every and epoch % every == 0:
+                result.epoch_files.append(saver.intermediate(f"{epoch:06d}", epoch, pos.step))
+            if every and epoch % every == 0 or epoch == plan.epochs:
+                _save_state(cfg, saver, opt, sched, scaler, pos)
+    except KeyboardInterrupt:
+        saver.state(opt, sched, scaler, pos)  # pos is the last optimizer-step boundary
+        bar.close()
+        print(f"\ninterrupted: resumable state saved in {output_dir}; resume with --resume {output_dir}", flush=True)
+        raise
+    finally:
+        log.close()
+        bar.close()
+    print(cache.dataset.report(), flush=True)
+    saver.lora(result.final, plan.epochs, pos.step)
+    result.epoch_files = [output_dir / f for f in saver.files if not f.rsplit("-", 1)[-1].startswith("step")]
     return result
+
+
+def _save_state(cfg: Config, saver: Saver, opt, sched, scaler, pos: Position) -> None:
+    if cfg.output.save_state:
+        saver.state(opt, sched, scaler, pos)
+
+
+def _current_lr(opt: torch.optim.Optimizer) -> float:
+    group = opt.param_groups[0]
+    return group["lr"] * group.get("d", 1.0)  # Prodigy's step is d * lr
+
+
+def _open_metrics(path: Path, step: int):
+    """metrics.jsonl, truncated to the rows up to `step` when resuming so no step appears twice."""
+    rows = []
+    if step and path.exists():
+        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    log = open(path, "w")
+    log.writelines(line + "\n" for line in rows)
+    return log
+
+
+def _load_resume(folder: str | Path, cfg: Config) -> dict:
+    try:
+        state = load_state(Path(folder))
+    except FileNotFoundError as e:
+        raise TrainError(str(e)) from None
+    expected = {"rank": cfg.network.rank, "alpha": cfg.network.alpha}
+    if state["network"] != expected:
+        raise TrainError(f"{folder}: state was trained with network {state['network']}, the config says {expected}")
+    return state

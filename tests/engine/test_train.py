@@ -1,0 +1,109 @@
+"""The end-to-end slice on the bundled demo: it learns, saves what kohya saves, reloads, and repeats."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import models
+from engine import lora
+from engine.config import load_config
+from engine.lora_file import load_network, read_lora
+from engine.train import fixed_eval_loss, prepare_run, train
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "examples" / "demo.toml"
+KOHYA_KEY = re.compile(r"^lora_unet_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The README's demo run, once for the module (fp32 files so reloading is exact)."""
+    out = tmp_path_factory.mktemp("demo")
+    cfg = load_config(DEMO, ["output.save_dtype=fp32", f"dataset.cache_dir='{out / 'cache'}'"])
+    return cfg, train(cfg, out)
+
+
+def test_demo_learns_on_a_fixed_evaluation_set(demo_run):
+    # Same images, timesteps and noise before and after: a drop here is learning, not a different draw.
+    cfg, result = demo_run
+    sd, _, network, cache = prepare_run(cfg, torch.device("cpu"))
+    network.remove()
+    before = fixed_eval_loss(sd.unet, cache)
+    load_network(sd.unet, result.final)
+    after = fixed_eval_loss(sd.unet, cache)
+    assert after <= 0.85 * before, f"eval loss {before:.4f} -> {after:.4f}: less than a 15% drop"
+
+
+def test_demo_writes_epoch_files_final_file_and_metrics(demo_run):
+    cfg, result = demo_run
+    names = sorted(p.name for p in result.output_dir.glob("*.safetensors"))
+    assert names == [f"demo-{e:06d}.safetensors" for e in range(1, cfg.train.epochs + 1)] + ["demo.safetensors"]
+    rows = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = 12 * cfg.dataset.repeats // cfg.train.batch_size * cfg.train.epochs  # the demo is all one 128x128 bucket
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert {r["epoch"] for r in rows} == set(range(1, cfg.train.epochs + 1))
+    assert all(set(r) == {"step", "epoch", "loss", "lr"} and r["loss"] > 0 for r in rows)
+
+
+def test_saved_keys_follow_the_kohya_layout(demo_run):
+    cfg, result = demo_run
+    tensors, meta = read_lora(result.final)
+    assert all(KOHYA_KEY.match(k) for k in tensors), [k for k in tensors if not KOHYA_KEY.match(k)][:3]
+    modules = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in tensors}
+    sd = models.build("tiny-sdxl", seed=0)
+    assert modules == {lora.kohya_name("lora_unet_", p) for p in lora.attention_targets(sd.unet)}
+    for m in modules:
+        assert tensors[f"{m}.alpha"].ndim == 0 and tensors[f"{m}.alpha"].item() == cfg.network.alpha
+        assert tensors[f"{m}.lora_down.weight"].shape[0] == cfg.network.rank == tensors[f"{m}.lora_up.weight"].shape[1]
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert meta["ss_network_dim"] == "8" and float(meta["ss_network_alpha"]) == 8.0
+    assert json.loads(meta["ss_tag_frequency"])["demo"]["gssdemo"] == 12
+
+
+def test_reloaded_lora_reproduces_the_trained_model(demo_run):
+    cfg, result = demo_run
+    sd, _, network, cache = prepare_run(cfg, torch.device("cpu"))
+    network.remove()
+    g = torch.Generator().manual_seed(7)
+    _, context, y = next(cache.fixed_batches(2))
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    t = torch.tensor([100, 700])
+    base = sd.unet(x, t, context, y)
+    # The trained network as the trainer holds it: put the final weights into a fresh injection by hand.
+    tensors, _ = read_lora(result.final)
+    trained = lora.inject(sd.unet, lora.attention_targets(sd.unet), "lora_unet_", cfg.network.rank, cfg.network.alpha)
+    for name, m in trained.modules.items():
+        m.lora_down.data.copy_(tensors[f"{name}.lora_down.weight"])
+        m.lora_up.data.copy_(tensors[f"{name}.lora_up.weight"])
+    expected = sd.unet(x, t, context, y)
+    trained.remove()
+    assert torch.equal(sd.unet(x, t, context, y), base)  # removal restores the base model exactly
+    fresh = models.build("tiny-sdxl", seed=cfg.model.seed)
+    load_network(fresh.unet, result.final)
+    got = fresh.unet(x, t, context, y)
+    assert not torch.allclose(got, base, atol=1e-4)  # the LoRA changes the output ...
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)  # ... exactly as trained
+
+
+def test_zero_initialised_lora_leaves_the_unet_unchanged():
+    sd = models.build("tiny-sdxl", seed=0)
+    g = torch.Generator().manual_seed(3)
+    x, context, y = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 96, generator=g), torch.randn(2, 1600, generator=g)
+    t = torch.tensor([5, 900])
+    before = sd.unet(x, t, context, y)
+    network = lora.inject(sd.unet, lora.attention_targets(sd.unet), "lora_unet_", rank=4, alpha=1)
+    assert torch.equal(sd.unet(x, t, context, y), before)
+    assert all(m.lora_down.abs().sum() > 0 for m in network.modules.values())  # only up is zero
+
+
+def test_same_seed_gives_identical_tensors(tmp_path):
+    overrides = ["train.epochs=1", "dataset.repeats=1", "output.save_dtype=fp32", f"dataset.cache_dir='{tmp_path / 'cache'}'"]
+    cfg = load_config(DEMO, overrides)
+    a = read_lora(train(cfg, tmp_path / "a").final)[0]
+    b = read_lora(train(cfg, tmp_path / "b").final)[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    c = read_lora(train(load_config(DEMO, overrides + ["train.seed=7"]), tmp_path / "c").final)[0]
+    assert any(not torch.equal(a[k], c[k]) for k in a if k.endswith("up.weight"))  # the seed matters
