@@ -2,10 +2,11 @@
 
 `inject` replaces each targeted nn.Linear (or nn.Conv2d, LoCon) by a LoRA module that keeps the frozen
 base module inside it; `LoRANetwork.remove` puts the base modules back. Module names follow kohya's
-layout (`lora_unet_` + module path with `.` replaced by `_`), which every consumer reads.
+layout (`lora_unet_` + module path with `.` replaced by `_`), which every consumer reads: for SDXL the
+original UNet path, for SD 1.x/2.x the diffusers path (`unet_kohya_names`).
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -79,24 +80,120 @@ def attention_targets(unet: nn.Module) -> list[str]:
     return names
 
 
+def locon_targets(unet: nn.Module) -> list[str]:
+    """Kohya's LoCon additions: every Linear and Conv2d of the res blocks, downsamplers and upsamplers.
+
+    That is in_layers.2, emb_layers.1, out_layers.3, skip_connection (where it is a conv), `op` and `conv`:
+    66 modules in SDXL's UNet. 3x3 convs take kohya's conv rank, the rest its linear rank.
+    """
+    from models.unet import Downsample, ResBlock, Upsample
+
+    names = []
+    for path, module in unet.named_modules():
+        if isinstance(module, (ResBlock, Downsample, Upsample)):
+            names += [f"{path}.{sub}" for sub, child in module.named_modules() if isinstance(child, (nn.Linear, nn.Conv2d))]
+    return names
+
+
+def unet_kohya_names(unet: nn.Module, paths: list[str]) -> dict[str, str]:
+    """Module path -> kohya name as kohya writes it: SDXL by the original path, SD 1.x/2.x by the diffusers path."""
+    if unet.cfg.adm_in_channels is not None:
+        return {p: kohya_name("lora_unet_", p) for p in paths}
+    to_diffusers = original_to_diffusers_paths(unet.cfg)
+    return {p: kohya_name("lora_unet_", to_diffusers[p]) for p in paths}
+
+
+def original_to_diffusers_paths(cfg) -> dict[str, str]:
+    """Original UNet module path -> diffusers module path, for every Linear/Conv2d of a UNet built from UNetConfig `cfg`.
+
+    Derived from models/diffusers_format.py's renames (the project's one mapping between the layouts): every
+    diffusers path this shape can have goes through `unet_from_diffusers`, its index riding in the ref's shape.
+    """
+    from models.diffusers_format import unet_from_diffusers
+    from models.files import TensorRef
+
+    unet = _meta_unet(cfg)
+    original = {n for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    candidates = _diffusers_module_paths(cfg, unet)
+    refs = {f"{c}.weight": TensorRef((i,), torch.float32, lambda: None) for i, c in enumerate(candidates)}
+    out = {}
+    for key, ref in unet_from_diffusers(refs, "LoRA module names").items():
+        path = key.removeprefix("model.diffusion_model.").removesuffix(".weight")
+        if path in original:
+            out[path] = candidates[ref.shape[0]]
+    missing = original - set(out)
+    assert not missing, f"no diffusers name for {sorted(missing)[:3]}"
+    return out
+
+
+def _meta_unet(ucfg) -> nn.Module:
+    from models.unet import UNet
+
+    with torch.device("meta"):
+        return UNet(ucfg)
+
+
+def _diffusers_module_paths(cfg, unet: nn.Module) -> list[str]:
+    """The Linear/Conv2d paths a diffusers UNet of this shape can have; those it lacks are filtered by the caller."""
+    from models.diffusers_format import RESNET, UNET_FIXED
+
+    levels, nrb = len(cfg.channel_mult), cfg.num_res_blocks
+    tails = sorted({sub for m in unet.modules() if hasattr(m, "transformer_blocks")
+                    for sub, c in m.named_modules() if isinstance(c, (nn.Linear, nn.Conv2d))})
+    down = [(f"down_blocks.{lv}", i, cfg.transformer_depth[lv] > 0) for lv in range(levels) for i in range(nrb)]
+    up = [(f"up_blocks.{u}", i, cfg.transformer_depth[levels - 1 - u] > 0) for u in range(levels) for i in range(nrb + 1)]
+    paths = [f"{b}.resnets.{i}.{r}" for b, i, _ in down + up for r in RESNET]
+    paths += [f"{b}.attentions.{i}.{t}" for b, i, attn in down + up if attn for t in tails]
+    paths += [f"mid_block.resnets.{i}.{r}" for i in range(2) for r in RESNET]
+    paths += [f"mid_block.attentions.0.{t}" for t in tails]
+    paths += [f"down_blocks.{lv}.downsamplers.0.conv" for lv in range(levels - 1)]
+    paths += [f"up_blocks.{u}.upsamplers.0.conv" for u in range(levels - 1)]
+    return paths + [k.rstrip(".") for k in UNET_FIXED]
+
+
 def kohya_name(prefix: str, path: str) -> str:
     """`lora_unet_` + `input_blocks.4.1.transformer_blocks.0.attn1.to_q` -> `lora_unet_input_blocks_4_1_..._to_q`."""
     return prefix + path.replace(".", "_")
 
 
+def block_of(path: str) -> str:
+    """The UNet block a module path sits in: `input_blocks.4`, `middle_block`, `output_blocks.0`, else its first part."""
+    parts = path.split(".")
+    return ".".join(parts[:2]) if parts[0] in ("input_blocks", "output_blocks") else parts[0]
+
+
 @dataclass
 class LoRANetwork:
-    """The injected LoRA modules of one model, by kohya name, with where each one sits."""
+    """The injected LoRA modules of one model, by kohya name, with where each one sits.
+
+    Each module's effective strength is the network multiplier times the weight of its block (`block_of`),
+    so `set_block_weights({"input_blocks.4": 0, "middle_block": 0.5})` mutes or tempers parts at inference.
+    """
 
     modules: dict[str, nn.Module]
     paths: dict[str, tuple[nn.Module, str, str]]  # kohya name -> (root, module path, child attribute)
+    multiplier: float = 1.0
+    block_weights: dict[str, float] = field(default_factory=dict)
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for m in self.modules.values() for p in (m.lora_down, m.lora_up)]
 
     def set_multiplier(self, multiplier: float) -> None:
-        for m in self.modules.values():
-            m.multiplier = multiplier
+        self.multiplier = multiplier
+        self._apply_strengths()
+
+    def set_block_weights(self, weights: dict[str, float]) -> None:
+        """Per-block factors on top of the multiplier; blocks not named keep 1. Unknown block names are an error."""
+        blocks = {block_of(path) for _, path, _ in self.paths.values()}
+        unknown = sorted(set(weights) - blocks)
+        if unknown:
+            raise ValueError(f"block {unknown[0]!r} holds no LoRA module; blocks: {', '.join(sorted(blocks))}")
+        self.block_weights = dict(weights)
+        self._apply_strengths()
+
+    def _apply_strengths(self) -> None:
+        for name, m in self.modules.items():
+            m.multiplier = self.multiplier * self.block_weights.get(block_of(self.paths[name][1]), 1.0)
 
     def kohya_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         out = {}
@@ -115,8 +212,12 @@ class LoRANetwork:
         self.paths.clear()
 
 
-def inject(root: nn.Module, paths: list[str], prefix: str, rank: int | dict[str, int], alpha: float | dict[str, float]) -> LoRANetwork:
-    """Swap each module at `paths` (relative to `root`) for its LoRA module; rank/alpha may be per kohya name."""
+def inject(root: nn.Module, paths: list[str], prefix: str, rank: int | dict[str, int], alpha: float | dict[str, float],
+           names: dict[str, str] | None = None) -> LoRANetwork:
+    """Swap each module at `paths` (relative to `root`) for its LoRA module; rank/alpha may be per kohya name.
+
+    names: module path -> kohya name where it is not `kohya_name(prefix, path)` (SD 1.x: `unet_kohya_names`).
+    """
     modules, where = {}, {}
     for path in paths:
         parent_path, _, attr = path.rpartition(".")
@@ -124,7 +225,7 @@ def inject(root: nn.Module, paths: list[str], prefix: str, rank: int | dict[str,
         base = getattr(parent, attr)
         if isinstance(base, LORA_TYPES):
             raise ValueError(f"{path} already carries a LoRA module")
-        name = kohya_name(prefix, path)
+        name = names[path] if names else kohya_name(prefix, path)
         r = rank[name] if isinstance(rank, dict) else rank
         a = alpha[name] if isinstance(alpha, dict) else alpha
         wrapper = LoRALinear(base, r, a) if isinstance(base, nn.Linear) else LoRAConv2d(base, r, a)

@@ -75,29 +75,27 @@ def group_modules(tensors: dict[str, torch.Tensor], path: str | Path = "") -> di
 
 
 def load_network(unet, path: str | Path, prefix: str = "lora_unet_", multiplier: float = 1.0):
-    """Inject the LoRA modules of a kohya file into `unet` with the file's ranks, alphas and weights.
+    """Inject the UNet modules of a LoRA file (kohya, diffusers/PEFT or ComfyUI layout, LoCon included) into `unet`
+    with the file's ranks, alphas and weights; the network's kohya names are those kohya writes for this UNet.
 
-    Module names are matched against the UNet's attention targets; a key that names no such module is an
-    error naming it, so a file for another architecture never half-loads.
+    A key that names nothing in this UNet is an error naming it, so a file for another architecture never
+    half-loads. Text-encoder modules are not applied here (`lora_tools.merge` applies them); `prefix` is kept
+    for callers of the kohya-only version and must be `lora_unet_`.
     """
-    from engine import lora
+    from engine import lora, lora_convert
 
-    tensors, _ = read_lora(path)
-    groups = group_modules(tensors, path)
-    by_name = {lora.kohya_name(prefix, p): p for p in lora.attention_targets(unet)}
-    unknown = sorted(n for n in groups if n not in by_name)
-    if unknown:
-        raise LoRAFileError(f"{path}: {len(unknown)} modules not in this model, first: {unknown[0]}")
-    names = sorted(groups)
-    network = lora.inject(unet, [by_name[n] for n in names], prefix,
-                          rank={n: groups[n]["down"].shape[0] for n in names},
-                          alpha={n: float(groups[n]["alpha"]) for n in names})
-    for n in names:
-        m = network.modules[n]
-        for part, param in (("down", m.lora_down), ("up", m.lora_up)):
-            if groups[n][part].shape != param.shape:
-                network.remove()
-                raise LoRAFileError(f"{path}: {n} {part} has shape {tuple(groups[n][part].shape)}, the model needs {tuple(param.shape)}")
-            param.data.copy_(groups[n][part].float())
+    if prefix != "lora_unet_":
+        raise LoRAFileError(f"{path}: load_network places UNet modules only (prefix lora_unet_, not {prefix})")
+    lo = lora_convert.require_placed(path, lora_convert.read(path, unet.cfg))
+    placed = lora_convert.unet_modules(lo)
+    if not placed:
+        raise LoRAFileError(f"{path}: no UNet modules")
+    names = {unet_path: name for name, (unet_path, _) in placed.items()}
+    network = lora.inject(unet, list(names), prefix, rank={n: m.rank for n, (_, m) in placed.items()},
+                          alpha={n: m.alpha for n, (_, m) in placed.items()}, names=names)
+    with torch.no_grad():
+        for name, (_, m) in placed.items():
+            network.modules[name].lora_down.copy_(m.down)
+            network.modules[name].lora_up.copy_(m.up)
     network.set_multiplier(multiplier)
     return network
