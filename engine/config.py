@@ -44,6 +44,8 @@ class DatasetSection:
 class NetworkSection:
     rank: int = 16  # LoRA dim
     alpha: float = 16.0  # scale = alpha / rank
+    conv_rank: int = 0  # LoCon: also the res-block, down- and upsampler convs (3x3 at this rank); 0 = off
+    conv_alpha: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -203,6 +205,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         (cfg.dataset.repeats >= 0, "dataset.repeats must be 0 (from N_name folders) or more"),
         (0 <= cfg.dataset.caption_dropout_rate <= 1, "dataset.caption_dropout_rate must be within [0, 1]"),
         (cfg.network.rank >= 1, "network.rank must be at least 1"),
+        (cfg.network.conv_rank >= 0, "network.conv_rank must be 0 (off) or more"),
         (cfg.train.epochs >= 1, "train.epochs must be at least 1"),
         (cfg.train.batch_size >= 1, "train.batch_size must be at least 1"),
         (cfg.output.save_every_n_epochs >= 0 and cfg.output.save_every_n_steps >= 0, "output.save_every_n_* must be 0 or more"),

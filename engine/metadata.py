@@ -32,7 +32,8 @@ def training_metadata(cfg: Config, family: str, dataset: Dataset, started_at: fl
         "ss_network_module": "networks.lora",
         "ss_network_dim": cfg.network.rank,
         "ss_network_alpha": cfg.network.alpha,
-        "ss_network_args": json.dumps({}),
+        "ss_network_args": json.dumps({"conv_dim": str(cfg.network.conv_rank), "conv_alpha": str(cfg.network.conv_alpha)}
+                                      if cfg.network.conv_rank else {}),
         "ss_base_model_version": BASE_MODEL_VERSION[family],
         "ss_v2": family == "sd2",
         "ss_sd_model_name": cfg.model.checkpoint or cfg.model.name,

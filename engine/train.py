@@ -114,8 +114,24 @@ def prepare_run(cfg: Config, device: torch.device):
     sd.eval()
     cache = prepare_cache(sd, tokenizers, dataset, device, cfg.dataset.cache_dir or None)
     cache.release_encoders()  # the VAE (and the text encoders when text is cached) leave the GPU
-    network = lora.inject(sd.unet, lora.attention_targets(sd.unet), "lora_unet_", cfg.network.rank, cfg.network.alpha)
+    network = inject_network(sd.unet, cfg)
     return sd, model_cfg, network, cache
+
+
+def inject_network(unet, cfg: Config) -> lora.LoRANetwork:
+    """LoRA on the transformer linears (kohya's default), plus LoCon on the res-block convs when conv_rank > 0:
+    3x3 convs at conv_rank/conv_alpha, the other LoCon modules at rank/alpha, as kohya's LoCon does."""
+    n = cfg.network
+    paths = lora.attention_targets(unet)
+    conv3x3 = set()
+    if n.conv_rank:
+        locon = lora.locon_targets(unet)
+        conv3x3 = {p for p in locon if getattr(unet.get_submodule(p), "kernel_size", (1, 1)) != (1, 1)}
+        paths += locon
+    names = lora.unet_kohya_names(unet, paths)
+    rank = {names[p]: n.conv_rank if p in conv3x3 else n.rank for p in paths}
+    alpha = {names[p]: n.conv_alpha if p in conv3x3 else n.alpha for p in paths}
+    return lora.inject(unet, paths, "lora_unet_", rank, alpha, names=names)
 
 
 @torch.no_grad()
@@ -154,7 +170,7 @@ class Saver:
         return path
 
     def state(self, optimizer, scheduler, scaler, pos: Position) -> None:
-        shape = {"rank": self.cfg.network.rank, "alpha": self.cfg.network.alpha}
+        shape = _network_shape(self.cfg)
         save_state(self.dir, self.network, optimizer, scheduler, scaler, pos, self.files, shape)
 
 
@@ -274,12 +290,17 @@ def _open_metrics(path: Path, step: int):
     return log
 
 
+def _network_shape(cfg: Config) -> dict:
+    n = cfg.network
+    return {"rank": n.rank, "alpha": n.alpha, "conv_rank": n.conv_rank, "conv_alpha": n.conv_alpha}
+
+
 def _load_resume(folder: str | Path, cfg: Config) -> dict:
     try:
         state = load_state(Path(folder))
     except FileNotFoundError as e:
         raise TrainError(str(e)) from None
-    expected = {"rank": cfg.network.rank, "alpha": cfg.network.alpha}
+    expected = _network_shape(cfg)
     if state["network"] != expected:
         raise TrainError(f"{folder}: state was trained with network {state['network']}, the config says {expected}")
     return state

@@ -10,7 +10,7 @@ import models
 from engine import lora
 from engine.config import load_config
 from engine.lora_file import load_network, read_lora
-from engine.train import fixed_eval_loss, prepare_run, train
+from engine.train import fixed_eval_loss, inject_network, prepare_run, train
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "examples" / "demo.toml"
@@ -52,14 +52,16 @@ def test_saved_keys_follow_the_kohya_layout(demo_run):
     tensors, meta = read_lora(result.final)
     assert all(KOHYA_KEY.match(k) for k in tensors), [k for k in tensors if not KOHYA_KEY.match(k)][:3]
     modules = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in tensors}
-    sd = models.build("tiny-sdxl", seed=0)
-    assert modules == {lora.kohya_name("lora_unet_", p) for p in lora.attention_targets(sd.unet)}
+    unet = models.build("tiny-sdxl", seed=0).unet
+    assert modules == {lora.kohya_name("lora_unet_", p) for p in lora.attention_targets(unet) + lora.locon_targets(unet)}
+    assert "lora_unet_input_blocks_1_0_in_layers_2" in modules  # LoCon (the demo sets conv_rank)
     for m in modules:
         assert tensors[f"{m}.alpha"].ndim == 0 and tensors[f"{m}.alpha"].item() == cfg.network.alpha
         assert tensors[f"{m}.lora_down.weight"].shape[0] == cfg.network.rank == tensors[f"{m}.lora_up.weight"].shape[1]
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     assert meta["ss_network_dim"] == "8" and float(meta["ss_network_alpha"]) == 8.0
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "8", "conv_alpha": "8.0"}
     assert json.loads(meta["ss_tag_frequency"])["demo"]["gssdemo"] == 12
 
 
@@ -74,7 +76,7 @@ def test_reloaded_lora_reproduces_the_trained_model(demo_run):
     base = sd.unet(x, t, context, y)
     # The trained network as the trainer holds it: put the final weights into a fresh injection by hand.
     tensors, _ = read_lora(result.final)
-    trained = lora.inject(sd.unet, lora.attention_targets(sd.unet), "lora_unet_", cfg.network.rank, cfg.network.alpha)
+    trained = inject_network(sd.unet, cfg)
     for name, m in trained.modules.items():
         m.lora_down.data.copy_(tensors[f"{name}.lora_down.weight"])
         m.lora_up.data.copy_(tensors[f"{name}.lora_up.weight"])

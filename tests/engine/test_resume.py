@@ -1,0 +1,82 @@
+"""Saving, resuming and the other optimizers on the demo."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.config import load_config
+from engine.lora_file import load_network, read_lora
+from engine.train import fixed_eval_loss, prepare_run, train
+
+DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo.toml"
+
+
+def small(tmp_path, *extra):
+    # 12 images x 2 repeats / batch 4 = 6 batches, accumulated in pairs: 3 steps per epoch, 6 steps in all
+    return load_config(DEMO, ["train.epochs=2", "dataset.repeats=2", "train.gradient_accumulation_steps=2",
+                              "train.lr_scheduler='cosine'", "train.lr_warmup_steps=1", "output.save_dtype='fp32'",
+                              f"dataset.cache_dir='{tmp_path / 'cache'}'", *extra])
+
+
+def interrupt_at(step):
+    def on_step(record):
+        if record["step"] == step:
+            raise KeyboardInterrupt
+
+    return on_step
+
+
+@pytest.mark.parametrize("stop", [2, 3])  # mid-epoch, and at an epoch's last step (before its save)
+def test_resume_after_interrupt_equals_an_uninterrupted_run(tmp_path, stop):
+    cfg = small(tmp_path)
+    whole = train(cfg, tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", on_step=interrupt_at(stop))
+    assert (tmp_path / "cut" / "state.pt").is_file()
+    resumed = train(cfg, tmp_path / "cut", resume=tmp_path / "cut")
+    a, b = read_lora(whole.final)[0], read_lora(resumed.final)[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed run differs"
+    rows = lambda run: [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    assert rows("cut") == rows("whole")  # every step once, with the same loss and lr
+    epoch_files = sorted(p.name for p in (tmp_path / "cut").glob("demo-0*.safetensors"))
+    assert epoch_files == ["demo-000001.safetensors", "demo-000002.safetensors"]
+
+
+def test_resume_refuses_another_network_shape(tmp_path):
+    cfg = small(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", on_step=interrupt_at(2))
+    from engine.train import TrainError
+
+    with pytest.raises(TrainError, match="state was trained with network"):
+        train(small(tmp_path, "network.rank=4"), tmp_path / "cut", resume=tmp_path / "cut")
+
+
+def test_step_saves_and_keep_last(tmp_path):
+    cfg = small(tmp_path, "output.save_every_n_steps=1", "output.keep_last=2", "output.save_every_n_epochs=0")
+    result = train(cfg, tmp_path / "run")
+    names = sorted(p.name for p in (tmp_path / "run").glob("*.safetensors"))
+    assert names == ["demo-step00000004.safetensors", "demo-step00000005.safetensors", "demo.safetensors"]
+    assert read_lora(tmp_path / "run" / "demo-step00000005.safetensors")[1]["ss_steps"] == "5"
+    assert result.epoch_files == []
+
+
+def eval_drop(tmp_path, *overrides):
+    cfg = load_config(DEMO, ["train.epochs=1", f"dataset.cache_dir='{tmp_path / 'cache'}'", *overrides])
+    result = train(cfg, tmp_path / overrides[0].split("=")[1].strip("'"))
+    sd, _, network, cache = prepare_run(cfg, torch.device("cpu"))
+    network.remove()
+    before = fixed_eval_loss(sd.unet, cache)
+    load_network(sd.unet, result.final)
+    return 1 - fixed_eval_loss(sd.unet, cache) / before
+
+
+def test_prodigy_and_adamw8bit_reduce_the_loss_like_adamw(tmp_path):
+    # One epoch of the demo (30 steps). Prodigy learns its step size from d0 = 1e-6 and AdamW8bit quantises
+    # its moments, so each must reach at least 60% of AdamW's eval-loss drop (AdamW drops it by about half).
+    adamw = eval_drop(tmp_path, "train.optimizer='adamw'")
+    prodigy = eval_drop(tmp_path, "train.optimizer='prodigy'", "train.learning_rate=1.0")
+    adamw8bit = eval_drop(tmp_path, "train.optimizer='adamw8bit'")
+    assert adamw > 0.3, f"AdamW dropped the eval loss by only {adamw:.1%}"
+    assert prodigy >= 0.6 * adamw and adamw8bit >= 0.6 * adamw, (adamw, prodigy, adamw8bit)
