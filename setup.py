@@ -19,8 +19,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        # diffusers is the reference implementation the parity tests compare against.
-        "test": ["pytest", "pytest-benchmark", "diffusers>=0.30"],
+        # diffusers and transformers are the references the parity tests compare against; peft is what
+        # diffusers' load_lora_weights needs to load our LoRA files in the format tests.
+        "test": ["pytest", "pytest-benchmark", "diffusers>=0.30", "peft"],
     },
     entry_points={"console_scripts": ["gesso=cli:main"]},
 )

@@ -5,7 +5,6 @@ JSON-valued ones (`ss_tag_frequency`, `ss_dataset_dirs`, ...) are valid JSON, an
 what kohya's scripts and AUTOMATIC1111 compute, so the file shows the same hash in every tool.
 """
 import hashlib
-import json
 from pathlib import Path
 
 import torch

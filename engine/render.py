@@ -18,7 +18,8 @@ from PIL.PngImagePlugin import PngInfo
 
 import models
 from engine import diffusion, lora, prompt as prompts, sampling
-from engine.lora_file import LoRAFileError, group_modules, read_lora
+from engine.lora_file import load_network
+from safetensors import safe_open
 from models.loaders import CheckpointError, load_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -82,32 +83,16 @@ def load_pipeline(model: str, model_seed: int = 0, device: str = "cpu", dtype: s
 
 
 def attach_lora(unet: torch.nn.Module, path: Path) -> tuple[lora.LoRANetwork, list[str]]:
-    """Inject a kohya LoRA file's UNet modules with its ranks and alphas and load its weights (multiplier 1).
+    """Load a LoRA file's UNet modules (any layout load_network reads, LoCon included) at multiplier 1.
 
     Returns the network and the file's text-encoder module names, which are not applied.
     """
-    tensors, _ = read_lora(path)
-    groups = group_modules(tensors, path)
-    paths = {lora.kohya_name("lora_unet_", p): p for p in lora.attention_targets(unet)}
-    unet_groups = {n: g for n, g in groups.items() if n.startswith("lora_unet_")}
-    unknown = sorted(n for n in unet_groups if n not in paths)
-    if unknown:
-        raise LoRAFileError(f"{path}: {len(unknown)} modules are not attention targets of this UNet (first: {unknown[0]})")
-    if not unet_groups:
-        raise LoRAFileError(f"{path}: no lora_unet_ modules")
-    ranks = {n: g["down"].shape[0] for n, g in unet_groups.items()}
-    alphas = {n: float(g["alpha"]) for n, g in unet_groups.items()}
-    network = lora.inject(unet, [paths[n] for n in unet_groups], "lora_unet_", ranks, alphas)
-    with torch.no_grad():
-        for name, module in network.modules.items():
-            for part, param in (("down", module.lora_down), ("up", module.lora_up)):
-                t = unet_groups[name][part]
-                if t.numel() != param.numel():
-                    network.remove()
-                    raise LoRAFileError(f"{path}: {name} {part} has shape {tuple(t.shape)}, the model needs {tuple(param.shape)}")
-                param.copy_(t.reshape(param.shape))
-                param.requires_grad_(False)
-    return network, sorted(n for n in groups if n not in unet_groups)
+    network = load_network(unet, path)
+    for p in network.parameters():
+        p.requires_grad_(False)
+    with safe_open(str(path), framework="pt") as f:
+        text_modules = sorted({k.split(".")[0] for k in f.keys() if k.startswith(("lora_te", "text_encoder", "te_", "te1", "te2"))})
+    return network, text_modules
 
 
 def set_lora(pipe: Pipeline, tags: list[prompts.LoraTag]) -> None:

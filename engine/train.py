@@ -228,6 +228,9 @@ def train(cfg: Config, output_dir: str | Path, on_step: Callable[[dict], None] |
                 loss = objective.loss(pred, d, cfg.loss, ac)
                 scaler.scale(loss / plan.accumulation).backward()
                 micro_losses.append(loss.item())  # syncs with the device once per micro-batch
+                if not math.isfinite(micro_losses[-1]):
+                    raise TrainError(f"loss is {micro_losses[-1]} at step {pos.step + 1} (epoch {epoch}): the weights diverged; "
+                                     "lower train.learning_rate (Prodigy: optimizer_args d_coef), or use mixed_precision = bf16 instead of fp16")
                 if len(micro_losses) < plan.accumulation and i + 1 < plan.batches_per_epoch:
                     continue  # accumulate gradients over the next micro-batch
                 if tc.max_grad_norm:

@@ -63,7 +63,7 @@ def test_step_saves_and_keep_last(tmp_path):
 
 
 def eval_drop(tmp_path, *overrides):
-    cfg = load_config(DEMO, ["train.epochs=1", f"dataset.cache_dir='{tmp_path / 'cache'}'", *overrides])
+    cfg = load_config(DEMO, ["train.epochs=2", f"dataset.cache_dir='{tmp_path / 'cache'}'", *overrides])
     result = train(cfg, tmp_path / overrides[0].split("=")[1].strip("'"))
     sd, _, network, cache = prepare_run(cfg, torch.device("cpu"))
     network.remove()
@@ -73,10 +73,20 @@ def eval_drop(tmp_path, *overrides):
 
 
 def test_prodigy_and_adamw8bit_reduce_the_loss_like_adamw(tmp_path):
-    # One epoch of the demo (30 steps). Prodigy learns its step size from d0 = 1e-6 and AdamW8bit quantises
-    # its moments, so each must reach at least 60% of AdamW's eval-loss drop (AdamW drops it by about half).
+    # Two epochs of the demo (60 steps). Each must reach at least 60% of AdamW's drop of the fixed-set eval
+    # loss (AdamW's is about two thirds). Prodigy learns its step from d0 = 1e-6 and needs ~40 steps to get
+    # there; with d_coef = 1 its distance estimate overshoots on this random model (d ≈ 0.013, then NaN:
+    # measured), so it runs with d_coef = 0.2, the kind of damping artists use on small datasets.
     adamw = eval_drop(tmp_path, "train.optimizer='adamw'")
-    prodigy = eval_drop(tmp_path, "train.optimizer='prodigy'", "train.learning_rate=1.0")
+    prodigy = eval_drop(tmp_path, "train.optimizer='prodigy'", "train.learning_rate=1.0", "train.optimizer_args={d_coef=0.2}")
     adamw8bit = eval_drop(tmp_path, "train.optimizer='adamw8bit'")
-    assert adamw > 0.3, f"AdamW dropped the eval loss by only {adamw:.1%}"
+    assert adamw > 0.4, f"AdamW dropped the eval loss by only {adamw:.1%}"
     assert prodigy >= 0.6 * adamw and adamw8bit >= 0.6 * adamw, (adamw, prodigy, adamw8bit)
+
+
+def test_divergence_stops_with_a_clear_error(tmp_path):
+    from engine.train import TrainError
+
+    cfg = load_config(DEMO, ["train.epochs=1", "train.learning_rate=1e6", "train.max_grad_norm=0", f"dataset.cache_dir='{tmp_path / 'c'}'"])
+    with pytest.raises(TrainError, match=r"loss is (nan|inf) at step \d+ .*lower train.learning_rate"):
+        train(cfg, tmp_path / "run")
