@@ -15,8 +15,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from engine.train import train
 
     cfg = load_config(args.config, args.set)
-    output_dir = Path(args.output_dir or cfg.output.dir or Path("output") / cfg.output.name)
-    result = train(cfg, output_dir)
+    output_dir = Path(args.output_dir or args.resume or cfg.output.dir or Path("output") / cfg.output.name)
+    result = train(cfg, output_dir, resume=args.resume)
     print(f"saved {result.final} ({len(result.epoch_files)} epoch files, metrics in {output_dir / 'metrics.jsonl'})")
     return 0
 
@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="path to the TOML config (see examples/demo.toml)")
     p.add_argument("--output-dir", help="where the LoRA files and metrics.jsonl go (default: output.dir, else output/<output.name>)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key; repeatable")
+    p.add_argument("--resume", metavar="DIR", help="go on from the state.pt an earlier (interrupted) run left in DIR; "
+                                                   "the output goes to DIR unless --output-dir says otherwise")
     p.set_defaults(run=cmd_train)
     p = sub.add_parser("inspect", help="what a checkpoint or LoRA file holds (reads only the header)",
                        description="Detected architecture, parameter counts and dtypes, missing or unexpected keys; for a LoRA, "
