@@ -17,6 +17,7 @@ setup(
         "numpy",
         "Pillow",
         "tqdm",
+        "tensorboardX",  # TensorBoard event files without TensorFlow or the tensorboard server package
     ],
     extras_require={
         # diffusers and transformers are the references the parity tests compare against; peft is what

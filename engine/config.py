@@ -92,6 +92,18 @@ class OutputSection:
     save_every_n_steps: int = 0  # 0: no per-step files
     keep_last: int = 0  # keep only the newest K intermediate files; 0 keeps all
     save_state: bool = True  # write a resumable state (state.pt) at every save
+    tensorboard: bool = True  # TensorBoard scalars in <output>/tensorboard
+
+
+@dataclass(frozen=True)
+class SampleSection:
+    prompts: list = field(default_factory=list)  # preview prompts (A1111 syntax); empty: no previews
+    negative_prompt: str = ""
+    every_n_epochs: int = 1  # previews after every N epochs (when prompts are set); 0: none
+    sampler: str = "euler"  # euler, euler_a, dpmpp_2m_karras, ddim
+    steps: int = 20
+    cfg_scale: float = 6.0
+    seed: int = 42  # seed of the first preview; prompt i uses seed + i
 
 
 @dataclass(frozen=True)
@@ -101,6 +113,7 @@ class Config:
     network: NetworkSection = field(default_factory=NetworkSection)
     train: TrainSection = field(default_factory=TrainSection)
     loss: LossSection = field(default_factory=LossSection)
+    sample: SampleSection = field(default_factory=SampleSection)
     output: OutputSection = field(default_factory=OutputSection)
 
 
@@ -111,6 +124,7 @@ CHOICES = {
     ("train", "mixed_precision"): ("no", "bf16", "fp16"),
     ("loss", "prediction"): ("epsilon", "v_prediction"),
     ("loss", "loss_type"): ("l2", "huber"),
+    ("sample", "sampler"): ("euler", "euler_a", "dpmpp_2m_karras", "ddim"),
     ("output", "save_dtype"): ("fp16", "bf16", "fp32"),
 }
 
@@ -206,6 +220,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         (0 <= cfg.dataset.caption_dropout_rate <= 1, "dataset.caption_dropout_rate must be within [0, 1]"),
         (cfg.network.rank >= 1, "network.rank must be at least 1"),
         (cfg.network.conv_rank >= 0, "network.conv_rank must be 0 (off) or more"),
+        (all(isinstance(p, str) for p in cfg.sample.prompts), "sample.prompts must be a list of strings"),
+        (cfg.sample.every_n_epochs >= 0 and cfg.sample.steps >= 1, "sample.every_n_epochs >= 0 and sample.steps >= 1"),
         (cfg.train.epochs >= 1, "train.epochs must be at least 1"),
         (cfg.train.batch_size >= 1, "train.batch_size must be at least 1"),
         (cfg.output.save_every_n_epochs >= 0 and cfg.output.save_every_n_steps >= 0, "output.save_every_n_* must be 0 or more"),

@@ -1,5 +1,4 @@
 """The training loop: cache the dataset, inject LoRA into the UNet, optimise the diffusion loss."""
-import json
 import math
 import time
 from collections.abc import Callable
@@ -11,6 +10,8 @@ from tqdm import tqdm
 
 import models
 from engine import diffusion, lora, objective
+from engine.logs import RunLog, peak_memory_gib
+from engine.preview import render_previews
 from engine.cache import Cache, prepare_cache
 from engine.data import Dataset, DatasetOptions, Subset, build_dataset
 from engine.config import Config
@@ -216,8 +217,8 @@ def train(cfg: Config, output_dir: str | Path, on_step: Callable[[dict], None] |
         g.set_state(pos.generator)
         print(f"resuming at epoch {pos.epoch}, step {pos.step} of {plan.total_steps}", flush=True)
     result = TrainResult(output_dir, output_dir / f"{cfg.output.name}.safetensors")
-    log = _open_metrics(output_dir / "metrics.jsonl", pos.step)
-    bar = tqdm(total=plan.total_steps, initial=pos.step, unit="step", dynamic_ncols=True)
+    log = RunLog(output_dir, pos.step, cfg.output.tensorboard, device)
+    bar = tqdm(total=plan.total_steps, initial=pos.step, unit="step", dynamic_ncols=True)  # shows it/s and ETA
     try:
         for epoch in range(pos.epoch, plan.epochs + 1):
             micro_losses = []
@@ -243,10 +244,10 @@ def train(cfg: Config, output_dir: str | Path, on_step: Callable[[dict], None] |
                 pos = Position(epoch, i + 1, pos.step + 1, g.get_state())
                 record = {"step": pos.step, "epoch": epoch, "loss": sum(micro_losses) / len(micro_losses), "lr": _current_lr(opt)}
                 micro_losses = []
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+                log.step(record)
                 result.losses.append(record["loss"])
-                bar.set_postfix(loss=f"{record['loss']:.4f}", epoch=epoch)
+                peak = peak_memory_gib(device)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", epoch=epoch, **({"peak_mem": f"{peak:.2f}G"} if peak is not None else {}))
                 bar.update()
                 if on_step:
                     on_step(record)
@@ -259,6 +260,8 @@ def train(cfg: Config, output_dir: str | Path, on_step: Callable[[dict], None] |
                 result.epoch_files.append(saver.intermediate(f"{epoch:06d}", epoch, pos.step))
             if every and epoch % every == 0 or epoch == plan.epochs:
                 _save_state(cfg, saver, opt, sched, scaler, pos)
+            if cfg.sample.prompts and cfg.sample.every_n_epochs and epoch % cfg.sample.every_n_epochs == 0:
+                render_previews(sd, cache.tokenizers, cfg, output_dir / "samples", epoch, device)
     except KeyboardInterrupt:
         saver.state(opt, sched, scaler, pos)  # pos is the last optimizer-step boundary
         bar.close()
@@ -281,16 +284,6 @@ def _save_state(cfg: Config, saver: Saver, opt, sched, scaler, pos: Position) ->
 def _current_lr(opt: torch.optim.Optimizer) -> float:
     group = opt.param_groups[0]
     return group["lr"] * group.get("d", 1.0)  # Prodigy's step is d * lr
-
-
-def _open_metrics(path: Path, step: int):
-    """metrics.jsonl, truncated to the rows up to `step` when resuming so no step appears twice."""
-    rows = []
-    if step and path.exists():
-        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    log = open(path, "w")
-    log.writelines(line + "\n" for line in rows)
-    return log
 
 
 def _network_shape(cfg: Config) -> dict:

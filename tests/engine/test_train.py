@@ -47,6 +47,29 @@ def test_demo_writes_epoch_files_final_file_and_metrics(demo_run):
     assert all(set(r) == {"step", "epoch", "loss", "lr"} and r["loss"] > 0 for r in rows)
 
 
+def test_demo_writes_previews_and_tensorboard_scalars(demo_run):
+    from PIL import Image
+    from tensorboardX.proto import event_pb2  # reads back what SummaryWriter wrote
+
+    cfg, result = demo_run
+    previews = sorted(p.name for p in (result.output_dir / "samples").glob("*.png"))
+    assert previews == ["demo-e000002-00.png", "demo-e000004-00.png"]  # sample.every_n_epochs = 2
+    image = Image.open(result.output_dir / "samples" / previews[-1])
+    assert image.size == (128, 128) and image.text["parameters"].startswith(cfg.sample.prompts[0])
+    tags = {}
+    for path in (result.output_dir / "tensorboard").glob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):  # TFRecord: length, crc, payload, crc
+            n = int.from_bytes(data[offset:offset + 8], "little")
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + n])
+            for v in event.summary.value:
+                tags.setdefault(v.tag, []).append(event.step)
+            offset += 16 + n
+    steps = len(result.losses)
+    assert tags["loss"] == tags["lr"] == tags["it_per_s"] == list(range(1, steps + 1))
+
+
 def test_saved_keys_follow_the_kohya_layout(demo_run):
     cfg, result = demo_run
     tensors, meta = read_lora(result.final)
