@@ -132,3 +132,18 @@ def test_same_seed_gives_identical_tensors(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     c = read_lora(train(load_config(DEMO, overrides + ["train.seed=7"]), tmp_path / "c").final)[0]
     assert any(not torch.equal(a[k], c[k]) for k in a if k.endswith("up.weight"))  # the seed matters
+
+
+def test_training_from_a_checkpoint_file_equals_training_the_built_in_model(tmp_path):
+    # model.checkpoint takes a single file: the tiny model saved in the original layout trains exactly like
+    # the built-in model it came from (same weights, same seed, same files).
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in models.build("tiny-sdxl", seed=0).state_dict().items()}
+    save_file(state, tmp_path / "tiny.safetensors")
+    overrides = ["train.epochs=1", "dataset.repeats=1", "output.save_dtype=fp32", "sample.prompts=[]",
+                 f"dataset.cache_dir='{tmp_path / 'cache'}'"]
+    built_in = read_lora(train(load_config(DEMO, overrides), tmp_path / "a").final)
+    from_file = read_lora(train(load_config(DEMO, overrides + [f"model.checkpoint='{tmp_path / 'tiny.safetensors'}'"]), tmp_path / "b").final)
+    assert built_in[0].keys() == from_file[0].keys() and all(torch.equal(built_in[0][k], from_file[0][k]) for k in built_in[0])
+    assert from_file[1]["ss_sd_model_name"].endswith("tiny.safetensors")
