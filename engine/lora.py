@@ -34,7 +34,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         down, up = self.lora_down.to(x.dtype), self.lora_up.to(x.dtype)
-        return lora_linear(x, self.base.weight, self.base.bias, down, up, self.scale)
+        base = self.base  # nn.Linear, or engine.fp8.FP8Linear: fp8 weight with a per-channel scale (out,)
+        return lora_linear(x, base.weight, base.bias, down, up, self.scale, weight_scale=getattr(base, "weight_scale", None))
 
 
 class LoRAConv2d(nn.Module):
