@@ -66,6 +66,7 @@ class TrainSection:
     max_grad_norm: float = 1.0  # 0 disables gradient clipping
     mixed_precision: str = "no"  # no, bf16, fp16 (with loss scaling)
     gradient_checkpointing: bool = False
+    fp8_base: bool = False  # store the frozen UNet weights in fp8 (e4m3, per-channel scale): half of bf16's memory
     seed: int = 42  # seeds data order, timesteps and noise
     device: str = "auto"  # auto (cuda when present), cpu, cuda
 

@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 import models
-from engine import diffusion, lora, objective
+from engine import diffusion, fp8, lora, objective
 from engine.logs import RunLog, peak_memory_gib
 from engine.preview import render_previews
 from engine.cache import Cache, prepare_cache
@@ -116,6 +116,8 @@ def prepare_run(cfg: Config, device: torch.device):
     cache = prepare_cache(sd, tokenizers, dataset, device, cfg.dataset.cache_dir or None)
     cache.release_encoders()  # the VAE (and the text encoders when text is cached) leave the GPU
     network = inject_network(sd.unet, cfg)
+    if cfg.train.fp8_base:
+        fp8.quantize_frozen(sd.unet)  # after injection: the LoRA bases become fp8 too, the LoRA weights never
     return sd, model_cfg, network, cache
 
 
