@@ -1,20 +1,10 @@
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import models
 from engine.data import DatasetOptions
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The tiny model's convolutions take microseconds: a second intra-op thread only adds synchronisation.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,6 @@ from engine import fp8, lora
 FP8_TYPES = (fp8.FP8Linear, fp8.FP8Conv2d)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes: one thread, which cannot stall in OpenMP waits when other processes share the cores
-    (measured on 2 busy cores: 14 s per tiny-UNet forward with 2 threads, 0.1 s with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _lora_unet(seed=0):
     """The tiny SDXL UNet, frozen, with LoRA on the attention and LoCon targets (ups random so every grad is non-zero)."""
     unet = models.build("tiny-sdxl", seed=seed).unet

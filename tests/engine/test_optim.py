@@ -24,15 +24,6 @@ def case(name, *rest):
 NAMES = [case(name) for name in OPTIMIZERS]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These problems are tiny: a second intra-op thread only adds synchronisation (3x slower on 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 LR = {"adamw": 1e-2, "adamw8bit": 1e-2, "prodigy": 1.0, "adafactor": 1e-2}
 
 

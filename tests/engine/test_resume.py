@@ -76,12 +76,14 @@ def eval_drop(tmp_path, *overrides):
 
 def test_prodigy_and_adamw8bit_reduce_the_loss_like_adamw(tmp_path):
     # Two epochs of the demo (60 steps). Each must reach at least 60% of AdamW's drop of the fixed-set eval
-    # loss (AdamW's is about two thirds). Prodigy learns its step from d0 = 1e-6 and needs ~40 steps to get
-    # there; with d_coef = 1 its distance estimate overshoots on this random model (d ≈ 0.013, then NaN:
-    # measured), so it runs with d_coef = 0.2, the kind of damping artists use on small datasets.
+    # loss (measured: AdamW 69.7%, Prodigy 72.0%, AdamW8bit with all states 8-bit 69.7%). Prodigy learns its
+    # step from d0 = 1e-6 and needs ~40 steps to get there; with d_coef = 1 its distance estimate overshoots on
+    # this random model (d ≈ 0.013, then NaN: measured), so it runs with d_coef = 0.2, the kind of damping
+    # artists use on small datasets.
     adamw = eval_drop(tmp_path, "train.optimizer='adamw'")
     prodigy = eval_drop(tmp_path, "train.optimizer='prodigy'", "train.learning_rate=1.0", "train.optimizer_args={d_coef=0.2}")
-    adamw8bit = eval_drop(tmp_path, "train.optimizer='adamw8bit'")
+    # min_8bit_size = 0: every state 8-bit (with the default 4096, most of the tiny demo's LoRA tensors stay fp32)
+    adamw8bit = eval_drop(tmp_path, "train.optimizer='adamw8bit'", "train.optimizer_args={min_8bit_size=0}")
     assert adamw > 0.4, f"AdamW dropped the eval loss by only {adamw:.1%}"
     assert prodigy >= 0.6 * adamw and adamw8bit >= 0.6 * adamw, (adamw, prodigy, adamw8bit)
 

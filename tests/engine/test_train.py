@@ -147,3 +147,23 @@ def test_training_from_a_checkpoint_file_equals_training_the_built_in_model(tmp_
     from_file = read_lora(train(load_config(DEMO, overrides + [f"model.checkpoint='{tmp_path / 'tiny.safetensors'}'"]), tmp_path / "b").final)
     assert built_in[0].keys() == from_file[0].keys() and all(torch.equal(built_in[0][k], from_file[0][k]) for k in built_in[0])
     assert from_file[1]["ss_sd_model_name"].endswith("tiny.safetensors")
+
+
+def test_grid_of_three_epochs_by_four_strengths_renders_from_the_demo_run(demo_run):
+    import numpy as np
+    from PIL import Image
+
+    import cli
+
+    _, result = demo_run
+    out = result.output_dir / "grid"
+    rc = cli.main(["grid", "--run", str(result.output_dir), "--prompt", "gssdemo, a red circle", "--x", "epoch=1,2,3",
+                   "--y", "strength=0.25,0.5,0.75,1", "--steps", "4", "--seed", "1", "--out", str(out)])
+    assert rc == 0
+    grids = list(out.glob("xy_grid-*.png"))
+    singles = sorted(p for p in out.glob("*.png") if p not in grids)
+    assert len(grids) == 1 and len(singles) == 12
+    pixels = [np.asarray(Image.open(p)) for p in singles]
+    assert len({p.tobytes() for p in pixels}) == 12  # every epoch and strength renders something different
+    w, h = Image.open(grids[0]).size
+    assert w >= 3 * 128 and h >= 4 * 128
