@@ -259,7 +259,7 @@ def train(cfg: Config, output_dir: str | Path, on_step: Callable[[dict], None] |
             pos = Position(epoch + 1, 0, pos.step, g.get_state())
             every = cfg.output.save_every_n_epochs
             if every and epoch % every == 0:
-                result.epoch_files.append(saver.intermediate(f"{epoch:06d}", epoch, pos.step))
+                saver.intermediate(f"{epoch:06d}", epoch, pos.step)
             if every and epoch % every == 0 or epoch == plan.epochs:
                 _save_state(cfg, saver, opt, sched, scaler, pos)
             if cfg.sample.prompts and cfg.sample.every_n_epochs and epoch % cfg.sample.every_n_epochs == 0:
