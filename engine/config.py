@@ -46,6 +46,7 @@ class NetworkSection:
     alpha: float = 16.0  # scale = alpha / rank
     conv_rank: int = 0  # LoCon: also the res-block, down- and upsampler convs (3x3 at this rank); 0 = off
     conv_alpha: float = 1.0
+    train_text_encoders: bool = False  # LoRA on the text encoders too (lora_te1_/lora_te2_, SD 1.x lora_te_); no text cache
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class TrainSection:
     gradient_accumulation_steps: int = 1
     optimizer: str = "adamw"  # adamw, adamw8bit, prodigy, adafactor
     learning_rate: float = 1e-4  # UNet LoRA; Prodigy wants 1.0
+    text_encoder_lr: float = 0.0  # text-encoder LoRA (network.train_text_encoders); 0: learning_rate
     optimizer_args: dict = field(default_factory=dict)  # passed to the optimizer, e.g. {d_coef = 1.0}
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
@@ -225,6 +227,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         (cfg.sample.every_n_epochs >= 0 and cfg.sample.steps >= 1, "sample.every_n_epochs >= 0 and sample.steps >= 1"),
         (cfg.train.epochs >= 1, "train.epochs must be at least 1"),
         (cfg.train.batch_size >= 1, "train.batch_size must be at least 1"),
+        (cfg.train.text_encoder_lr >= 0, "train.text_encoder_lr must be 0 (same as learning_rate) or more"),
         (cfg.output.save_every_n_epochs >= 0 and cfg.output.save_every_n_steps >= 0, "output.save_every_n_* must be 0 or more"),
         (cfg.train.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps must be at least 1"),
         (0 <= cfg.loss.min_timestep < cfg.loss.max_timestep <= 1000, "loss.min_timestep < loss.max_timestep, within [0, 1000]"),

@@ -62,7 +62,66 @@ class LoRAConv2d(nn.Module):
         return b(x) + self.scale * F.conv2d(h, self.lora_up.to(x.dtype))
 
 
-LORA_TYPES = (LoRALinear, LoRAConv2d)
+class LoRARows(nn.Module):
+    """One of q, k, v of a fused in_proj: scale * up @ down added to rows [start, stop) of the weight.
+
+    Not called itself: `LoRAInProj` gathers the three into the weight the attention block multiplies by.
+    `base` is the attention module it was injected into, so removing the LoRA puts that module back.
+    """
+
+    def __init__(self, base: nn.MultiheadAttention, rows: tuple[int, int], rank: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.rows = rows
+        self.rank, self.alpha = rank, float(alpha)
+        self.multiplier = 1.0
+        dev, width = base.in_proj_weight.device, base.embed_dim
+        self.lora_down = nn.Parameter(torch.empty(rank, width, device=dev, dtype=torch.float32))
+        self.lora_up = nn.Parameter(torch.zeros(rows[1] - rows[0], rank, device=dev, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_down, a=math.sqrt(5))
+
+    @property
+    def scale(self) -> float:
+        return self.multiplier * self.alpha / self.rank
+
+    def delta(self) -> torch.Tensor:
+        return self.scale * (self.lora_up @ self.lora_down)  # (w, w)
+
+
+class LoRAInProj(nn.Module):
+    """OpenCLIP's attention (nn.MultiheadAttention) with LoRA on the q, k and v rows of its fused in_proj.
+
+    The block computes `F.linear(h, attn.in_proj_weight, attn.in_proj_bias)`, so the LoRA acts on the weight:
+    in_proj_weight = W + cat(scale_q up_q down_q, scale_k ..., scale_v ...), which gives h W^T + scale_q (h A_q^T) B_q^T
+    on the q rows and so on, exactly kohya's te2 q/k/v on transformers' separate projections. Cost: one (3w, w)
+    weight per layer built each forward and kept for backward (bigG: 315 MB in bf16 over 32 layers).
+    """
+
+    def __init__(self, base: nn.MultiheadAttention, rank: int, alpha: float):
+        super().__init__()
+        self.base = base
+        w = base.embed_dim
+        self.views = nn.ModuleList(LoRARows(base, (i * w, (i + 1) * w), rank, alpha) for i in range(3))
+
+    @property
+    def in_proj_weight(self) -> torch.Tensor:
+        weight = self.base.in_proj_weight  # (3w, w)
+        return weight + torch.cat([v.delta() for v in self.views]).to(weight.dtype)
+
+    @property
+    def in_proj_bias(self) -> torch.Tensor:
+        return self.base.in_proj_bias
+
+    @property
+    def out_proj(self) -> nn.Module:
+        return self.base.out_proj
+
+    @property
+    def num_heads(self) -> int:
+        return self.base.num_heads
+
+
+LORA_TYPES = (LoRALinear, LoRAConv2d, LoRAInProj)
 
 
 def attention_targets(unet: nn.Module) -> list[str]:
@@ -205,8 +264,9 @@ class LoRANetwork:
         return out
 
     def remove(self) -> None:
-        """Put every frozen base module back where its LoRA module stood."""
-        for name, (root, path, attr) in self.paths.items():
+        """Put every frozen base module back where its LoRA module stood, the last injected first (an in_proj
+        wrapper holds the attention module whose out_proj was swapped before it)."""
+        for name, (root, path, attr) in reversed(self.paths.items()):
             parent = root.get_submodule(path.rpartition(".")[0]) if "." in path else root
             setattr(parent, attr, self.modules[name].base)
         self.modules.clear()
@@ -233,3 +293,39 @@ def inject(root: nn.Module, paths: list[str], prefix: str, rank: int | dict[str,
         setattr(parent, attr, wrapper)
         modules[name], where[name] = wrapper, (root, path, attr)
     return LoRANetwork(modules, where)
+
+
+def combine(*networks: LoRANetwork) -> LoRANetwork:
+    """One network over the modules of several (UNet and text encoders), in injection order, for one optimizer and file."""
+    modules, paths = {}, {}
+    for n in networks:
+        modules |= n.modules
+        paths |= n.paths
+    return LoRANetwork(modules, paths)
+
+
+def inject_text_encoders(sd: nn.Module, rank: int, alpha: float) -> LoRANetwork:
+    """LoRA on every text-encoder layer's q, k, v, out_proj, fc1, fc2 (6 per layer: CLIP-L 72, bigG 192), by kohya name.
+
+    Names and places come from engine.lora_convert's text layout, the one reader of te modules: a CLIP-L module sits
+    on a Linear, OpenCLIP's out_proj/fc1/fc2 on attn.out_proj/mlp.c_fc/mlp.c_proj, and its q/k/v on rows of
+    attn.in_proj_weight (`LoRAInProj`). `sd` is the StableDiffusion module, whose module paths are the checkpoint keys.
+    """
+    from engine.lora_convert import text_layout
+
+    targets, _, _ = text_layout(sd.cfg)
+    linear = {t.key.removesuffix(".weight"): name for name, t in targets.items() if t.rows is None}
+    network = inject(sd, list(linear), "", rank, alpha, names=linear)
+    fused: dict[str, list[str]] = {}  # attention module path -> its q, k, v names, by row
+    for name, t in sorted(targets.items(), key=lambda kv: (kv[1].key, kv[1].rows or ())):
+        if t.rows is not None:
+            fused.setdefault(t.key.removesuffix(".in_proj_weight"), []).append(name)
+    for path, names in fused.items():
+        parent_path, _, attr = path.rpartition(".")
+        parent = sd.get_submodule(parent_path)
+        wrapper = LoRAInProj(getattr(parent, attr), rank, alpha)
+        setattr(parent, attr, wrapper)
+        for name, view in zip(names, wrapper.views, strict=True):
+            assert view.rows == targets[name].rows, f"{name}: rows {view.rows}, the layout says {targets[name].rows}"
+            network.modules[name], network.paths[name] = view, (sd, path, attr)
+    return network

@@ -1,4 +1,4 @@
-"""The training loop: cache the dataset, inject LoRA into the UNet, optimise the diffusion loss."""
+"""The training loop: cache the dataset, inject LoRA into the UNet (and text encoders), optimise the diffusion loss."""
 import math
 import time
 from collections.abc import Callable
@@ -108,14 +108,18 @@ def load_dataset(cfg: Config) -> Dataset:
 
 
 def prepare_run(cfg: Config, device: torch.device):
-    """Model with LoRA injected into the UNet, the dataset, and its latents and text encodings cached."""
+    """Model with LoRA injected into the UNet (and the text encoders when trained), the dataset, and its latents
+    cached, and its text encodings too unless the text encoders are trained (then captions are encoded per batch)."""
     dataset = load_dataset(cfg)
     sd, model_cfg, tokenizers = load_model(cfg, device)
     sd.requires_grad_(False)
     sd.eval()
-    cache = prepare_cache(sd, tokenizers, dataset, device, cfg.dataset.cache_dir or None)
+    train_te = cfg.network.train_text_encoders
+    cache = prepare_cache(sd, tokenizers, dataset, device, cfg.dataset.cache_dir or None, train_text_encoders=train_te)
     cache.release_encoders()  # the VAE (and the text encoders when text is cached) leave the GPU
     network = inject_network(sd.unet, cfg)
+    if train_te:
+        network = lora.combine(network, lora.inject_text_encoders(sd, cfg.network.rank, cfg.network.alpha))
     if cfg.train.fp8_base:
         fp8.quantize_frozen(sd.unet)  # after injection: the LoRA bases become fp8 too, the LoRA weights never
     return sd, model_cfg, network, cache
@@ -202,7 +206,7 @@ def train(cfg: Config, output_dir: str | Path, on_step: Callable[[dict], None] |
     print(cache.describe(), flush=True)
     print(plan.describe(), flush=True)
 
-    opt = build_optimizer(tc.optimizer, network.parameters(), tc.learning_rate, tc.weight_decay,
+    opt = build_optimizer(tc.optimizer, param_groups(network, tc), tc.learning_rate, tc.weight_decay,
                           betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon, **tc.optimizer_args)
     sched = build_schedule(tc.lr_scheduler, opt, plan.total_steps, tc.lr_warmup_steps, tc.lr_scheduler_num_cycles)
     scaler = torch.amp.GradScaler(device.type, enabled=tc.mixed_precision == "fp16")
@@ -278,6 +282,16 @@ def train(cfg: Config, output_dir: str | Path, on_step: Callable[[dict], None] |
     return result
 
 
+def param_groups(network: lora.LoRANetwork, tc) -> list[dict]:
+    """UNet LoRA at learning_rate first (the group the logs report), text-encoder LoRA at text_encoder_lr (0: the same)."""
+    te = {n for n in network.modules if n.startswith("lora_te")}
+    groups = [{"params": [p for n, m in network.modules.items() if n not in te for p in (m.lora_down, m.lora_up)]}]
+    if te:
+        groups.append({"params": [p for n in te for p in (network.modules[n].lora_down, network.modules[n].lora_up)],
+                       "lr": tc.text_encoder_lr or tc.learning_rate})
+    return groups
+
+
 def _save_state(cfg: Config, saver: Saver, opt, sched, scaler, pos: Position) -> None:
     if cfg.output.save_state:
         saver.state(opt, sched, scaler, pos)
@@ -290,7 +304,8 @@ def _current_lr(opt: torch.optim.Optimizer) -> float:
 
 def _network_shape(cfg: Config) -> dict:
     n = cfg.network
-    return {"rank": n.rank, "alpha": n.alpha, "conv_rank": n.conv_rank, "conv_alpha": n.conv_alpha}
+    shape = {"rank": n.rank, "alpha": n.alpha, "conv_rank": n.conv_rank, "conv_alpha": n.conv_alpha}
+    return shape | ({"train_text_encoders": True} if n.train_text_encoders else {})  # states saved before the option still match
 
 
 def _load_resume(folder: str | Path, cfg: Config) -> dict:
