@@ -284,8 +284,11 @@ def train(cfg: Config, output_dir: str | Path, on_step: Callable[[dict], None] |
 
 def param_groups(network: lora.LoRANetwork, tc) -> list[dict]:
     """UNet LoRA at learning_rate first (the group the logs report), text-encoder LoRA at text_encoder_lr (0: the same)."""
-    te = {n for n in network.modules if n.startswith("lora_te")}
-    groups = [{"params": [p for n, m in network.modules.items() if n not in te for p in (m.lora_down, m.lora_up)]}]
+    # lists in the network's order, never sets: the optimizer's state_dict maps states to parameters by position,
+    # so the order must be the same in the process that resumes
+    te = [n for n in network.modules if n.startswith("lora_te")]
+    unet = [n for n in network.modules if not n.startswith("lora_te")]
+    groups = [{"params": [p for n in unet for p in (network.modules[n].lora_down, network.modules[n].lora_up)]}]
     if te:
         groups.append({"params": [p for n in te for p in (network.modules[n].lora_down, network.modules[n].lora_up)],
                        "lr": tc.text_encoder_lr or tc.learning_rate})
