@@ -46,3 +46,22 @@ def use_triton(*tensors: torch.Tensor, min_capability: tuple = MIN_CAPABILITY) -
         return False
     (device,) = devices
     return device.type == "cuda" and _capable(device, min_capability)
+
+
+class forced:
+    """`with forced("reference"):` runs a block under one kernel mode (benchmarks compare both in one process)."""
+
+    def __init__(self, mode: str):
+        if mode not in MODES:
+            raise ValueError(f"kernel mode {mode!r}: expected one of {', '.join(MODES)}")
+        self.mode, self.saved = mode, None
+
+    def __enter__(self):
+        self.saved = os.environ.get(ENV_VAR)
+        os.environ[ENV_VAR] = self.mode
+
+    def __exit__(self, *exc):
+        if self.saved is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = self.saved
