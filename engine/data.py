@@ -128,12 +128,6 @@ class Dataset:
             entry["img_count"] += 1
         return out
 
-    def describe(self, batch_size: int) -> str:
-        """`12 images x repeats = 40 samples in 3 buckets / batch 2 = 21 steps per epoch`."""
-        n_buckets = len({it.bucket for it in self.items})
-        return (f"{len(self.items)} images x repeats = {len(self)} samples in {n_buckets} bucket{'s' * (n_buckets != 1)}"
-                f" / batch {batch_size} = {self.steps_per_epoch(batch_size)} steps per epoch")
-
     def report(self) -> str:
         """What was skipped or patched and why: a few lines for the end of a run."""
         counts: dict[Size, int] = {}

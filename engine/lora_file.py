@@ -56,23 +56,6 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
         raise LoRAFileError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def group_modules(tensors: dict[str, torch.Tensor], path: str | Path = "") -> dict[str, dict[str, torch.Tensor]]:
-    """Kohya keys grouped by module: name -> {"down", "up", "alpha"}; alpha defaults to rank (scale 1)."""
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        for suffix, part in zip(SUFFIXES, ("down", "up", "alpha")):
-            if key.endswith(suffix):
-                groups.setdefault(key[: -len(suffix)], {})[part] = t
-                break
-        else:
-            raise LoRAFileError(f"{path}: key {key} is not in the kohya LoRA layout")
-    for name, g in groups.items():
-        if "down" not in g or "up" not in g:
-            raise LoRAFileError(f"{path}: module {name} lacks lora_down or lora_up")
-        g.setdefault("alpha", torch.tensor(float(g["down"].shape[0])))
-    return groups
-
-
 def load_network(unet, path: str | Path, prefix: str = "lora_unet_", multiplier: float = 1.0):
     """Inject the UNet modules of a LoRA file (kohya, diffusers/PEFT or ComfyUI layout, LoCon included) into `unet`
     with the file's ranks, alphas and weights; the network's kohya names are those kohya writes for this UNet.

@@ -103,7 +103,8 @@ def load_dataset(cfg: Config) -> Dataset:
     except (ValueError, FileNotFoundError) as e:
         raise TrainError(f"dataset: {e}") from None
     if not dataset.items:
-        raise TrainError(f"dataset: no trainable images (png, jpg, webp) in {', '.join(str(s.path) for s in subsets)}\n{dataset.report()}")
+        print(dataset.report(), flush=True)  # what was skipped and why, before the one-line error
+        raise TrainError(f"dataset: no trainable images (png, jpg, webp) in {', '.join(str(s.path) for s in subsets)}")
     return dataset
 
 

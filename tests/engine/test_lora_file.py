@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from engine.lora_file import LoRAFileError, group_modules, read_lora, save_lora
+from engine.lora_file import LoRAFileError, read_lora, save_lora
 
 
 def tensors():
@@ -33,9 +33,18 @@ def test_rejects_dotted_module_names(tmp_path):
 
 
 def test_missing_alpha_means_scale_one_and_garbage_is_named(tmp_path):
-    t = tensors()
-    del t["lora_unet_a_b.alpha"]
-    assert group_modules(t)["lora_unet_a_b"]["alpha"].item() == 4.0
+    import models
+    from engine import lora, lora_convert
+
+    unet = models.build("tiny-sdxl", seed=0).unet
+    path = lora.attention_targets(unet)[0]
+    base = unet.get_submodule(path)
+    name = lora.kohya_name("lora_unet_", path)
+    g = torch.Generator().manual_seed(1)
+    no_alpha = {f"{name}.lora_down.weight": torch.randn(4, base.in_features, generator=g),
+                f"{name}.lora_up.weight": torch.randn(base.out_features, 4, generator=g)}
+    save_lora(tmp_path / "no_alpha.safetensors", no_alpha, {})
+    assert lora_convert.read(tmp_path / "no_alpha.safetensors", unet.cfg).modules[name].alpha == 4.0  # alpha = rank: scale 1
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     with pytest.raises(LoRAFileError, match="bad.safetensors"):
