@@ -275,9 +275,12 @@ class FlashAttentionFunction(torch.autograd.Function):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D)) v for q (B, H, Tq, D), k and v (B, H, Tk, D); returns (B, H, Tq, D)."""
-    if not use_triton(q, k, v):
-        return attention_ref(q, k, v)
-    if q.shape[-1] > MAX_HEAD_DIM:
+    """softmax(q k^T / sqrt(D)) v for q (B, H, Tq, D), k and v (B, H, Tk, D); returns (B, H, Tq, D).
+
+    Without the Triton kernel (reference mode, CPUs, GPUs below 8.0) this is torch's
+    scaled_dot_product_attention, not `attention_ref`: on a GPU SDPA picks a flash or memory-efficient
+    kernel and never holds the (Tq, Tk) scores, which at SDXL's 4096 tokens are ~11.7 GB a step for the math.
+    """
+    if not use_triton(q, k, v) or q.shape[-1] > MAX_HEAD_DIM:
         return F.scaled_dot_product_attention(q, k, v)
     return FlashAttentionFunction.apply(q, k, v)

@@ -36,7 +36,7 @@ def lora_linear_ref(x, weight, bias, down, up, scale: float, upcast: bool = Fals
     if upcast:
         x, down, up = x.double(), down.double(), up.double()
         bias = None if bias is None else bias.double()
-    w = dequantize_weight(weight, weight_scale, x.dtype)
+    w = weight.to(x.dtype) if weight_scale is None else None  # fp8 codes are dequantised in _FrozenFP8Linear
     lora_scale = scale
     x_lora = x
     if dropout_p > 0.0:
@@ -46,8 +46,29 @@ def lora_linear_ref(x, weight, bias, down, up, scale: float, upcast: bool = Fals
         lora_scale = scale / (1.0 - dropout_p)
     down, up = down.to(x.dtype), up.to(x.dtype)
     bias = None if bias is None else bias.to(x.dtype)
-    y = F.linear(x, w, bias) + lora_scale * F.linear(F.linear(x_lora, down), up)
+    base = F.linear(x, w, bias) if weight_scale is None else _FrozenFP8Linear.apply(x, weight, weight_scale, bias)
+    y = base + lora_scale * F.linear(F.linear(x_lora, down), up)
     return y.to(dtype)
+
+
+class _FrozenFP8Linear(torch.autograd.Function):
+    """x W^T + b for fp8 codes W and their scale, dequantised in forward and again in backward.
+
+    F.linear on the dequantised weight would save that full-precision copy for backward: every LoRA
+    base's weight twice over at fp8_base, the memory fp8 is there to save. Only the codes are saved here.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, weight_scale, bias):
+        ctx.save_for_backward(weight, weight_scale)
+        return F.linear(x, dequantize_weight(weight, weight_scale, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        weight, weight_scale = ctx.saved_tensors
+        dx = dy @ dequantize_weight(weight, weight_scale, dy.dtype) if ctx.needs_input_grad[0] else None
+        d_bias = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.needs_input_grad[3] else None
+        return dx, None, None, d_bias
 
 
 @triton.jit

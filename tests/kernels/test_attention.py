@@ -85,3 +85,14 @@ def test_saved_memory_is_linear_in_sequence(device):
 
     small, large = saved_bytes(64), saved_bytes(256)
     assert large == 4 * small, (small, large)
+
+
+def test_reference_mode_is_sdpa_not_the_math_reference(device):
+    # the fallback holds no (Tq, Tk) matrix on a GPU: it must be torch's SDPA, whose CPU kernel agrees
+    from kernels.dispatch import forced
+
+    q, k, v = _qkv(1, 2, 40, 77, 64, torch.float32, device)
+    with forced("reference"):
+        out = attention(q, k, v)
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v), rtol=0, atol=0)
+    torch.testing.assert_close(out, attention_ref(q, k, v), rtol=1e-5, atol=1e-5)

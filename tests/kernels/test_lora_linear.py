@@ -95,3 +95,24 @@ def test_preconditions_fail_loudly(device):
         lora_linear(x, weight.requires_grad_(), b, down, up, 1.0)
     with pytest.raises(AssertionError, match="weight_scale"):
         lora_linear(x, weight.detach().to(torch.float8_e4m3fn), b, down, up, 1.0)
+
+
+def test_reference_path_saves_only_fp8_codes_for_backward(device):
+    # without the kernel (CPUs, GPUs below 8.9) an fp8 base must not keep a dequantised copy for backward
+    from kernels.dispatch import forced
+
+    x, weight, b, down, up = _inputs((2, 77, 96), 80, 8, torch.float32, device)
+    w_scale = weight.abs().amax(dim=1) / 448.0
+    w8 = (weight / w_scale[:, None]).to(torch.float8_e4m3fn)
+    saved = []
+    with forced("reference"), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = lora_linear(x, w8, b, down, up, 0.5, weight_scale=w_scale)
+    weight_sized = [t.dtype for t in saved if t.shape == weight.shape]
+    assert weight_sized == [torch.float8_e4m3fn], weight_sized
+    # and the gradients are those of the plain maths on the dequantised weight
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, down, up), dy)
+    w = dequantize_weight(w8, w_scale, torch.float32)
+    want = torch.autograd.grad(torch.nn.functional.linear(x, w, b) + 0.5 * (x @ down.t()) @ up.t(), (x, down, up), dy)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
