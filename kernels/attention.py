@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import autocast_inputs, use_triton
 
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
@@ -281,6 +281,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     scaled_dot_product_attention, not `attention_ref`: on a GPU SDPA picks a flash or memory-efficient
     kernel and never holds the (Tq, Tk) scores, which at SDXL's 4096 tokens are ~11.7 GB a step for the math.
     """
+    q, k, v = autocast_inputs(q, k, v)
     if not use_triton(q, k, v) or q.shape[-1] > MAX_HEAD_DIM:
         return F.scaled_dot_product_attention(q, k, v)
     return FlashAttentionFunction.apply(q, k, v)

@@ -48,6 +48,19 @@ def use_triton(*tensors: torch.Tensor, min_capability: tuple = MIN_CAPABILITY) -
     return device.type == "cuda" and _capable(device, min_capability)
 
 
+def autocast_inputs(x: torch.Tensor, *others):
+    """x and `others` (None passes) in autocast's dtype when autocast is on for x's device, else as they are.
+
+    The kernels are autograd Functions, which autocast does not see: without this, under CUDA autocast a
+    LoRA linear after a LayerNorm (which autocast runs in fp32) would get fp32 activations and run its
+    matmuls in fp32. Like F.linear and SDPA under autocast, the kernels compute in the autocast dtype.
+    """
+    if not torch.is_autocast_enabled(x.device.type):
+        return (x, *others)
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return tuple(t if t is None or not t.is_floating_point() else t.to(dtype) for t in (x, *others))
+
+
 class forced:
     """`with forced("reference"):` runs a block under one kernel mode (benchmarks compare both in one process)."""
 

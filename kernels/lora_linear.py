@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.dispatch import MIN_CAPABILITY, use_triton
+from kernels.dispatch import MIN_CAPABILITY, autocast_inputs, use_triton
 
 FP8_DTYPES = (torch.float8_e4m3fn,)
 FP8_MIN_CAPABILITY = (8, 9)
@@ -366,6 +366,7 @@ def lora_linear(x, weight, bias, down, up, scale: float, *, weight_scale=None,
     dropout_seed fixes the Triton kernel's Philox mask (drawn from torch's CPU generator when None).
     """
     assert 0.0 <= dropout_p < 1.0, f"dropout_p={dropout_p} must be in [0, 1)"
+    x, bias, down, up = autocast_inputs(x, bias, down, up)
     # fp8 e4m3 tiles convert in hardware from sm_89 (Ada, Hopper); older GPUs dequantise in the reference
     min_capability = FP8_MIN_CAPABILITY if weight.dtype in FP8_DTYPES else MIN_CAPABILITY
     if not use_triton(x, weight, down, up, min_capability=min_capability):

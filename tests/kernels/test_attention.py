@@ -96,3 +96,12 @@ def test_reference_mode_is_sdpa_not_the_math_reference(device):
         out = attention(q, k, v)
     torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v), rtol=0, atol=0)
     torch.testing.assert_close(out, attention_ref(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_follows_autocast_like_sdpa(device):
+    q, k, v = _qkv(1, 2, 40, 77, 64, torch.float32, device)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        out = attention(q, k, v)
+    assert out.dtype == torch.bfloat16
+    bf = [t.detach().to(torch.bfloat16) for t in (q, k, v)]
+    torch.testing.assert_close(out, attention(*bf), rtol=0, atol=0)

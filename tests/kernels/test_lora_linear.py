@@ -116,3 +116,18 @@ def test_reference_path_saves_only_fp8_codes_for_backward(device):
     want = torch.autograd.grad(torch.nn.functional.linear(x, w, b) + 0.5 * (x @ down.t()) @ up.t(), (x, down, up), dy)
     for g, r in zip(got, want):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_follows_autocast_like_f_linear(device):
+    # an autograd Function is invisible to autocast: the kernel must cast as F.linear would (an fp32
+    # LayerNorm output under CUDA autocast would otherwise run the whole LoRA linear in fp32)
+    x, weight, b, down, up = _inputs((2, 77, 96), 80, 8, torch.float32, device)
+    weight = weight.to(torch.bfloat16)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        y = lora_linear(x, weight, b, down, up, 0.5)
+        assert torch.nn.functional.linear(x, weight).dtype == torch.bfloat16  # what autocast does to torch's own
+    assert y.dtype == torch.bfloat16
+    bf = [t.to(torch.bfloat16) for t in (x, b, down, up)]
+    torch.testing.assert_close(y, lora_linear(bf[0], weight, bf[1], bf[2], bf[3], 0.5), rtol=0, atol=0)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and down.grad.dtype == torch.float32
