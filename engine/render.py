@@ -142,14 +142,13 @@ def generate(pipe: Pipeline, s: Settings, batch_size: int = 1, init_latents: tor
     if sd.cfg.unet.adm_in_channels is not None:  # SDXL size conditioning, as AUTOMATIC1111 sets it: no crop
         size = [(s.height, s.width)] * 2
         y = sd.adm(pooled, size, [(0, 0)] * 2, size)
-    dtype = next(sd.unet.parameters()).dtype
     context, y = context.repeat_interleave(batch_size, 0), None if y is None else y.repeat_interleave(batch_size, 0)
 
     def eps(x_in: torch.Tensor, t: float) -> torch.Tensor:
         if s.cfg_scale == 1:
-            return sd.unet(x_in.to(dtype), torch.full((batch_size,), t, device=device), context[:batch_size],
+            return sd.unet(x_in, torch.full((batch_size,), t, device=device), context[:batch_size],
                            None if y is None else y[:batch_size]).float()
-        both = torch.cat([x_in, x_in]).to(dtype)
+        both = torch.cat([x_in, x_in])  # the UNet casts to its compute dtype
         out = sd.unet(both, torch.full((2 * batch_size,), t, device=device), context, y).float()
         return sampling.guided(out[:batch_size], out[batch_size:], s.cfg_scale)
 

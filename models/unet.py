@@ -217,7 +217,14 @@ class UNet(nn.Module):
     def forward(
         self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """x (B, C, H, W), timesteps (B,), context (B, T, context_dim), y (B, adm) -> (B, C_out, H, W)."""
+        """x (B, C, H, W), timesteps (B,), context (B, T, context_dim), y (B, adm) -> (B, C_out, H, W).
+
+        Inputs are cast to the compute dtype, that of the norms' weights (never quantised, unlike fp8 bases),
+        and the output comes in it: a UNet stored in bf16 runs in bf16 end to end, without autocast.
+        """
+        dtype = self.out[0].weight.dtype
+        x, context = x.to(dtype), context.to(dtype)
+        y = None if y is None else y.to(dtype)
         emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype))  # (B, 4 * mc)
         if self.cfg.adm_in_channels is not None:
             if y is None:

@@ -167,3 +167,24 @@ def test_grid_of_three_epochs_by_four_strengths_renders_from_the_demo_run(demo_r
     assert len({p.tobytes() for p in pixels}) == 12  # every epoch and strength renders something different
     w, h = Image.open(grids[0]).size
     assert w >= 3 * 128 and h >= 4 * 128
+
+
+def test_bf16_run_computes_in_bf16_without_autocast_and_previews_with_fp8_bases(tmp_path):
+    # mixed_precision = bf16: the frozen UNet runs in bf16 end to end, norms included (autocast would give
+    # fp32 norm outputs, and keep them for backward); fp8 bases take bf16 inputs and previews still render
+    norm_dtypes = set()
+
+    def hook(module, args, output):
+        if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and torch.is_grad_enabled():
+            norm_dtypes.add(output.dtype)
+
+    overrides = ["train.epochs=1", "dataset.repeats=1", "train.mixed_precision='bf16'", "train.fp8_base=true",
+                 "sample.every_n_epochs=1", "sample.steps=2", f"dataset.cache_dir='{tmp_path / 'cache'}'"]
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        result = train(load_config(DEMO, overrides), tmp_path / "out")
+    finally:
+        handle.remove()
+    assert norm_dtypes == {torch.bfloat16}
+    assert all(torch.isfinite(torch.tensor(result.losses))) and result.final.exists()
+    assert len(list((tmp_path / "out" / "samples").glob("*.png"))) == 1
