@@ -35,7 +35,7 @@ def _per_row(scale: torch.Tensor, dim: int) -> torch.Tensor:
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a Linear/Conv2d computes in for input x: autocast's when it is on, else x's."""
-    if torch.is_autocast_enabled(x.device.type):
+    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 

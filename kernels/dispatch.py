@@ -55,8 +55,9 @@ def autocast_inputs(x: torch.Tensor, *others):
     LoRA linear after a LayerNorm (which autocast runs in fp32) would get fp32 activations and run its
     matmuls in fp32. Like F.linear and SDPA under autocast, the kernels compute in the autocast dtype.
     """
-    if not torch.is_autocast_enabled(x.device.type):
-        return (x, *others)
+    device_type = x.device.type
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return (x, *others)  # (the meta device has no autocast at all)
     dtype = torch.get_autocast_dtype(x.device.type)
     return tuple(t if t is None or not t.is_floating_point() else t.to(dtype) for t in (x, *others))
 

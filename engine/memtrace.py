@@ -1,0 +1,165 @@
+"""Predict a LoRA training step's peak GPU memory on any machine, in seconds, before loading a weight.
+
+The step `gesso train` would run (the config's model, network, precision, fp8 bases, checkpointing,
+optimizer, batch and resolution) runs twice on the meta device: shapes and dtypes, no data and no
+arithmetic. A dispatch mode counts the bytes of every tensor storage from its allocation until it is
+freed: the frozen weights, the LoRA parameters and their gradients, the optimizer's states, and what
+autograd keeps between forward and backward, recomputation included. The peak is over the second
+step, when the optimizer's states exist. Attention runs as aten's flash-attention op, which is what
+SDPA picks on a GPU for these shapes and saves what the Triton kernel saves (q, k, v, o and the row
+log-sum-exp); on the meta device SDPA would decompose into the math path and hold every score matrix.
+
+What it does not see: the CUDA context (a few hundred MB, outside torch's allocator), cuBLAS and
+kernel workspaces, and the caching allocator's rounding and fragmentation. Compare the prediction with
+torch.cuda.max_memory_allocated, not with nvidia-smi. The encoders are not counted: `gesso train` moves
+them off the GPU once the latents and captions are cached.
+"""
+import weakref
+from dataclasses import dataclass
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map_only
+
+import models
+from engine import fp8, lora
+from engine.config import Config
+from engine.optim import build_optimizer
+
+GIB = 2**30
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the storages allocated inside the mode and still alive: `current`, and its `peak`.
+
+    A storage counts from the op that first returns it until its last tensor is freed (a weak
+    reference's finaliser). Outputs that share a storage with an input (views, in-place ops) allocate
+    nothing. Storages made before the mode (the weights) are not counted here: the caller adds them.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self._live: dict[int, int] = {}  # StorageImpl address -> bytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = set()
+        tree_map_only(torch.Tensor, lambda t: inputs.add(t.untyped_storage()._cdata), (args, kwargs))
+        out = func(*args, **(kwargs or {}))
+        tree_map_only(torch.Tensor, lambda t: self._allocated(t, inputs), out)
+        return out
+
+    def _allocated(self, t: torch.Tensor, inputs: set) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in inputs or key in self._live:
+            return
+        size = storage.nbytes()
+        self._live[key] = size
+        self.current += size
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self._freed, key)
+
+    def _freed(self, key: int) -> None:
+        size = self._live.pop(key, None)
+        if size is not None:
+            self.current -= size
+
+
+@dataclass(frozen=True)
+class MemoryPrediction:
+    model: str
+    resolution: int
+    batch: int
+    rank: int
+    precision: str  # the frozen UNet's: bf16, fp16, fp32, or fp8 (bases) + bf16
+    gradient_checkpointing: bool
+    optimizer: str
+    weights_gib: float  # the frozen UNet as stored
+    trainable_gib: float  # the LoRA parameters (fp32) and their gradients
+    optimizer_gib: float  # the optimizer's states
+    activations_gib: float  # the rest of the peak: saved activations, recomputation, temporaries
+    peak_gib: float  # everything live at the step's worst moment: compare with torch.cuda.max_memory_allocated
+
+    def describe(self) -> str:
+        return (f"{self.model} {self.resolution}px batch {self.batch} rank {self.rank}, {self.precision}"
+                f"{' + checkpointing' if self.gradient_checkpointing else ''}, {self.optimizer}: "
+                f"peak {self.peak_gib:.2f} GiB = weights {self.weights_gib:.2f} + LoRA and grads {self.trainable_gib:.2f} "
+                f"+ optimizer {self.optimizer_gib:.2f} + activations {self.activations_gib:.2f}")
+
+
+def _flash_sdpa(q, k, v, *args, **kwargs):
+    """SDPA as a GPU runs it for bf16/fp16 heads up to 256 wide: flash attention, scores never stored."""
+    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[0]
+
+
+def _model_config(cfg: Config):
+    if cfg.model.checkpoint:
+        from models.loaders import open_checkpoint
+
+        return open_checkpoint(cfg.model.checkpoint).comparison.config  # headers only
+    return models.configs.get(cfg.model.name)
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.untyped_storage().nbytes() for t in {t.untyped_storage()._cdata: t for t in tensors}.values())
+
+
+def _optimizer_step(opt, name: str, params: list) -> None:
+    if name != "prodigy":
+        opt.step()
+        return
+    # Prodigy's step reads its running sums back to the host (d), which has no meaning on meta tensors;
+    # its states are four fp32 tensors shaped like each parameter (p0, s, exp_avg, exp_avg_sq).
+    for p in params:
+        opt.state[p] = {k: torch.zeros_like(p) for k in ("p0", "s", "exp_avg", "exp_avg_sq")}
+
+
+def predict(cfg: Config, resolution: int | None = None, batch: int | None = None) -> MemoryPrediction:
+    """The peak GPU memory of `cfg`'s UNet LoRA training step (text-encoder LoRA not included)."""
+    from engine.train import inject_network, param_groups  # train imports the data stack; keep it lazy
+
+    mcfg = _model_config(cfg)
+    tc = cfg.train
+    resolution = resolution or cfg.dataset.resolution
+    batch = batch or tc.batch_size
+    dtype = AMP_DTYPES[tc.mixed_precision]
+    unet = lora._meta_unet(mcfg.unet).requires_grad_(False)
+    network = inject_network(unet, cfg)
+    if tc.fp8_base:
+        fp8.quantize_frozen(unet)
+    unet.to(dtype)  # as train() does: fp8 modules cast their bias only
+    for p in network.parameters():
+        p.data = p.data.float()
+    unet.gradient_checkpointing = tc.gradient_checkpointing
+    trainable = list(network.parameters())
+    ids = {id(p) for p in trainable}
+    frozen = [t for t in (*unet.parameters(), *unet.buffers()) if id(t) not in ids]
+    opt = build_optimizer(tc.optimizer, param_groups(network, tc), tc.learning_rate, tc.weight_decay,
+                          betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon, **tc.optimizer_args)
+    h = resolution // 8
+    with LiveBytes() as live, mock.patch.object(F, "scaled_dot_product_attention", _flash_sdpa):
+        for _ in range(2):
+            x0 = torch.empty(batch, mcfg.unet.in_channels, h, h, device="meta")  # cached latents, fp32
+            noise = torch.empty_like(x0)
+            t = torch.empty(batch, dtype=torch.long, device="meta")
+            context = torch.empty(batch, 77, mcfg.unet.context_dim, device="meta")
+            y = None if mcfg.unet.adm_in_channels is None else torch.empty(batch, mcfg.unet.adm_in_channels, device="meta")
+            pred = unet(x0 + noise, t, context, y)
+            F.mse_loss(pred.float(), noise).backward()
+            _optimizer_step(opt, tc.optimizer, trainable)
+            opt.zero_grad(set_to_none=True)
+            del x0, noise, t, context, y, pred
+    states = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    weights, params = _nbytes(frozen), _nbytes(trainable)
+    optimizer = _nbytes(states)
+    peak = weights + params + live.peak
+    trainable_gib = 2 * params  # the gradients are as large as the parameters (fp32)
+    precision = f"fp8 bases + {tc.mixed_precision}" if tc.fp8_base else {"no": "fp32"}.get(tc.mixed_precision, tc.mixed_precision)
+    return MemoryPrediction(
+        mcfg.name, resolution, batch, cfg.network.rank, precision, tc.gradient_checkpointing, tc.optimizer,
+        weights / GIB, trainable_gib / GIB, optimizer / GIB, (peak - weights - trainable_gib - optimizer) / GIB, peak / GIB)
