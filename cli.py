@@ -29,31 +29,53 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    import dataclasses
+    import datetime
     import json
 
     import torch
 
+    from benchmarks import harness
     from engine import bench
 
     cuda = torch.cuda.is_available()
-    model = args.model or ("sdxl" if cuda else "tiny-sdxl")
-    resolution = args.resolution or (1024 if cuda else 128)
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
-    peak = None
-    if cuda:
-        from benchmarks.harness import CEILINGS
+    one = bench.Case(args.model or ("sdxl" if cuda else "tiny-sdxl"), args.resolution or (1024 if cuda else 128),
+                     args.batch, args.rank, args.fp8_base, args.gradient_checkpointing)
+    note = None if cuda else "no CUDA GPU: these are CPU numbers at a tiny size, a smoke test, not the engine's GPU speed"
+    if note:
+        print(note, flush=True)
+    out = args.out
+    if out is None and (args.matrix or args.loss_check):
+        kind = "step" if args.matrix else "loss"
+        out = harness.ROOT / "benchmarks" / "results" / f"{harness.device_slug()}-{datetime.date.today().isoformat()}-{kind}.json"
+    env = dict(harness.environment(), driver=bench.driver_version(), note=note, steps=args.steps, warmup=args.warmup,
+               timing="median wall-clock seconds of the timed steps, synchronised before and after each",
+               flops="counted by FlopCounterMode on the reference path of each case, recomputation included; both rows' MFU use it")
+    result = dict(env=env, rows=[], loss_checks=[])
 
-        name = torch.cuda.get_device_name(device)
-        peak = next((tflops for key, (tflops, _) in CEILINGS.items() if key in name), None)
-    else:
-        print("no CUDA GPU: these are CPU numbers at a tiny size, a smoke test, not the engine's GPU speed", flush=True)
-    rows = [bench.run_path(path, model, resolution, args.batch, args.rank, args.steps, args.warmup, device, dtype,
-                           args.gradient_checkpointing, peak) for path in ("kernels", "reference")]
-    print(bench.describe(rows))
-    if args.out:
-        Path(args.out).write_text(json.dumps(bench.as_dicts(rows), indent=2))
-    return 0
+    def save() -> None:  # after every case: a run cut short still leaves what it measured
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(json.dumps(result, indent=1) + "\n")
+
+    cases = bench.matrix(cuda) if args.matrix else [] if args.loss_check else [one]
+    for case in cases:
+        rows = bench.run_case(case, args.steps, args.warmup, device, dtype, harness.ceiling()[0])
+        print(bench.describe(rows), flush=True)
+        result["rows"] += bench.as_dicts(rows)
+        save()
+    if args.loss_check:
+        for fp8_base in (False, True):
+            case = dataclasses.replace(one, fp8_base=fp8_base)
+            check = bench.loss_check(case, args.loss_check, args.lr, device, dtype)
+            print(bench.describe_loss(check), flush=True)
+            result["loss_checks"] += bench.as_dicts([check])
+            save()
+    if out:
+        print(f"results -> {out}")
+    return 1 if any(not c["passed"] for c in result["loss_checks"]) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_inspect)
     p = sub.add_parser("bench", help="time a LoRA training step: engine kernels vs the PyTorch reference path",
                        description="Seconds per step, images/s, MFU and peak GPU memory of LoRA training on cached-latent shapes "
-                                   "(random weights, real shapes), for the engine's kernels and the reference path in one process. "
-                                   "Without a GPU it runs tiny-sdxl at 128 px and says its numbers are CPU numbers.")
+                                   "(random weights, real shapes), for the engine's kernels and the reference path in one process, "
+                                   "and a loss check of the two paths. Without a GPU it runs tiny-sdxl at small sizes and says its "
+                                   "numbers are CPU numbers.")
     p.add_argument("--model", help="architecture (default: sdxl on a GPU, tiny-sdxl on the CPU)")
     p.add_argument("--resolution", type=int, help="pixels (default: 1024 on a GPU, 128 on the CPU)")
     p.add_argument("--batch", type=int, default=1)
@@ -82,7 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="timed steps; the median is reported")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--out", help="also write the rows as JSON here")
+    p.add_argument("--fp8-base", action="store_true", help="frozen UNet weights in fp8 e4m3 after LoRA injection (train.fp8_base)")
+    p.add_argument("--matrix", action="store_true",
+                   help="the issue's grid instead of one case: resolution 1024/512 x batch 1/4 x rank 16/64 with checkpointing, "
+                        "plus 1024/1/16 without checkpointing and with an fp8 base (CPU: tiny-sdxl at 64/32 px, batch 1/2, "
+                        "rank 4/8); --model, --resolution, --batch, --rank and the memory flags do not apply")
+    p.add_argument("--loss-check", type=int, metavar="STEPS",
+                   help="train STEPS steps on both paths from the same start with torch.optim.AdamW and compare the loss "
+                        "curves, with the base in the model dtype and in fp8 (--model/--resolution/--batch/--rank/"
+                        "--gradient-checkpointing apply); exit 1 when they differ by more than the tolerance. "
+                        "Without --matrix, no step timing")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate of the loss check")
+    p.add_argument("--out", help="write the environment, rows and loss checks as JSON here (default with --matrix or "
+                                 "--loss-check: benchmarks/results/<device>-<date>-step.json or -loss.json)")
     p.set_defaults(run=cmd_bench)
     from engine.sample_cli import add_parsers; add_parsers(sub)  # noqa: E702  `sample` and `grid`
     from engine.lora_cli import add_parsers as lora_parsers; lora_parsers(sub)  # noqa: E702  `convert`, `merge`, `resize`
