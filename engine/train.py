@@ -75,17 +75,23 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_model(cfg: Config, device: torch.device):
-    """The base model and its tokenizers: a checkpoint (file, diffusers folder, Hub id) when
-    `model.checkpoint` is set, else the built-in architecture `model.name` at random init from `model.seed`."""
+def load_model(cfg: Config, dtype: torch.dtype = torch.float32):
+    """The base model, on the CPU, and its tokenizers: a checkpoint (file, diffusers folder, Hub id) when
+    `model.checkpoint` is set, else the built-in architecture `model.name` at random init from `model.seed`.
+    The UNet and text encoders come in `dtype`, the VAE in fp32 (SDXL's overflows in fp16)."""
     if cfg.model.checkpoint:
-        sd = models.load_model(cfg.model.checkpoint, device=device)  # raises CheckpointError naming the file
+        # raises CheckpointError naming the file
+        sd = models.load_model(cfg.model.checkpoint, dtype=dtype, device="cpu", vae_dtype=torch.float32)
         return sd, sd.cfg, models.load_tokenizers(sd.cfg, cfg.model.checkpoint)
     try:
         model_cfg = models.configs.get(cfg.model.name)
     except KeyError as e:
         raise TrainError(f"model.name: {e.args[0]}") from None
-    return models.build(model_cfg, seed=cfg.model.seed, device=device), model_cfg, models.load_tokenizers(model_cfg)
+    sd = models.build(model_cfg, seed=cfg.model.seed, device="cpu")
+    sd.unet.to(dtype)
+    for encoder in sd.text_encoders:
+        encoder.to(dtype)
+    return sd, model_cfg, models.load_tokenizers(model_cfg)
 
 
 def load_dataset(cfg: Config) -> Dataset:
@@ -110,11 +116,20 @@ def load_dataset(cfg: Config) -> Dataset:
 
 def prepare_run(cfg: Config, device: torch.device):
     """Model with LoRA injected into the UNet (and the text encoders when trained), the dataset, and its latents
-    cached, and its text encodings too unless the text encoders are trained (then captions are encoded per batch)."""
+    cached, and its text encodings too unless the text encoders are trained (then captions are encoded per batch).
+
+    The GPU holds one part at a time: the model loads on the CPU in the training precision, the VAE and text
+    encoders visit the GPU to fill the cache, then the UNet goes there, already in bf16/fp16 or fp8. Loading
+    everything onto the GPU in fp32 first (14 GB for SDXL) would fail on the 8 to 12 GB cards this is for.
+    """
     dataset = load_dataset(cfg)
-    sd, model_cfg, tokenizers = load_model(cfg, device)
+    amp = AMP_DTYPES.get(cfg.train.mixed_precision)
+    sd, model_cfg, tokenizers = load_model(cfg, amp or torch.float32)
     sd.requires_grad_(False)
     sd.eval()
+    sd.vae.to(device)
+    for encoder in sd.text_encoders:
+        encoder.to(device)
     train_te = cfg.network.train_text_encoders
     cache = prepare_cache(sd, tokenizers, dataset, device, cfg.dataset.cache_dir or None, train_text_encoders=train_te)
     cache.release_encoders()  # the VAE (and the text encoders when text is cached) leave the GPU
@@ -123,6 +138,9 @@ def prepare_run(cfg: Config, device: torch.device):
         network = lora.combine(network, lora.inject_text_encoders(sd, cfg.network.rank, cfg.network.alpha))
     if cfg.train.fp8_base:
         fp8.quantize_frozen(sd.unet)  # after injection: the LoRA bases become fp8 too, the LoRA weights never
+    for p in network.parameters():
+        p.data = p.data.float()  # LoRA weights train in fp32 whatever the base's precision
+    sd.unet.to(device)
     return sd, model_cfg, network, cache
 
 
@@ -197,14 +215,9 @@ def train(cfg: Config, output_dir: str | Path, on_step: Callable[[dict], None] |
     sd, model_cfg, network, cache = prepare_run(cfg, device)
     unet, tc = sd.unet, cfg.train
     unet.gradient_checkpointing = tc.gradient_checkpointing
-    amp = AMP_DTYPES.get(tc.mixed_precision)
-    if amp is not None:
-        # Frozen weights in half precision and the UNet computing in it, without autocast: autocast would run
-        # every GroupNorm and LayerNorm in fp32 and keep their fp32 outputs for backward, twice the activation
-        # memory of the same step in bf16 (which the benchmark measures). The LoRA parameters stay fp32.
-        unet.to(amp)
-        for p in network.parameters():
-            p.data = p.data.float()
+    # The frozen UNet is stored in mixed_precision's dtype and computes in it, without autocast: autocast would
+    # run every GroupNorm and LayerNorm in fp32 and keep their fp32 outputs for backward, twice the activation
+    # memory of the same step in bf16 (which the benchmark measures). The LoRA parameters stay fp32.
     meta = training_metadata(cfg, model_cfg.family, cache.dataset, time.time())
     plan = Plan(cache.dataset, tc.batch_size, tc.epochs, tc.gradient_accumulation_steps)
     print(cache.describe(), flush=True)

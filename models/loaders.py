@@ -101,8 +101,9 @@ def open_checkpoint(source, cache_dir=None) -> Checkpoint:
 
 
 @torch.no_grad()
-def load_model(source, dtype: torch.dtype = torch.float32, device="cpu", cache_dir=None) -> StableDiffusion:
-    """A StableDiffusion filled from `source`, every floating tensor cast to `dtype`.
+def load_model(source, dtype: torch.dtype = torch.float32, device="cpu", cache_dir=None,
+               vae_dtype: torch.dtype | None = None) -> StableDiffusion:
+    """A StableDiffusion filled from `source`, every floating tensor cast to `dtype` (the VAE's to `vae_dtype` when given).
 
     The model is allocated once, empty, and filled one tensor at a time from the memory-mapped file.
     """
@@ -111,7 +112,10 @@ def load_model(source, dtype: torch.dtype = torch.float32, device="cpu", cache_d
         raise CheckpointError(f"{ckpt.path}: {ckpt.comparison.first_problem()}")
     with torch.device("meta"):
         model = StableDiffusion(ckpt.config)
-    model = model.to(dtype).to_empty(device=device)
+    model = model.to(dtype)
+    if vae_dtype is not None:
+        model.vae.to(vae_dtype)
+    model = model.to_empty(device=device)
     model.eval().requires_grad_(False)
     for key, target in model.state_dict().items():
         ref = ckpt.tensors.get(key)

@@ -188,3 +188,13 @@ def test_bf16_run_computes_in_bf16_without_autocast_and_previews_with_fp8_bases(
     assert norm_dtypes == {torch.bfloat16}
     assert all(torch.isfinite(torch.tensor(result.losses))) and result.final.exists()
     assert len(list((tmp_path / "out" / "samples").glob("*.png"))) == 1
+
+
+def test_run_loads_in_the_training_precision_with_an_fp32_vae(tmp_path):
+    # the model loads on the CPU already in bf16 (14 GB of fp32 SDXL never reaches the GPU), the VAE stays fp32
+    cfg = load_config(DEMO, ["train.mixed_precision='bf16'", f"dataset.cache_dir='{tmp_path / 'cache'}'"])
+    sd, _, network, _ = prepare_run(cfg, torch.device("cpu"))
+    assert {p.dtype for p in sd.unet.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for e in sd.text_encoders for p in e.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in sd.vae.parameters()} == {torch.float32}
+    assert {p.dtype for p in network.parameters()} == {torch.float32}
