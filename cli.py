@@ -78,6 +78,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if any(not c["passed"] for c in result["loss_checks"]) else 0
 
 
+def cmd_memory(args: argparse.Namespace) -> int:
+    from engine import memtrace
+    from engine.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    for prediction in memtrace.memory_modes(cfg) if args.modes else [memtrace.predict(cfg)]:
+        print(prediction.describe(), flush=True)
+    print("predicted on the meta device, not measured: compare with torch.cuda.max_memory_allocated; the CUDA "
+          "context and the allocator's fragmentation come on top (see engine/memtrace.py)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gesso", description="Fast LoRA training for SDXL and SD 1.5.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the environment, rows and loss checks as JSON here (default with --matrix or "
                                  "--loss-check: benchmarks/results/<device>-<date>-step.json or -loss.json)")
     p.set_defaults(run=cmd_bench)
+    p = sub.add_parser("memory", help="predict a config's peak GPU memory per training step, without a GPU",
+                       description="Runs the config's training step on the meta device (no weights loaded, seconds on a CPU) and "
+                                   "prints its peak GPU memory: frozen weights, LoRA and gradients, optimizer states, activations.")
+    p.add_argument("config", help="path to the TOML config")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key; repeatable")
+    p.add_argument("--modes", action="store_true", help="every memory mode: bf16 or fp8 bases, with and without gradient checkpointing")
+    p.set_defaults(run=cmd_memory)
     from engine.sample_cli import add_parsers; add_parsers(sub)  # noqa: E702  `sample` and `grid`
     from engine.lora_cli import add_parsers as lora_parsers; lora_parsers(sub)  # noqa: E702  `convert`, `merge`, `resize`
     return parser

@@ -1,11 +1,11 @@
 """Predict a LoRA training step's peak GPU memory on any machine, in seconds, before loading a weight.
 
 The step `gesso train` would run (the config's model, network, precision, fp8 bases, checkpointing,
-optimizer, batch and resolution) runs twice on the meta device: shapes and dtypes, no data and no
+optimizer, batch and resolution) runs on the meta device: shapes and dtypes, no data and no
 arithmetic. A dispatch mode counts the bytes of every tensor storage from its allocation until it is
-freed: the frozen weights, the LoRA parameters and their gradients, the optimizer's states, and what
-autograd keeps between forward and backward, recomputation included. The peak is over the second
-step, when the optimizer's states exist. Attention runs as aten's flash-attention op, which is what
+freed: the LoRA gradients and what autograd keeps between forward and backward, recomputation
+included. The frozen weights, the LoRA parameters and the optimizer's states (from one step, outside
+the count) are added: the peak is that of every step after the first. Attention runs as aten's flash-attention op, which is what
 SDPA picks on a GPU for these shapes and saves what the Triton kernel saves (q, k, v, o and the row
 log-sum-exp); on the meta device SDPA would decompose into the math path and hold every score matrix.
 
@@ -14,6 +14,7 @@ kernel workspaces, and the caching allocator's rounding and fragmentation. Compa
 torch.cuda.max_memory_allocated, not with nvidia-smi. The encoders are not counted: `gesso train` moves
 them off the GPU once the latents and captions are cached.
 """
+import dataclasses
 import weakref
 from dataclasses import dataclass
 from unittest import mock
@@ -25,7 +26,7 @@ from torch.utils._pytree import tree_map_only
 
 import models
 from engine import fp8, lora
-from engine.config import Config
+from engine.config import Config, ConfigError
 from engine.optim import build_optimizer
 
 GIB = 2**30
@@ -102,7 +103,10 @@ def _model_config(cfg: Config):
         from models.loaders import open_checkpoint
 
         return open_checkpoint(cfg.model.checkpoint).comparison.config  # headers only
-    return models.configs.get(cfg.model.name)
+    try:
+        return models.configs.get(cfg.model.name)
+    except KeyError as e:
+        raise ConfigError(f"model.name: {e.args[0]}") from None
 
 
 def _nbytes(tensors) -> int:
@@ -143,23 +147,33 @@ def predict(cfg: Config, resolution: int | None = None, batch: int | None = None
                           betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon, **tc.optimizer_args)
     h = resolution // 8
     with LiveBytes() as live, mock.patch.object(F, "scaled_dot_product_attention", _flash_sdpa):
-        for _ in range(2):
-            x0 = torch.empty(batch, mcfg.unet.in_channels, h, h, device="meta")  # cached latents, fp32
-            noise = torch.empty_like(x0)
-            t = torch.empty(batch, dtype=torch.long, device="meta")
-            context = torch.empty(batch, 77, mcfg.unet.context_dim, device="meta")
-            y = None if mcfg.unet.adm_in_channels is None else torch.empty(batch, mcfg.unet.adm_in_channels, device="meta")
-            pred = unet(x0 + noise, t, context, y)
-            F.mse_loss(pred.float(), noise).backward()
-            _optimizer_step(opt, tc.optimizer, trainable)
-            opt.zero_grad(set_to_none=True)
-            del x0, noise, t, context, y, pred
+        x0 = torch.empty(batch, mcfg.unet.in_channels, h, h, device="meta")  # cached latents, fp32
+        noise = torch.empty_like(x0)
+        t = torch.empty(batch, dtype=torch.long, device="meta")
+        context = torch.empty(batch, 77, mcfg.unet.context_dim, device="meta")
+        y = None if mcfg.unet.adm_in_channels is None else torch.empty(batch, mcfg.unet.adm_in_channels, device="meta")
+        pred = unet(x0 + noise, t, context, y)
+        F.mse_loss(pred.float(), noise).backward()
+        del x0, noise, t, context, y, pred
+    # The optimizer's step runs outside the count, for its states only: every later step is this one with
+    # the states alive (the gradients are freed by zero_grad), and its own temporaries are one tensor's.
+    _optimizer_step(opt, tc.optimizer, trainable)
+    opt.zero_grad(set_to_none=True)
     states = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
     weights, params = _nbytes(frozen), _nbytes(trainable)
     optimizer = _nbytes(states)
-    peak = weights + params + live.peak
+    peak = weights + params + optimizer + live.peak  # the gradients are in live.peak: made in backward
     trainable_gib = 2 * params  # the gradients are as large as the parameters (fp32)
     precision = f"fp8 bases + {tc.mixed_precision}" if tc.fp8_base else {"no": "fp32"}.get(tc.mixed_precision, tc.mixed_precision)
     return MemoryPrediction(
         mcfg.name, resolution, batch, cfg.network.rank, precision, tc.gradient_checkpointing, tc.optimizer,
         weights / GIB, trainable_gib / GIB, optimizer / GIB, (peak - weights - trainable_gib - optimizer) / GIB, peak / GIB)
+
+
+def memory_modes(cfg: Config) -> list[MemoryPrediction]:
+    """`cfg`'s step in each memory mode: bf16 (or the config's fp16) bases or fp8 bases, each without and with
+    gradient checkpointing; everything else (model, network, optimizer, batch, resolution) as configured."""
+    half = "fp16" if cfg.train.mixed_precision == "fp16" else "bf16"
+    return [predict(dataclasses.replace(cfg, train=dataclasses.replace(
+                cfg.train, mixed_precision=half, fp8_base=fp8_base, gradient_checkpointing=checkpointing)))
+            for fp8_base in (False, True) for checkpointing in (False, True)]

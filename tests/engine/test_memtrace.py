@@ -51,3 +51,18 @@ def test_full_size_sdxl_step_fits_the_memory_modes(full_size):
     bf16, fp8 = full_size
     assert bf16.peak_gib < 8 and fp8.peak_gib < 6, (bf16.describe(), fp8.describe())
     assert bf16.activations_gib < 1.5 and fp8.activations_gib < 1.5
+
+
+def test_memory_command_prints_each_mode_and_rejects_a_bad_model_in_one_line(capsys):
+    import cli
+
+    assert cli.main(["memory", str(DEMO), "--modes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 5 and "not measured" in lines[-1]
+    assert [("fp8 bases" in line, "checkpointing" in line) for line in lines[:4]] == [
+        (False, False), (False, True), (True, False), (True, True)]
+    peaks = [float(line.split("peak ")[1].split(" GiB")[0]) for line in lines[:4]]
+    assert peaks[1] < peaks[0] and peaks[3] < peaks[2]  # checkpointing saves memory at every size
+    assert cli.main(["memory", str(DEMO), "--set", "model.name='nope'"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model.name: unknown model config 'nope'") and err.count("\n") == 1
