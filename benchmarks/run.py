@@ -13,7 +13,7 @@ import pytest
 from benchmarks import harness
 
 HERE = Path(__file__).resolve().parent
-BASELINES = ("torch-sdpa", "torch-matmuls", "torch-adamw-fused")  # what each op's speed-up is measured against
+BASELINES = ("torch-sdpa", "torch-matmuls", "torch-adamw-fused", "torch-reference")  # what each op's speed-up is measured against
 
 
 def summary(rows: list) -> str:
