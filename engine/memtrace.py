@@ -163,11 +163,11 @@ def predict(cfg: Config, resolution: int | None = None, batch: int | None = None
     weights, params = _nbytes(frozen), _nbytes(trainable)
     optimizer = _nbytes(states)
     peak = weights + params + optimizer + live.peak  # the gradients are in live.peak: made in backward
-    trainable_gib = 2 * params  # the gradients are as large as the parameters (fp32)
+    with_grads = 2 * params  # the gradients are as large as the parameters (fp32)
     precision = f"fp8 bases + {tc.mixed_precision}" if tc.fp8_base else {"no": "fp32"}.get(tc.mixed_precision, tc.mixed_precision)
     return MemoryPrediction(
         mcfg.name, resolution, batch, cfg.network.rank, precision, tc.gradient_checkpointing, tc.optimizer,
-        weights / GIB, trainable_gib / GIB, optimizer / GIB, (peak - weights - trainable_gib - optimizer) / GIB, peak / GIB)
+        weights / GIB, with_grads / GIB, optimizer / GIB, (peak - weights - with_grads - optimizer) / GIB, peak / GIB)
 
 
 def memory_modes(cfg: Config) -> list[MemoryPrediction]:
