@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels.lora_linear import FrozenFP8Linear
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
 
@@ -38,26 +40,6 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
-
-
-class _FP8LinearFunction(torch.autograd.Function):
-    """x W^T + b with W dequantised in forward and again in backward: only the fp8 codes are saved."""
-
-    @staticmethod
-    def forward(ctx, x, codes, scale, bias, dtype):
-        ctx.save_for_backward(codes, scale)
-        ctx.dtype, ctx.x_dtype = dtype, x.dtype
-        ctx.bias_dtype = None if bias is None or not ctx.needs_input_grad[3] else bias.dtype
-        b = None if bias is None else bias.to(dtype)
-        return F.linear(x.to(dtype), dequantize_weight(codes, scale, dtype), b)
-
-    @staticmethod
-    def backward(ctx, dy):
-        codes, scale = ctx.saved_tensors
-        dy = dy.to(ctx.dtype)
-        dx = (dy @ dequantize_weight(codes, scale, ctx.dtype)).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        d_bias = dy.reshape(-1, dy.shape[-1]).float().sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
-        return dx, None, None, d_bias, None
 
 
 class _FP8Conv2dFunction(torch.autograd.Function):
@@ -125,7 +107,9 @@ class FP8Linear(_FP8Module):
         self._store(base)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _FP8LinearFunction.apply(x, self.weight, self.weight_scale, self.bias, _compute_dtype(x))
+        dtype = _compute_dtype(x)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return FrozenFP8Linear.apply(x.to(dtype), self.weight, self.weight_scale, bias)
 
     def to_linear(self) -> nn.Linear:
         with torch.device("meta"):

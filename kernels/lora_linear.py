@@ -36,7 +36,7 @@ def lora_linear_ref(x, weight, bias, down, up, scale: float, upcast: bool = Fals
     if upcast:
         x, down, up = x.double(), down.double(), up.double()
         bias = None if bias is None else bias.double()
-    w = weight.to(x.dtype) if weight_scale is None else None  # fp8 codes are dequantised in _FrozenFP8Linear
+    w = weight.to(x.dtype) if weight_scale is None else None  # fp8 codes are dequantised in FrozenFP8Linear
     lora_scale = scale
     x_lora = x
     if dropout_p > 0.0:
@@ -46,12 +46,12 @@ def lora_linear_ref(x, weight, bias, down, up, scale: float, upcast: bool = Fals
         lora_scale = scale / (1.0 - dropout_p)
     down, up = down.to(x.dtype), up.to(x.dtype)
     bias = None if bias is None else bias.to(x.dtype)
-    base = F.linear(x, w, bias) if weight_scale is None else _FrozenFP8Linear.apply(x, weight, weight_scale, bias)
+    base = F.linear(x, w, bias) if weight_scale is None else FrozenFP8Linear.apply(x, weight, weight_scale, bias)
     y = base + lora_scale * F.linear(F.linear(x_lora, down), up)
     return y.to(dtype)
 
 
-class _FrozenFP8Linear(torch.autograd.Function):
+class FrozenFP8Linear(torch.autograd.Function):
     """x W^T + b for fp8 codes W and their scale, dequantised in forward and again in backward.
 
     F.linear on the dequantised weight would save that full-precision copy for backward: every LoRA
