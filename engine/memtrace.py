@@ -25,12 +25,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
 import models
-from engine import fp8, lora
+from engine import lora
 from engine.config import Config, ConfigError
-from engine.optim import build_optimizer
 
 GIB = 2**30
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 
 
 class LiveBytes(TorchDispatchMode):
@@ -125,26 +123,20 @@ def _optimizer_step(opt, name: str, params: list) -> None:
 
 def predict(cfg: Config, resolution: int | None = None, batch: int | None = None) -> MemoryPrediction:
     """The peak GPU memory of `cfg`'s UNet LoRA training step (text-encoder LoRA not included)."""
-    from engine.train import inject_network, param_groups  # train imports the data stack; keep it lazy
+    from engine.train import AMP_DTYPES, train_optimizer, unet_network  # train imports the data stack: lazily
 
     mcfg = _model_config(cfg)
     tc = cfg.train
     resolution = resolution or cfg.dataset.resolution
     batch = batch or tc.batch_size
-    dtype = AMP_DTYPES[tc.mixed_precision]
     unet = lora._meta_unet(mcfg.unet).requires_grad_(False)
-    network = inject_network(unet, cfg)
-    if tc.fp8_base:
-        fp8.quantize_frozen(unet)
-    unet.to(dtype)  # as train() does: fp8 modules cast their bias only
-    for p in network.parameters():
-        p.data = p.data.float()
+    unet.to(AMP_DTYPES.get(tc.mixed_precision, torch.float32))  # as train loads it, before injection
+    network = unet_network(unet, cfg)
     unet.gradient_checkpointing = tc.gradient_checkpointing
     trainable = list(network.parameters())
     ids = {id(p) for p in trainable}
     frozen = [t for t in (*unet.parameters(), *unet.buffers()) if id(t) not in ids]
-    opt = build_optimizer(tc.optimizer, param_groups(network, tc), tc.learning_rate, tc.weight_decay,
-                          betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon, **tc.optimizer_args)
+    opt = train_optimizer(network, tc)
     h = resolution // 8
     with LiveBytes() as live, mock.patch.object(F, "scaled_dot_product_attention", _flash_sdpa):
         x0 = torch.empty(batch, mcfg.unet.in_channels, h, h, device="meta")  # cached latents, fp32

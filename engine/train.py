@@ -133,15 +133,26 @@ def prepare_run(cfg: Config, device: torch.device):
     train_te = cfg.network.train_text_encoders
     cache = prepare_cache(sd, tokenizers, dataset, device, cfg.dataset.cache_dir or None, train_text_encoders=train_te)
     cache.release_encoders()  # the VAE (and the text encoders when text is cached) leave the GPU
-    network = inject_network(sd.unet, cfg)
+    network = unet_network(sd.unet, cfg)  # LoRA weights are made in fp32 whatever the base's precision
     if train_te:
         network = lora.combine(network, lora.inject_text_encoders(sd, cfg.network.rank, cfg.network.alpha))
-    if cfg.train.fp8_base:
-        fp8.quantize_frozen(sd.unet)  # after injection: the LoRA bases become fp8 too, the LoRA weights never
-    for p in network.parameters():
-        p.data = p.data.float()  # LoRA weights train in fp32 whatever the base's precision
     sd.unet.to(device)
     return sd, model_cfg, network, cache
+
+
+def unet_network(unet, cfg: Config) -> lora.LoRANetwork:
+    """The UNet's LoRA as training sets it up (engine.memtrace predicts the same): `inject_network`, then the
+    frozen bases in fp8 when train.fp8_base, after injection so that the LoRA bases become fp8 too."""
+    network = inject_network(unet, cfg)
+    if cfg.train.fp8_base:
+        fp8.quantize_frozen(unet)
+    return network
+
+
+def train_optimizer(network: lora.LoRANetwork, tc) -> torch.optim.Optimizer:
+    """The optimizer `train` (and engine.memtrace) builds over the network's param groups."""
+    return build_optimizer(tc.optimizer, param_groups(network, tc), tc.learning_rate, tc.weight_decay,
+                           betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon, **tc.optimizer_args)
 
 
 def inject_network(unet, cfg: Config) -> lora.LoRANetwork:
@@ -223,8 +234,7 @@ def train(cfg: Config, output_dir: str | Path, on_step: Callable[[dict], None] |
     print(cache.describe(), flush=True)
     print(plan.describe(), flush=True)
 
-    opt = build_optimizer(tc.optimizer, param_groups(network, tc), tc.learning_rate, tc.weight_decay,
-                          betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon, **tc.optimizer_args)
+    opt = train_optimizer(network, tc)
     sched = build_schedule(tc.lr_scheduler, opt, plan.total_steps, tc.lr_warmup_steps, tc.lr_scheduler_num_cycles)
     scaler = torch.amp.GradScaler(device.type, enabled=tc.mixed_precision == "fp16")
     ac = diffusion.scaled_linear_alphas_cumprod()
