@@ -1,155 +1,30 @@
 """Gesso's command line: `python cli.py COMMAND ...`, also installed as `gesso`.
 
-This is the edge: it parses arguments, builds the typed config once, and turns the engine's input
-errors into one-line messages with a non-zero exit instead of tracebacks.
+This is the edge: it parses arguments and hands each command to its handler in `commands/`, which builds
+the typed config once and passes plain values inward. Bad input (any `GessoError`) becomes one line after
+`error: ` and exit code 2 instead of a traceback.
 """
 import argparse
 import os
 import sys
-from pathlib import Path
 
-CONFIG_HELP = "Every config key, its default and meaning: README.md, section 'Config reference'."
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from engine.config import load_config
-    from engine.train import train
-
-    cfg = load_config(args.config, args.set)
-    output_dir = Path(args.output_dir or args.resume or cfg.output.dir or Path("output") / cfg.output.name)
-    result = train(cfg, output_dir, resume=args.resume)
-    print(f"saved {result.final} ({len(result.epoch_files)} epoch files, metrics in {output_dir / 'metrics.jsonl'})")
-    return 0
-
-
-def cmd_inspect(args: argparse.Namespace) -> int:
-    from models.inspect import inspect_main
-
-    return inspect_main(args.path)
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    import dataclasses
-    import datetime
-    import json
-
-    import torch
-
-    from benchmarks import harness
-    from engine import bench
-
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    one = bench.Case(args.model or ("sdxl" if cuda else "tiny-sdxl"), args.resolution or (1024 if cuda else 128),
-                     args.batch, args.rank, args.fp8_base, args.gradient_checkpointing)
-    note = None if cuda else "no CUDA GPU: these are CPU numbers at a tiny size, a smoke test, not the engine's GPU speed"
-    if note:
-        print(note, flush=True)
-    out = args.out
-    if out is None and (args.matrix or args.loss_check):
-        kind = "step" if args.matrix else "loss"
-        out = harness.ROOT / "benchmarks" / "results" / f"{harness.device_slug()}-{datetime.date.today().isoformat()}-{kind}.json"
-    env = dict(harness.environment(), driver=bench.driver_version(), note=note, steps=args.steps, warmup=args.warmup,
-               timing="median wall-clock seconds of the timed steps, synchronised before and after each",
-               flops="counted by FlopCounterMode on the reference path of each case, recomputation included; both rows' MFU use it")
-    result = dict(env=env, rows=[], loss_checks=[])
-
-    def save() -> None:  # after every case: a run cut short still leaves what it measured
-        if out:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            Path(out).write_text(json.dumps(result, indent=1) + "\n")
-
-    cases = bench.matrix(cuda) if args.matrix else [] if args.loss_check else [one]
-    for case in cases:
-        rows = bench.run_case(case, args.steps, args.warmup, device, dtype, harness.ceiling()[0])
-        print(bench.describe(rows), flush=True)
-        result["rows"] += bench.as_dicts(rows)
-        save()
-    if args.loss_check:
-        for fp8_base in (False, True):
-            case = dataclasses.replace(one, fp8_base=fp8_base)
-            check = bench.loss_check(case, args.loss_check, args.lr, device, dtype)
-            print(bench.describe_loss(check), flush=True)
-            result["loss_checks"] += bench.as_dicts([check])
-            save()
-    if out:
-        print(f"results -> {out}")
-    return 1 if any(not c["passed"] for c in result["loss_checks"]) else 0
-
-
-def cmd_memory(args: argparse.Namespace) -> int:
-    from engine import memtrace
-    from engine.config import load_config
-
-    cfg = load_config(args.config, args.set)
-    for prediction in memtrace.memory_modes(cfg) if args.modes else [memtrace.predict(cfg)]:
-        print(prediction.describe(), flush=True)
-    print("predicted on the meta device, not measured: compare with torch.cuda.max_memory_allocated; the CUDA "
-          "context and the allocator's fragmentation come on top (see engine/memtrace.py)")
-    return 0
+from gesso.commands import inspect, lora, measure, sample, train
+from gesso.errors import GessoError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gesso", description="Fast LoRA training for SDXL and SD 1.5.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train a LoRA from a TOML config", description=f"Train a LoRA from a TOML config. {CONFIG_HELP}")
-    p.add_argument("config", help="path to the TOML config (see examples/demo.toml)")
-    p.add_argument("--output-dir", help="where the LoRA files and metrics.jsonl go (default: output.dir, else output/<output.name>)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key; repeatable")
-    p.add_argument("--resume", metavar="DIR", help="go on from the state.pt an earlier (interrupted) run left in DIR; "
-                                                   "the output goes to DIR unless --output-dir says otherwise")
-    p.set_defaults(run=cmd_train)
-    p = sub.add_parser("inspect", help="what a checkpoint or LoRA file holds (reads only the header)",
-                       description="Detected architecture, parameter counts and dtypes, missing or unexpected keys; for a LoRA, "
-                                   "rank, alpha, targets and metadata. Exit 1 when keys do not match, 2 when unreadable.")
-    p.add_argument("path", help="a .safetensors/.ckpt file, a diffusers folder or a cached Hub repo id")
-    p.set_defaults(run=cmd_inspect)
-    p = sub.add_parser("bench", help="time a LoRA training step: engine kernels vs the PyTorch reference path",
-                       description="Seconds per step, images/s, MFU and peak GPU memory of LoRA training on cached-latent shapes "
-                                   "(random weights, real shapes), for the engine's kernels and the reference path in one process, "
-                                   "and a loss check of the two paths. Without a GPU it runs tiny-sdxl at small sizes and says its "
-                                   "numbers are CPU numbers.")
-    p.add_argument("--model", help="architecture (default: sdxl on a GPU, tiny-sdxl on the CPU)")
-    p.add_argument("--resolution", type=int, help="pixels (default: 1024 on a GPU, 128 on the CPU)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--steps", type=int, default=10, help="timed steps; the median is reported")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--fp8-base", action="store_true", help="frozen UNet weights in fp8 e4m3 after LoRA injection (train.fp8_base)")
-    p.add_argument("--matrix", action="store_true",
-                   help="the issue's grid instead of one case: resolution 1024/512 x batch 1/4 x rank 16/64 with checkpointing, "
-                        "plus 1024/1/16 without checkpointing and with an fp8 base (CPU: tiny-sdxl at 64/32 px, batch 1/2, "
-                        "rank 4/8); --model, --resolution, --batch, --rank and the memory flags do not apply")
-    p.add_argument("--loss-check", type=int, metavar="STEPS",
-                   help="train STEPS steps on both paths from the same start with torch.optim.AdamW and compare the loss "
-                        "curves, with the base in the model dtype and in fp8 (--model/--resolution/--batch/--rank/"
-                        "--gradient-checkpointing apply); exit 1 when they differ by more than the tolerance. "
-                        "Without --matrix, no step timing")
-    p.add_argument("--lr", type=float, default=1e-4, help="learning rate of the loss check")
-    p.add_argument("--out", help="write the environment, rows and loss checks as JSON here (default with --matrix or "
-                                 "--loss-check: benchmarks/results/<device>-<date>-step.json or -loss.json)")
-    p.set_defaults(run=cmd_bench)
-    p = sub.add_parser("memory", help="predict a config's peak GPU memory per training step, without a GPU",
-                       description="Runs the config's training step on the meta device (no weights loaded, seconds on a CPU) and "
-                                   "prints its peak GPU memory: frozen weights, LoRA and gradients, optimizer states, activations.")
-    p.add_argument("config", help="path to the TOML config")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key; repeatable")
-    p.add_argument("--modes", action="store_true", help="every memory mode: bf16 or fp8 bases, with and without gradient checkpointing")
-    p.set_defaults(run=cmd_memory)
-    from engine.sample_cli import add_parsers; add_parsers(sub)  # noqa: E702  `sample` and `grid`
-    from engine.lora_cli import add_parsers as lora_parsers; lora_parsers(sub)  # noqa: E702  `convert`, `merge`, `resize`
+    for command in (train, inspect, measure, sample, lora):  # the order `gesso --help` lists them in
+        command.add_parsers(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.errors import USER_ERRORS
-
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except USER_ERRORS as e:
+    except GessoError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,13 +1,19 @@
 from setuptools import setup
 
+# One import name, `gesso`, as diffusers has `diffusers`: the repository root is the package, so its
+# engine/, kernels/, models/, commands/ and cli.py install as gesso.engine, gesso.kernels, gesso.models,
+# gesso.commands and gesso.cli, and a host's own `models` or `engine` package is never shadowed.
+PACKAGES = ["gesso", "gesso.commands", "gesso.engine", "gesso.engine.data", "gesso.engine.lora", "gesso.engine.measure",
+            "gesso.engine.sampling", "gesso.kernels", "gesso.models"]
+
 setup(
     name="gesso",
     version="0.1.0",
     description="Fast LoRA training for Stable Diffusion XL and SD 1.5, with Triton kernels",
     python_requires=">=3.11",
-    packages=["models", "engine", "kernels"],
-    py_modules=["cli"],
-    package_data={"models": ["tokenizers/clip/*"]},
+    packages=PACKAGES,
+    package_dir={"gesso": "."},
+    package_data={"gesso.models": ["tokenizers/clip/*"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
@@ -24,5 +30,5 @@ setup(
         # diffusers' load_lora_weights needs to load our LoRA files in the format tests.
         "test": ["pytest", "pytest-benchmark", "diffusers>=0.30", "peft"],
     },
-    entry_points={"console_scripts": ["gesso=cli:main"]},
+    entry_points={"console_scripts": ["gesso=gesso.cli:main"]},
 )

@@ -4,7 +4,7 @@ import torch
 
 from benchmarks import harness
 from benchmarks.harness import DEVICE, ON_GPU, gpu_only
-from kernels.adamw8bit import AdamW8bit
+from gesso.kernels.adamw8bit import AdamW8bit
 
 
 def sdxl_lora_shapes(rank: int, scale: int = 1) -> list:

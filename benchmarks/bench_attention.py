@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from benchmarks import harness
 from benchmarks.harness import DEVICE, DTYPE, ON_GPU, gpu_only
-from kernels.attention import attention, attention_ref
+from gesso.kernels.attention import attention, attention_ref
 
 # (name, B, heads, Tq, Tk, D); SDXL at 1024x1024, batch 1
 GPU_CASES = [

@@ -4,7 +4,7 @@ import torch
 
 from benchmarks import harness
 from benchmarks.harness import DEVICE, DTYPE, ON_GPU, gpu_only
-from kernels.lora_linear import lora_linear, lora_linear_ref
+from gesso.kernels.lora_linear import lora_linear, lora_linear_ref
 
 # (name, rows M, in, out); SDXL at 1024x1024, batch 1: 4096 tokens at 640 channels, 1024 at 1280
 GPU_CASES = [

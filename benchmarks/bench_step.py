@@ -12,7 +12,7 @@ import torch
 
 from benchmarks import harness
 from benchmarks.harness import DEVICE, DTYPE, ON_GPU, gpu_only
-from engine import bench
+from gesso.engine.measure import bench
 
 CASE = bench.Case("sdxl", 1024, 1, 16) if ON_GPU else bench.Case("tiny-sdxl", 64, 1, 4)
 PATHS = {"gesso-kernels": "kernels", "torch-reference": "reference"}

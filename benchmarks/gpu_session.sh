@@ -65,6 +65,11 @@ EOF
     } 2>&1 | tee -a "$OUT/env.log"
 }
 
+# `gesso` importable without installing anything on the GPU machine: a link named gesso to this checkout
+GESSO_LINK=$(mktemp -d)
+ln -s "$PWD" "$GESSO_LINK/gesso"
+export PYTHONPATH="$GESSO_LINK${PYTHONPATH:+:$PYTHONPATH}"
+
 SLUG=$(python -c "from benchmarks.harness import device_slug; print(device_slug())")
 DATE=$(python -c "import datetime; print(datetime.date.today().isoformat())")
 

@@ -9,9 +9,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(Exception):
-    """A bad config key or value; the message is one line naming the file and key."""
+from gesso.errors import ConfigError
 
 
 @dataclass(frozen=True)

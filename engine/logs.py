@@ -27,7 +27,7 @@ class RunLog:
         self.device = device
         self.writer = None
         if tensorboard:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter  # protobuf and all: loaded only when a run asks for TensorBoard
 
             self.writer = SummaryWriter(str(folder / "tensorboard"), purge_step=from_step + 1 if from_step else None)
         self.last = time.perf_counter()

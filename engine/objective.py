@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine import diffusion
-from engine.config import LossSection
+from gesso.engine import diffusion
+from gesso.engine.config import LossSection
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Optimizers for LoRA training: the factory, Prodigy and Adafactor.
 
-AdamW is torch's; 8-bit AdamW is the kernels package's, imported only when chosen. Prodigy and
+AdamW is torch's; 8-bit AdamW is the kernels package's. Prodigy and
 Adafactor are written here so their state lives in plain tensors and python scalars that
 `state_dict` round-trips exactly, and so every mode reads its step size from the param group's
 `lr`, which the lr schedules scale and which may differ between UNet and text encoders.
@@ -9,6 +9,8 @@ import inspect
 import math
 
 import torch
+
+from gesso.kernels.adamw8bit import AdamW8bit
 
 
 class Prodigy(torch.optim.Optimizer):
@@ -180,15 +182,9 @@ class Adafactor(torch.optim.Optimizer):
         return loss
 
 
-def _adamw8bit():
-    from kernels.adamw8bit import AdamW8bit  # Triton is needed only when this optimizer is chosen
-
-    return AdamW8bit
-
-
 OPTIMIZERS = {
     "adamw": lambda: torch.optim.AdamW,
-    "adamw8bit": _adamw8bit,
+    "adamw8bit": lambda: AdamW8bit,
     "prodigy": lambda: Prodigy,
     "adafactor": lambda: Adafactor,
 }

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from engine.io import write_atomic
+from gesso.engine.io import write_atomic
 
 STATE_FILE = "state.pt"
 

@@ -8,25 +8,24 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import models
-from engine import diffusion, fp8, lora, objective
-from engine.logs import RunLog, peak_memory_gib
-from engine.preview import render_previews
-from engine.cache import Cache, prepare_cache
-from engine.data import Dataset, DatasetOptions, Subset, build_dataset
-from engine.config import Config
-from engine.lora_file import save_lora
-from engine.metadata import at_save, training_metadata
-from engine.optim import build_optimizer
-from engine.schedules import build_schedule
-from engine.state import Position, load_state, restore_network, save_state
+from gesso import models
+from gesso.engine import diffusion, fp8, objective
+from gesso.engine.config import Config
+from gesso.engine.data.cache import Cache, prepare_cache
+from gesso.engine.data.dataset import Dataset, DatasetOptions, Subset, build_dataset
+from gesso.engine.logs import RunLog, peak_memory_gib
+from gesso.engine.lora import names
+from gesso.engine.lora import network as lora
+from gesso.engine.lora.files import save_lora
+from gesso.engine.lora.metadata import at_save, training_metadata
+from gesso.engine.optim import build_optimizer
+from gesso.engine.sampling.preview import render_previews
+from gesso.engine.schedules import build_schedule
+from gesso.engine.state import Position, load_state, restore_network, save_state
+from gesso.errors import TrainError
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class TrainError(Exception):
-    """A problem with the run's inputs (empty dataset, unknown model, bad resume); one line naming it."""
 
 
 @dataclass
@@ -141,7 +140,7 @@ def prepare_run(cfg: Config, device: torch.device):
 
 
 def unet_network(unet, cfg: Config) -> lora.LoRANetwork:
-    """The UNet's LoRA as training sets it up (engine.memtrace predicts the same): `inject_network`, then the
+    """The UNet's LoRA as training sets it up (engine/measure/memtrace.py predicts the same): `inject_network`, then the
     frozen bases in fp8 when train.fp8_base, after injection so that the LoRA bases become fp8 too."""
     network = inject_network(unet, cfg)
     if cfg.train.fp8_base:
@@ -150,7 +149,7 @@ def unet_network(unet, cfg: Config) -> lora.LoRANetwork:
 
 
 def train_optimizer(network: lora.LoRANetwork, tc) -> torch.optim.Optimizer:
-    """The optimizer `train` (and engine.memtrace) builds over the network's param groups."""
+    """The optimizer `train` (and engine/measure/memtrace.py) builds over the network's param groups."""
     return build_optimizer(tc.optimizer, param_groups(network, tc), tc.learning_rate, tc.weight_decay,
                            betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon, **tc.optimizer_args)
 
@@ -159,16 +158,16 @@ def inject_network(unet, cfg: Config) -> lora.LoRANetwork:
     """LoRA on the transformer linears (kohya's default), plus LoCon on the res-block convs when conv_rank > 0:
     3x3 convs at conv_rank/conv_alpha, the other LoCon modules at rank/alpha, as kohya's LoCon does."""
     n = cfg.network
-    paths = lora.attention_targets(unet)
+    paths = names.attention_targets(unet)
     conv3x3 = set()
     if n.conv_rank:
-        locon = lora.locon_targets(unet)
+        locon = names.locon_targets(unet)
         conv3x3 = {p for p in locon if getattr(unet.get_submodule(p), "kernel_size", (1, 1)) != (1, 1)}
         paths += locon
-    names = lora.unet_kohya_names(unet, paths)
-    rank = {names[p]: n.conv_rank if p in conv3x3 else n.rank for p in paths}
-    alpha = {names[p]: n.conv_alpha if p in conv3x3 else n.alpha for p in paths}
-    return lora.inject(unet, paths, "lora_unet_", rank, alpha, names=names)
+    kohya = names.unet_kohya_names(unet, paths)
+    rank = {kohya[p]: n.conv_rank if p in conv3x3 else n.rank for p in paths}
+    alpha = {kohya[p]: n.conv_alpha if p in conv3x3 else n.alpha for p in paths}
+    return lora.inject(unet, paths, "lora_unet_", rank, alpha, names=kohya)
 
 
 @torch.no_grad()

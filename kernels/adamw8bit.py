@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import use_triton
+from gesso.kernels.dispatch import use_triton
 
 BLOCK = 256
 MIN_8BIT_SIZE = 4096

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.dispatch import autocast_inputs, use_triton
+from gesso.kernels.dispatch import autocast_inputs, use_triton
 
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.dispatch import MIN_CAPABILITY, autocast_inputs, use_triton
+from gesso.kernels.dispatch import MIN_CAPABILITY, autocast_inputs, use_triton
 
 FP8_DTYPES = (torch.float8_e4m3fn,)
 FP8_MIN_CAPABILITY = (8, 9)

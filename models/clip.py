@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.configs import CLIPTextConfig, OpenCLIPTextConfig
+from gesso.models.configs import CLIPTextConfig, OpenCLIPTextConfig
 
 
 def activation(name: str, x: torch.Tensor) -> torch.Tensor:

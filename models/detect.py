@@ -6,8 +6,9 @@ from functools import cache
 
 import torch
 
-from models.configs import REGISTRY, ModelConfig
-from models.files import CheckpointError, TensorRef
+from gesso.models.configs import REGISTRY, ModelConfig
+from gesso.models.files import CheckpointError, TensorRef
+from gesso.models.sd import build
 
 SDXL_BIGG = "conditioner.embedders.1.model.transformer.resblocks."  # diffusers tests its block 9
 UNET = "model.diffusion_model."
@@ -70,8 +71,6 @@ def is_optional(key: str) -> bool:
 @cache
 def expected_shapes(name: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """{key: (shape, dtype)} of the engine's definition of a registry config, built on the meta device."""
-    from models.sd import build
-
     return {k: (tuple(v.shape), v.dtype) for k, v in build(REGISTRY[name], device="meta").state_dict().items()}
 
 

@@ -9,7 +9,7 @@ import re
 
 import torch
 
-from models.files import CheckpointError, TensorRef
+from gesso.models.files import CheckpointError, TensorRef
 
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}

@@ -12,16 +12,14 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
+from gesso.errors import CheckpointError
+
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
     "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
 MAX_HEADER = 100 * 2**20  # safetensors' own limit
-
-
-class CheckpointError(Exception):
-    """A file that is not a readable checkpoint of a supported model; the message is one line naming it."""
 
 
 @dataclass(frozen=True)

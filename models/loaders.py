@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from models.detect import Comparison, detect_family, is_optional, match_config
-from models.diffusers_format import diffusers_to_original
-from models.files import CheckpointError, TensorRef, file_refs, sharded_refs
-from models.sd import StableDiffusion
+from gesso.models.detect import Comparison, detect_family, is_optional, match_config
+from gesso.models.diffusers_format import diffusers_to_original
+from gesso.models.files import CheckpointError, TensorRef, file_refs, sharded_refs
+from gesso.models.sd import StableDiffusion
 
 __all__ = ["CheckpointError", "Checkpoint", "resolve", "open_checkpoint", "load_model"]
 
@@ -45,7 +45,7 @@ def resolve(source, cache_dir=None) -> Path:
         return path
     if not REPO_ID.match(str(source)):
         raise CheckpointError(f"{source}: no such file or folder")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # here, not at the top: it reads HF_HUB_CACHE and HF_HUB_OFFLINE when imported
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:

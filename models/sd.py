@@ -7,10 +7,10 @@ SDXL: `model.diffusion_model.*`, `first_stage_model.*`, `conditioner.embedders.0
 import torch
 from torch import nn
 
-from models.clip import CLIPTextEncoder, OpenCLIPTextEncoder
-from models.configs import CLIPTextConfig, ModelConfig
-from models.unet import UNet, timestep_embedding
-from models.vae import AutoencoderKL
+from gesso.models.clip import CLIPTextEncoder, OpenCLIPTextEncoder
+from gesso.models.configs import CLIPTextConfig, ModelConfig, get
+from gesso.models.unet import UNet, timestep_embedding
+from gesso.models.vae import AutoencoderKL
 
 CHUNK = 77  # tokens per encoded chunk: start + 75 + end
 
@@ -104,8 +104,6 @@ def build(config, seed: int = 0, device="cpu", dtype: torch.dtype = torch.float3
 
     device="meta" builds the full-size definitions without allocating memory.
     """
-    from models.configs import get
-
     cfg = get(config) if isinstance(config, str) else config
     if torch.device(device).type == "meta":
         with torch.device("meta"):

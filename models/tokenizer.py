@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from transformers import CLIPTokenizer
 
-from models.configs import ModelConfig
+from gesso.models.configs import ModelConfig
+from gesso.models.loaders import resolve
 
 SHIPPED = Path(__file__).parent / "tokenizers" / "clip"
 CHUNK_TOKENS = 75  # between the start and end tokens of each 77-token chunk
@@ -31,8 +32,6 @@ def load_tokenizers(cfg: ModelConfig, path=None, cache_dir=None) -> list[CLIPTok
     path: None or a single-file checkpoint (the shipped CLIP vocabulary), a folder with vocab.json + merges.txt
     (used for every encoder), a diffusers folder with tokenizer/ and tokenizer_2/, or a Hub repo id in the cache.
     """
-    from models.loaders import resolve
-
     root = SHIPPED if path is None else resolve(path, cache_dir)
     if root.is_file():
         root = SHIPPED

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.attention import attention
-from models.configs import VAEConfig
+from gesso.kernels.attention import attention
+from gesso.models.configs import VAEConfig
 
 
 def vae_norm(channels: int) -> nn.GroupNorm:

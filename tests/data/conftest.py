@@ -2,9 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import models
-from engine.data import DatasetOptions
-
+from gesso import models
+from gesso.engine.data.dataset import DatasetOptions
 
 
 @pytest.fixture(scope="module")

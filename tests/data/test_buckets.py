@@ -3,9 +3,9 @@ from collections import Counter
 
 import torch
 
-from engine import buckets as B
-from engine.cache import encode_latents, prepare_cache
-from engine.data import Subset, build_dataset, load_pixels
+from gesso.engine.data import buckets as B
+from gesso.engine.data.cache import encode_latents, prepare_cache
+from gesso.engine.data.dataset import Subset, build_dataset, load_pixels
 
 # Hand-worked placements at resolution 128 (buckets listed in conftest), sizes as (h, w):
 # square   100x100: ratio 1 -> 128x128, scale 1.28, resized 128x128, crop (0, 0)

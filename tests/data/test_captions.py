@@ -1,6 +1,6 @@
 import torch
 
-from engine.captions import augment, read_caption, with_trigger
+from gesso.engine.data.captions import augment, read_caption, with_trigger
 
 TAGS = ["zzk", "1girl", "red hair", "smile", "outdoors", "sky", "tree", "hat"]
 

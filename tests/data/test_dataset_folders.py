@@ -1,7 +1,7 @@
 import math
 from collections import Counter
 
-from engine.data import Subset, build_dataset
+from gesso.engine.data.dataset import Subset, build_dataset
 
 
 def _kohya_tree(root, make_image):

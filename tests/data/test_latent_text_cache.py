@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-import models
-from engine.cache import encode_captions, prepare_cache
-from engine.data import Sample, Subset, build_dataset
+from gesso import models
+from gesso.engine.data.cache import encode_captions, prepare_cache
+from gesso.engine.data.dataset import Sample, Subset, build_dataset
 
 LONG = ", ".join(f"tag{i}" for i in range(60))  # over 75 tokens: several 77-token chunks
 

@@ -4,8 +4,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.cache import prepare_cache
-from engine.data import DatasetOptions, Subset, build_dataset, load_pixels
+from gesso.engine.data.cache import prepare_cache
+from gesso.engine.data.dataset import DatasetOptions, Subset, build_dataset, load_pixels
 
 OPTIONS = DatasetOptions(resolution=64, min_bucket_side=64, max_bucket_side=128)
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import cli
-import models
-from engine import bench, lora
-from kernels.lora_linear import lora_linear_ref
+from gesso import cli, models
+from gesso.engine.lora import network as lora
+from gesso.engine.measure import bench
+from gesso.kernels.lora_linear import lora_linear_ref
 
 CPU = torch.device("cpu")
 

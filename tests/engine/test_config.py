@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ConfigError, load_config
+from gesso.engine.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

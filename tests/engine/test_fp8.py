@@ -4,8 +4,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-import models
-from engine import fp8, lora
+from gesso import models
+from gesso.engine import fp8
+from gesso.engine.lora import names
+from gesso.engine.lora import network as lora
 
 FP8_TYPES = (fp8.FP8Linear, fp8.FP8Conv2d)
 
@@ -14,7 +16,7 @@ def _lora_unet(seed=0):
     """The tiny SDXL UNet, frozen, with LoRA on the attention and LoCon targets (ups random so every grad is non-zero)."""
     unet = models.build("tiny-sdxl", seed=seed).unet
     unet.requires_grad_(False)
-    network = lora.inject(unet, lora.attention_targets(unet) + lora.locon_targets(unet), "lora_unet_", 4, 4)
+    network = lora.inject(unet, names.attention_targets(unet) + names.locon_targets(unet), "lora_unet_", 4, 4)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for m in network.modules.values():

@@ -1,7 +1,8 @@
 import torch
 import torch.nn as nn
 
-from engine import lora
+from gesso.engine.lora import names
+from gesso.engine.lora import network as lora
 
 
 class Block(nn.Module):
@@ -38,16 +39,16 @@ class Net(nn.Module):
 
 
 def test_targets_are_the_linears_inside_transformers():
-    names = lora.attention_targets(Net())
-    assert names == [f"blocks.{i}.{n}" for i in range(2) for n in ("proj_in", "transformer_blocks.0.to_q", "transformer_blocks.0.ff.0", "transformer_blocks.0.ff.2")]
-    assert lora.kohya_name("lora_unet_", "input_blocks.4.1.transformer_blocks.0.attn1.to_q") == "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+    targets = names.attention_targets(Net())
+    assert targets == [f"blocks.{i}.{n}" for i in range(2) for n in ("proj_in", "transformer_blocks.0.to_q", "transformer_blocks.0.ff.0", "transformer_blocks.0.ff.2")]
+    assert names.kohya_name("lora_unet_", "input_blocks.4.1.transformer_blocks.0.attn1.to_q") == "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
 
 
 def test_zero_up_leaves_output_unchanged_and_remove_restores_modules():
     torch.manual_seed(0)
     net, x = Net(), torch.randn(3, 5, 12)
     before = net(x)
-    originals = {n: net.get_submodule(n) for n in lora.attention_targets(net)}
+    originals = {n: net.get_submodule(n) for n in names.attention_targets(net)}
     network = lora.inject(net, list(originals), "lora_unet_", rank=4, alpha=2)
     assert torch.equal(net(x), before)
     for p in network.parameters():

@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from engine.lora_file import LoRAFileError, read_lora, save_lora
+from gesso.engine.lora import names
+from gesso.engine.lora.files import LoRAFileError, read_lora, save_lora
 
 
 def tensors():
@@ -33,13 +34,13 @@ def test_rejects_dotted_module_names(tmp_path):
 
 
 def test_missing_alpha_means_scale_one_and_garbage_is_named(tmp_path):
-    import models
-    from engine import lora, lora_convert
+    from gesso import models
+    from gesso.engine.lora import formats as lora_convert
 
     unet = models.build("tiny-sdxl", seed=0).unet
-    path = lora.attention_targets(unet)[0]
+    path = names.attention_targets(unet)[0]
     base = unet.get_submodule(path)
-    name = lora.kohya_name("lora_unet_", path)
+    name = names.kohya_name("lora_unet_", path)
     g = torch.Generator().manual_seed(1)
     no_alpha = {f"{name}.lora_down.weight": torch.randn(4, base.in_features, generator=g),
                 f"{name}.lora_up.weight": torch.randn(base.out_features, 4, generator=g)}

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from engine import memtrace
-from engine.config import load_config
+from gesso.engine.config import load_config
+from gesso.engine.measure import memtrace
 from tests.engine.test_train import DEMO
 
 SDXL_UNET_PARAMS = 2_567_463_684  # REFERENCE.md; models/tests check the same count
@@ -46,7 +46,7 @@ def test_full_size_sdxl_weights_are_counted_exactly(full_size):
 
 def test_full_size_sdxl_step_fits_the_memory_modes(full_size):
     # issue 7's targets at 1024x1024, batch 1, rank 16: under 8 GiB in bf16 + checkpointing, 6 GiB with fp8 bases.
-    # A prediction, not a GPU measurement (see engine/memtrace.py for what it leaves out); it fails if the
+    # A prediction, not a GPU measurement (see engine/measure/memtrace.py for what it leaves out); it fails if the
     # step's memory regresses, e.g. attention that stores its 4096 x 4096 scores (+1.2 GB per transformer).
     bf16, fp8 = full_size
     assert bf16.peak_gib < 8 and fp8.peak_gib < 6, (bf16.describe(), fp8.describe())
@@ -54,7 +54,7 @@ def test_full_size_sdxl_step_fits_the_memory_modes(full_size):
 
 
 def test_memory_command_prints_each_mode_and_rejects_a_bad_model_in_one_line(capsys):
-    import cli
+    from gesso import cli
 
     assert cli.main(["memory", str(DEMO), "--modes"]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from engine import diffusion, objective
-from engine.config import LossSection
+from gesso.engine import diffusion, objective
+from gesso.engine.config import LossSection
 
 AC = diffusion.scaled_linear_alphas_cumprod()
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.optim import build_optimizer
-from engine.schedules import build_schedule
+from gesso.engine.optim import build_optimizer
+from gesso.engine.schedules import build_schedule
 
 try:
-    import kernels.adamw8bit  # noqa: F401
+    import gesso.kernels.adamw8bit  # noqa: F401
 
     NO_ADAMW8BIT = ""
 except ImportError as e:

@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import load_config
-from engine.lora_file import load_network, read_lora
-from engine.train import fixed_eval_loss, prepare_run, train
+from gesso.engine.config import load_config
+from gesso.engine.lora.files import read_lora
+from gesso.engine.lora.network import load_network
+from gesso.engine.train import fixed_eval_loss, prepare_run, train
 
 DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo.toml"
 
@@ -48,7 +49,7 @@ def test_resume_refuses_another_network_shape(tmp_path):
     cfg = small(tmp_path)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "cut", on_step=interrupt_at(2))
-    from engine.train import TrainError
+    from gesso.engine.train import TrainError
 
     with pytest.raises(TrainError, match="state was trained with network"):
         train(small(tmp_path, "network.rank=4"), tmp_path / "cut", resume=tmp_path / "cut")
@@ -89,7 +90,7 @@ def test_prodigy_and_adamw8bit_reduce_the_loss_like_adamw(tmp_path):
 
 
 def test_divergence_stops_with_a_clear_error(tmp_path):
-    from engine.train import TrainError
+    from gesso.engine.train import TrainError
 
     cfg = load_config(DEMO, ["train.epochs=1", "train.learning_rate=1e6", "train.max_grad_norm=0", f"dataset.cache_dir='{tmp_path / 'c'}'"])
     with pytest.raises(TrainError, match=r"loss is (nan|inf) at step \d+ .*lower train.learning_rate"):

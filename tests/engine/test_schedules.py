@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from engine.schedules import SCHEDULES, build_schedule
+from gesso.engine.schedules import SCHEDULES, build_schedule
 
 
 def make_optimizer(lrs=(1e-4, 5e-5)):

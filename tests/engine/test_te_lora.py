@@ -7,12 +7,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import models
-from engine import lora, lora_convert, lora_tools
-from engine.config import load_config
-from engine.lora_file import read_lora, save_lora
-from engine.state import load_state, restore_network
-from engine.train import param_groups, prepare_run, train
+from gesso import models
+from gesso.engine.config import load_config
+from gesso.engine.lora import formats as lora_convert
+from gesso.engine.lora import names
+from gesso.engine.lora import network as lora
+from gesso.engine.lora import tools as lora_tools
+from gesso.engine.lora.files import read_lora, save_lora
+from gesso.engine.state import load_state, restore_network
+from gesso.engine.train import param_groups, prepare_run, train
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "examples" / "demo.toml"
@@ -97,11 +100,11 @@ def test_resume_state_restores_te_modules(te_run):
 def test_param_groups_put_te_lora_at_its_own_rate():
     cfg = load_config(DEMO, ["network.train_text_encoders=true", "train.text_encoder_lr=3e-5", "network.conv_rank=0"])
     sd = models.build("tiny-sdxl", seed=0)
-    network = lora.combine(lora.inject(sd.unet, lora.attention_targets(sd.unet), "lora_unet_", 4, 4.0),
+    network = lora.combine(lora.inject(sd.unet, names.attention_targets(sd.unet), "lora_unet_", 4, 4.0),
                            lora.inject_text_encoders(sd, 4, 4.0))
     unet_group, te_group = param_groups(network, cfg.train)
     assert "lr" not in unet_group and te_group["lr"] == 3e-5
-    assert len(te_group["params"]) == 2 * 36 and len(unet_group["params"]) == 2 * len(lora.attention_targets(sd.unet))
+    assert len(te_group["params"]) == 2 * 36 and len(unet_group["params"]) == 2 * len(names.attention_targets(sd.unet))
     same = param_groups(network, dataclasses.replace(cfg.train, text_encoder_lr=0.0))
     assert same[1]["lr"] == cfg.train.learning_rate
 

@@ -6,11 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import models
-from engine import lora
-from engine.config import load_config
-from engine.lora_file import load_network, read_lora
-from engine.train import fixed_eval_loss, inject_network, prepare_run, train
+from gesso import models
+from gesso.engine.config import load_config
+from gesso.engine.lora import names
+from gesso.engine.lora import network as lora
+from gesso.engine.lora.files import read_lora
+from gesso.engine.lora.network import load_network
+from gesso.engine.train import fixed_eval_loss, inject_network, prepare_run, train
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "examples" / "demo.toml"
@@ -76,7 +78,7 @@ def test_saved_keys_follow_the_kohya_layout(demo_run):
     assert all(KOHYA_KEY.match(k) for k in tensors), [k for k in tensors if not KOHYA_KEY.match(k)][:3]
     modules = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in tensors}
     unet = models.build("tiny-sdxl", seed=0).unet
-    assert modules == {lora.kohya_name("lora_unet_", p) for p in lora.attention_targets(unet) + lora.locon_targets(unet)}
+    assert modules == {names.kohya_name("lora_unet_", p) for p in names.attention_targets(unet) + names.locon_targets(unet)}
     assert "lora_unet_input_blocks_1_0_in_layers_2" in modules  # LoCon (the demo sets conv_rank)
     for m in modules:
         assert tensors[f"{m}.alpha"].ndim == 0 and tensors[f"{m}.alpha"].item() == cfg.network.alpha
@@ -119,7 +121,7 @@ def test_zero_initialised_lora_leaves_the_unet_unchanged():
     x, context, y = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 96, generator=g), torch.randn(2, 1600, generator=g)
     t = torch.tensor([5, 900])
     before = sd.unet(x, t, context, y)
-    network = lora.inject(sd.unet, lora.attention_targets(sd.unet), "lora_unet_", rank=4, alpha=1)
+    network = lora.inject(sd.unet, names.attention_targets(sd.unet), "lora_unet_", rank=4, alpha=1)
     assert torch.equal(sd.unet(x, t, context, y), before)
     assert all(m.lora_down.abs().sum() > 0 for m in network.modules.values())  # only up is zero
 
@@ -153,7 +155,7 @@ def test_grid_of_three_epochs_by_four_strengths_renders_from_the_demo_run(demo_r
     import numpy as np
     from PIL import Image
 
-    import cli
+    from gesso import cli
 
     _, result = demo_run
     out = result.output_dir / "grid"

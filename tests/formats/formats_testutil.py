@@ -3,8 +3,9 @@ import torch
 from models_testutil import diffusers_unet, diffusers_vae, hf_clip, hf_openclip
 from safetensors.torch import save_file
 
-import models
-from engine import lora
+from gesso import models
+from gesso.engine.lora import names
+from gesso.engine.lora import network as lora
 
 
 def unet_inputs(cfg, seed: int = 0) -> dict:
@@ -40,7 +41,7 @@ def pipeline(sd):
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
 
-    from models.tokenizer import SHIPPED
+    from gesso.models.tokenizer import SHIPPED
 
     cfg, state = sd.cfg, sd.state_dict()
     tok = CLIPTokenizer.from_pretrained(SHIPPED)
@@ -54,12 +55,12 @@ def pipeline(sd):
 def random_network(unet, seed: int, locon: bool = True, scale: float = 0.05) -> lora.LoRANetwork:
     """What kohya's trainer makes: attention modules (and LoCon's res-block modules) at rank 4 / alpha 3, the 3x3
     convs at a conv rank 2 / conv alpha 1 (kohya's conv_dim, conv_alpha), named as kohya names them for this UNet."""
-    paths = lora.attention_targets(unet) + (lora.locon_targets(unet) if locon else [])
-    names = lora.unet_kohya_names(unet, paths)
+    paths = names.attention_targets(unet) + (names.locon_targets(unet) if locon else [])
+    kohya = names.unet_kohya_names(unet, paths)
     conv3 = {p for p in paths if getattr(unet.get_submodule(p), "kernel_size", (1, 1)) != (1, 1)}
-    ranks = {names[p]: 2 if p in conv3 else 4 for p in paths}
-    alphas = {names[p]: 1.0 if p in conv3 else 3.0 for p in paths}
-    network = lora.inject(unet, paths, "lora_unet_", ranks, alphas, names=names)
+    ranks = {kohya[p]: 2 if p in conv3 else 4 for p in paths}
+    alphas = {kohya[p]: 1.0 if p in conv3 else 3.0 for p in paths}
+    network = lora.inject(unet, paths, "lora_unet_", ranks, alphas, names=kohya)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in network.parameters():

@@ -26,8 +26,8 @@ from diffusers.loaders import single_file_utils as sfu
 from formats_testutil import random_network, tiny
 from models_testutil import diffusers_unet_config
 
-from engine import lora_convert
-from engine.lora_file import read_lora, save_lora
+from gesso.engine.lora import formats as lora_convert
+from gesso.engine.lora.files import read_lora, save_lora
 
 LORA_CLIP_MAP = ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2")
 SUFFIXES = ("lora_up.weight", "lora_down.weight", "alpha")

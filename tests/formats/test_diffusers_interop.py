@@ -12,9 +12,13 @@ from models_testutil import rel_err
 from peft import LoraConfig, get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 
-import models
-from engine import lora, lora_convert, lora_tools
-from engine.lora_file import load_network, read_lora, save_lora
+from gesso import models
+from gesso.engine.lora import formats as lora_convert
+from gesso.engine.lora import names
+from gesso.engine.lora import network as lora
+from gesso.engine.lora import tools as lora_tools
+from gesso.engine.lora.files import read_lora, save_lora
+from gesso.engine.lora.network import load_network
 
 TOL = 1e-5
 
@@ -37,7 +41,7 @@ def test_our_kohya_file_loads_in_diffusers_with_equal_output(name, tmp_path):
     pipe.load_lora_weights(str(path))  # diffusers raises on any kohya key it cannot rename
     layers = lora_layers(pipe.unet)
     assert len(layers) == len(network.modules)  # every module of the file became a LoRA layer
-    to_diffusers = lora.original_to_diffusers_paths(sd.cfg.unet)
+    to_diffusers = names.original_to_diffusers_paths(sd.cfg.unet)
     for kohya, (_, path_in_unet, _) in network.paths.items():
         layer = layers[to_diffusers[path_in_unet]]
         (adapter,) = layer.lora_A.keys()

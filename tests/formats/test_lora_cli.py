@@ -6,9 +6,9 @@ import torch
 from formats_testutil import export, random_network, tiny
 from models_testutil import rel_err
 
-import cli
-from engine import lora_convert
-from engine.lora_file import read_lora, save_lora
+from gesso import cli
+from gesso.engine.lora import formats as lora_convert
+from gesso.engine.lora.files import read_lora, save_lora
 
 
 @pytest.fixture

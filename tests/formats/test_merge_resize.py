@@ -5,9 +5,11 @@ from formats_testutil import diffusers_out, engine_out, export, pipeline, random
 from models_testutil import rel_err
 from safetensors import safe_open
 
-import models
-from engine import lora_convert, lora_tools
-from engine.lora_file import load_network, save_lora
+from gesso import models
+from gesso.engine.lora import formats as lora_convert
+from gesso.engine.lora import tools as lora_tools
+from gesso.engine.lora.files import save_lora
+from gesso.engine.lora.network import load_network
 
 
 def lora_file(sd, path, seed: int) -> None:

@@ -3,7 +3,8 @@ import pytest
 from formats_testutil import engine_out, random_network, tiny, unet_inputs
 from models_testutil import rel_err
 
-from engine.lora_file import load_network, save_lora
+from gesso.engine.lora.files import save_lora
+from gesso.engine.lora.network import load_network
 
 
 @pytest.fixture

@@ -4,8 +4,16 @@ import io
 import pytest
 import torch
 
-from kernels.adamw8bit import (BLOCK, AdamW8bit, adamw8bit_ref, adamw8bit_step, code_midpoints, dequantize_blockwise,
-                               dynamic_map, quantize_blockwise)
+from gesso.kernels.adamw8bit import (
+    BLOCK,
+    AdamW8bit,
+    adamw8bit_ref,
+    adamw8bit_step,
+    code_midpoints,
+    dequantize_blockwise,
+    dynamic_map,
+    quantize_blockwise,
+)
 
 HP = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2)
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels.attention import attention, attention_ref
+from gesso.kernels.attention import attention, attention_ref
 
 CASES = [
     # (B, H, Tq, Tk, D)
@@ -89,7 +89,7 @@ def test_saved_memory_is_linear_in_sequence(device):
 
 def test_reference_mode_is_sdpa_not_the_math_reference(device):
     # the fallback holds no (Tq, Tk) matrix on a GPU: it must be torch's SDPA, whose CPU kernel agrees
-    from kernels.dispatch import forced
+    from gesso.kernels.dispatch import forced
 
     q, k, v = _qkv(1, 2, 40, 77, 64, torch.float32, device)
     with forced("reference"):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels import dispatch
+from gesso.kernels import dispatch
 
 
 @pytest.mark.parametrize("mode,expected", [("triton", True), ("reference", False), ("auto", False)])

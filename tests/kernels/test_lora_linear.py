@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels.lora_linear import dequantize_weight, dropout_keep_mask, lora_linear, lora_linear_ref
+from gesso.kernels.lora_linear import dequantize_weight, dropout_keep_mask, lora_linear, lora_linear_ref
 
 CASES = [
     # (x shape, out, rank)
@@ -99,7 +99,7 @@ def test_preconditions_fail_loudly(device):
 
 def test_reference_path_saves_only_fp8_codes_for_backward(device):
     # without the kernel (CPUs, GPUs below 8.9) an fp8 base must not keep a dequantised copy for backward
-    from kernels.dispatch import forced
+    from gesso.kernels.dispatch import forced
 
     x, weight, b, down, up = _inputs((2, 77, 96), 80, 8, torch.float32, device)
     w_scale = weight.abs().amax(dim=1) / 448.0

@@ -5,7 +5,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders import single_file_utils as sfu
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from models.configs import ModelConfig
+from gesso.models.configs import ModelConfig
 
 SDXL_CLIP_L = "conditioner.embedders.0.transformer."
 SDXL_BIGG = "conditioner.embedders.1.model."
@@ -124,7 +124,7 @@ def write_diffusers_folder(model, folder, text_model_prefix: bool = True) -> Non
 
     from safetensors.torch import load_file, save_file
 
-    from models.tokenizer import SHIPPED
+    from gesso.models.tokenizer import SHIPPED
 
     folder = Path(folder)
     cfg, state = model.cfg, model.state_dict()

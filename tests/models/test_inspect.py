@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import models
-from models import files
-from models.inspect import inspect_main
+from gesso import models
+from gesso.commands.inspect import inspect_main
+from gesso.models import files
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from diffusers import UNet2DConditionModel
 from diffusers.loaders import single_file_utils as sfu
 from models_testutil import diffusers_unet_config
 
-import models
-from models.configs import SD15, SD21, SDXL_BASE
+from gesso import models
+from gesso.models.configs import SD15, SD21, SDXL_BASE
 
 
 def prefix_counts(state: dict, prefixes: list[str]) -> dict[str, int]:

@@ -7,9 +7,9 @@ import torch
 from models_testutil import write_diffusers_folder
 from safetensors.torch import save_file
 
-import models
-from models import files
-from models.loaders import CheckpointError, load_model, open_checkpoint
+from gesso import models
+from gesso.models import files
+from gesso.models.loaders import CheckpointError, load_model, open_checkpoint
 
 
 def state_of(name: str, seed: int = 5) -> dict[str, torch.Tensor]:

@@ -2,10 +2,9 @@
 the single-file layout, converted by diffusers' single-file converters into diffusers / transformers models."""
 import pytest
 import torch
-from models_testutil import (SDXL_BIGG, diffusers_unet, diffusers_vae, hf_clip, hf_openclip, hf_openclip_sd2,
-                             rel_err)
+from models_testutil import SDXL_BIGG, diffusers_unet, diffusers_vae, hf_clip, hf_openclip, hf_openclip_sd2, rel_err
 
-import models
+from gesso import models
 
 TOL = 1e-5
 

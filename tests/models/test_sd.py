@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-import models
-from models.configs import SDXL_BASE
+from gesso import models
+from gesso.models.configs import SDXL_BASE
 
 KOHYA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
 

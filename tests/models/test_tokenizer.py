@@ -3,9 +3,9 @@ import shutil
 import pytest
 import torch
 
-import models
-from models.configs import TINY_SD15, TINY_SDXL
-from models.tokenizer import SHIPPED
+from gesso import models
+from gesso.models.configs import TINY_SD15, TINY_SDXL
+from gesso.models.tokenizer import SHIPPED
 
 START, END = 49406, 49407
 

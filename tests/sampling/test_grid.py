@@ -1,6 +1,6 @@
 """Rendering with the tiny SDXL model on CPU: LoRA files at a strength, the epochs-by-strength grid, PNG parameters.
 
-The three epoch files are written with engine.lora_file.save_lora in the training run's layout
+The three epoch files are written with engine/lora/files.py save_lora in the training run's layout
 (`demo-000001.safetensors` ...) with random, non-zero up weights so every file and strength changes the image.
 """
 import re
@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-import cli
-import models
-from engine import lora, render
-from engine.lora_file import save_lora
+from gesso import cli, models
+from gesso.engine.lora import names
+from gesso.engine.lora.files import save_lora
+from gesso.engine.sampling import render
 
 SIZE, STEPS = 64, 3
 BASE = render.Settings("gssdemo, a red circle", "blurry", steps=STEPS, cfg_scale=5.0, seed=11, width=SIZE, height=SIZE)
@@ -25,9 +25,9 @@ def lora_tensors(seed: int, rank: int = 4, alpha: float = 2.0) -> dict[str, torc
     unet = models.build("tiny-sdxl", seed=0, device="meta").unet
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for path in lora.attention_targets(unet):
+    for path in names.attention_targets(unet):
         module = unet.get_submodule(path)
-        name = lora.kohya_name("lora_unet_", path)
+        name = names.kohya_name("lora_unet_", path)
         out[f"{name}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=g) * 0.3
         out[f"{name}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=g) * 0.3
         out[f"{name}.alpha"] = torch.tensor(alpha)
@@ -67,15 +67,15 @@ def test_lora_at_strength_equals_merged_weights(run_dir):
     x, t = torch.randn(1, 4, 8, 8), torch.tensor([400.0])
     context, y = torch.randn(1, 77, 96), torch.randn(1, 1600)
     network, skipped = render.attach_lora(sd.unet, run_dir / "demo-000002.safetensors")
-    assert len(network.modules) == len(lora.attention_targets(sd.unet)) and skipped == []
+    assert len(network.modules) == len(names.attention_targets(sd.unet)) and skipped == []
     network.set_multiplier(0.6)
     with torch.no_grad():
         got = sd.unet(x, t, context, y)
         network.remove()
         base = sd.unet(x, t, context, y)
         tensors = lora_tensors(2)
-        for path in lora.attention_targets(sd.unet):
-            name = lora.kohya_name("lora_unet_", path)
+        for path in names.attention_targets(sd.unet):
+            name = names.kohya_name("lora_unet_", path)
             delta = tensors[f"{name}.lora_up.weight"] @ tensors[f"{name}.lora_down.weight"]
             sd.unet.get_submodule(path).weight += 0.6 * 2.0 / 4 * delta
         merged = sd.unet(x, t, context, y)

@@ -7,8 +7,8 @@ running that same function on those prompts. Weights compare exactly: the parse 
 import pytest
 import torch
 
-import models
-from engine import prompt
+from gesso import models
+from gesso.engine.sampling import prompt
 
 A1111_PARSE = [
     # doctests of parse_prompt_attention

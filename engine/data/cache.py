@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-import models
-from engine.data import Dataset, Item, Sample, load_pixels
-from engine.images import BadImage
-from engine.io import write_atomic
+from gesso import models
+from gesso.engine.data.dataset import Dataset, Item, Sample, load_pixels
+from gesso.engine.data.images import BadImage
+from gesso.engine.io import write_atomic
 
 log = logging.getLogger("gesso.cache")
 FORMAT = "gesso-cache-1"  # in every key: bump when decoding, resizing or encoding changes

@@ -22,12 +22,14 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-import models
-from engine import diffusion, fp8, lora
-from kernels.adamw8bit import AdamW8bit
-from kernels.dispatch import forced
-from models.configs import UNetConfig
-from models.unet import UNet
+from gesso import models
+from gesso.engine import diffusion, fp8
+from gesso.engine.lora import names
+from gesso.engine.lora import network as lora
+from gesso.kernels.adamw8bit import AdamW8bit
+from gesso.kernels.dispatch import forced
+from gesso.models.configs import UNetConfig
+from gesso.models.unet import UNet
 
 TOKENS = 77  # one prompt chunk of cached text embeddings
 ALPHAS_CUMPROD = diffusion.scaled_linear_alphas_cumprod()
@@ -180,7 +182,7 @@ def build(case: Case, device: torch.device, dtype: torch.dtype) -> tuple[UNet, l
     with torch.random.fork_rng(devices=cuda), torch.device(device):
         torch.manual_seed(0)
         unet = UNet(cfg.unet).to(dtype).requires_grad_(False)
-        network = lora.inject(unet, lora.attention_targets(unet), "lora_unet_", case.rank, case.rank)
+        network = lora.inject(unet, names.attention_targets(unet), "lora_unet_", case.rank, case.rank)
     unet.gradient_checkpointing = case.gradient_checkpointing
     if case.fp8_base:
         fp8.quantize_frozen(unet)  # after injection, as engine/train.py does: LoRA bases become fp8, LoRA weights never

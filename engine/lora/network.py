@@ -7,12 +7,16 @@ original UNet path, for SD 1.x/2.x the diffusers path (`unet_kohya_names`).
 """
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.lora_linear import lora_linear
+from gesso.engine.lora.formats import read, require_placed, text_layout, unet_modules
+from gesso.engine.lora.names import block_of, kohya_name
+from gesso.errors import LoRAFileError
+from gesso.kernels.lora_linear import lora_linear
 
 
 class LoRALinear(nn.Module):
@@ -124,104 +128,6 @@ class LoRAInProj(nn.Module):
 LORA_TYPES = (LoRALinear, LoRAConv2d, LoRAInProj)
 
 
-def attention_targets(unet: nn.Module) -> list[str]:
-    """Kohya's default UNet targets: every Linear (and 1x1 conv) inside a spatial transformer.
-
-    That is proj_in, proj_out and each block's attn1/attn2 to_q/to_k/to_v/to_out.0, ff.net.0.proj and
-    ff.net.2: 722 modules in SDXL's UNet.
-    """
-    names = []
-    for path, module in unet.named_modules():
-        if not hasattr(module, "transformer_blocks"):
-            continue
-        for sub, child in module.named_modules():
-            if isinstance(child, nn.Linear) or (isinstance(child, nn.Conv2d) and child.kernel_size == (1, 1)):
-                names.append(f"{path}.{sub}")
-    return names
-
-
-def locon_targets(unet: nn.Module) -> list[str]:
-    """Kohya's LoCon additions: every Linear and Conv2d of the res blocks, downsamplers and upsamplers.
-
-    That is in_layers.2, emb_layers.1, out_layers.3, skip_connection (where it is a conv), `op` and `conv`:
-    66 modules in SDXL's UNet. 3x3 convs take kohya's conv rank, the rest its linear rank.
-    """
-    from models.unet import Downsample, ResBlock, Upsample
-
-    names = []
-    for path, module in unet.named_modules():
-        if isinstance(module, (ResBlock, Downsample, Upsample)):
-            names += [f"{path}.{sub}" for sub, child in module.named_modules() if isinstance(child, (nn.Linear, nn.Conv2d))]
-    return names
-
-
-def unet_kohya_names(unet: nn.Module, paths: list[str]) -> dict[str, str]:
-    """Module path -> kohya name as kohya writes it: SDXL by the original path, SD 1.x/2.x by the diffusers path."""
-    if unet.cfg.adm_in_channels is not None:
-        return {p: kohya_name("lora_unet_", p) for p in paths}
-    to_diffusers = original_to_diffusers_paths(unet.cfg)
-    return {p: kohya_name("lora_unet_", to_diffusers[p]) for p in paths}
-
-
-def original_to_diffusers_paths(cfg) -> dict[str, str]:
-    """Original UNet module path -> diffusers module path, for every Linear/Conv2d of a UNet built from UNetConfig `cfg`.
-
-    Derived from models/diffusers_format.py's renames (the project's one mapping between the layouts): every
-    diffusers path this shape can have goes through `unet_from_diffusers`, its index riding in the ref's shape.
-    """
-    from models.diffusers_format import unet_from_diffusers
-    from models.files import TensorRef
-
-    unet = _meta_unet(cfg)
-    original = {n for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-    candidates = _diffusers_module_paths(cfg, unet)
-    refs = {f"{c}.weight": TensorRef((i,), torch.float32, lambda: None) for i, c in enumerate(candidates)}
-    out = {}
-    for key, ref in unet_from_diffusers(refs, "LoRA module names").items():
-        path = key.removeprefix("model.diffusion_model.").removesuffix(".weight")
-        if path in original:
-            out[path] = candidates[ref.shape[0]]
-    missing = original - set(out)
-    assert not missing, f"no diffusers name for {sorted(missing)[:3]}"
-    return out
-
-
-def _meta_unet(ucfg) -> nn.Module:
-    from models.unet import UNet
-
-    with torch.device("meta"):
-        return UNet(ucfg)
-
-
-def _diffusers_module_paths(cfg, unet: nn.Module) -> list[str]:
-    """The Linear/Conv2d paths a diffusers UNet of this shape can have; those it lacks are filtered by the caller."""
-    from models.diffusers_format import RESNET, UNET_FIXED
-
-    levels, nrb = len(cfg.channel_mult), cfg.num_res_blocks
-    tails = sorted({sub for m in unet.modules() if hasattr(m, "transformer_blocks")
-                    for sub, c in m.named_modules() if isinstance(c, (nn.Linear, nn.Conv2d))})
-    down = [(f"down_blocks.{lv}", i, cfg.transformer_depth[lv] > 0) for lv in range(levels) for i in range(nrb)]
-    up = [(f"up_blocks.{u}", i, cfg.transformer_depth[levels - 1 - u] > 0) for u in range(levels) for i in range(nrb + 1)]
-    paths = [f"{b}.resnets.{i}.{r}" for b, i, _ in down + up for r in RESNET]
-    paths += [f"{b}.attentions.{i}.{t}" for b, i, attn in down + up if attn for t in tails]
-    paths += [f"mid_block.resnets.{i}.{r}" for i in range(2) for r in RESNET]
-    paths += [f"mid_block.attentions.0.{t}" for t in tails]
-    paths += [f"down_blocks.{lv}.downsamplers.0.conv" for lv in range(levels - 1)]
-    paths += [f"up_blocks.{u}.upsamplers.0.conv" for u in range(levels - 1)]
-    return paths + [k.rstrip(".") for k in UNET_FIXED]
-
-
-def kohya_name(prefix: str, path: str) -> str:
-    """`lora_unet_` + `input_blocks.4.1.transformer_blocks.0.attn1.to_q` -> `lora_unet_input_blocks_4_1_..._to_q`."""
-    return prefix + path.replace(".", "_")
-
-
-def block_of(path: str) -> str:
-    """The UNet block a module path sits in: `input_blocks.4`, `middle_block`, `output_blocks.0`, else its first part."""
-    parts = path.split(".")
-    return ".".join(parts[:2]) if parts[0] in ("input_blocks", "output_blocks") else parts[0]
-
-
 @dataclass
 class LoRANetwork:
     """The injected LoRA modules of one model, by kohya name, with where each one sits.
@@ -307,12 +213,10 @@ def combine(*networks: LoRANetwork) -> LoRANetwork:
 def inject_text_encoders(sd: nn.Module, rank: int, alpha: float) -> LoRANetwork:
     """LoRA on every text-encoder layer's q, k, v, out_proj, fc1, fc2 (6 per layer: CLIP-L 72, bigG 192), by kohya name.
 
-    Names and places come from engine.lora_convert's text layout, the one reader of te modules: a CLIP-L module sits
+    Names and places come from engine/lora/formats.py's text layout, the one reader of te modules: a CLIP-L module sits
     on a Linear, OpenCLIP's out_proj/fc1/fc2 on attn.out_proj/mlp.c_fc/mlp.c_proj, and its q/k/v on rows of
     attn.in_proj_weight (`LoRAInProj`). `sd` is the StableDiffusion module, whose module paths are the checkpoint keys.
     """
-    from engine.lora_convert import text_layout
-
     targets, _, _ = text_layout(sd.cfg)
     linear = {t.key.removesuffix(".weight"): name for name, t in targets.items() if t.rows is None}
     network = inject(sd, list(linear), "", rank, alpha, names=linear)
@@ -328,4 +232,29 @@ def inject_text_encoders(sd: nn.Module, rank: int, alpha: float) -> LoRANetwork:
         for name, view in zip(names, wrapper.views, strict=True):
             assert view.rows == targets[name].rows, f"{name}: rows {view.rows}, the layout says {targets[name].rows}"
             network.modules[name], network.paths[name] = view, (sd, path, attr)
+    return network
+
+
+def load_network(unet, path: str | Path, prefix: str = "lora_unet_", multiplier: float = 1.0):
+    """Inject the UNet modules of a LoRA file (kohya, diffusers/PEFT or ComfyUI layout, LoCon included) into `unet`
+    with the file's ranks, alphas and weights; the network's kohya names are those kohya writes for this UNet.
+
+    A key that names nothing in this UNet is an error naming it, so a file for another architecture never
+    half-loads. Text-encoder modules are not applied here (`lora_tools.merge` applies them); `prefix` is kept
+    for callers of the kohya-only version and must be `lora_unet_`.
+    """
+    if prefix != "lora_unet_":
+        raise LoRAFileError(f"{path}: load_network places UNet modules only (prefix lora_unet_, not {prefix})")
+    lo = require_placed(path, read(path, unet.cfg))
+    placed = unet_modules(lo)
+    if not placed:
+        raise LoRAFileError(f"{path}: no UNet modules")
+    names = {unet_path: name for name, (unet_path, _) in placed.items()}
+    network = inject(unet, list(names), prefix, rank={n: m.rank for n, (_, m) in placed.items()},
+                          alpha={n: m.alpha for n, (_, m) in placed.items()}, names=names)
+    with torch.no_grad():
+        for name, (_, m) in placed.items():
+            network.modules[name].lora_down.copy_(m.down)
+            network.modules[name].lora_up.copy_(m.up)
+    network.set_multiplier(multiplier)
     return network

@@ -4,7 +4,6 @@ Parsing only: the commands build a Pipeline and Settings once and hand plain val
 """
 import argparse
 import random
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -12,10 +11,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-import models
-from engine import render, sampling
-from engine.lora_file import read_lora
-from engine.prompt import EMPHASIS, PromptError, extract_lora_tags
+from gesso import models
+from gesso.engine.lora.files import read_lora
+from gesso.engine.sampling import render
+from gesso.engine.sampling import samplers as sampling
+from gesso.engine.sampling.prompt import EMPHASIS, extract_lora_tags
 
 NATIVE_SIZE = {"sdxl": 1024, "sd15": 512, "sd2": 768, "tiny-sdxl": 128, "tiny-sd15": 128}
 AXIS_HELP = ("KIND[=V1,V2,...]; KIND is epoch (default: every epoch file of --run), strength, seed, cfg, steps or "
@@ -31,7 +31,7 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--init-image", help="img2img: start from this image instead of pure noise")
     p.add_argument("--denoise", type=float, default=0.75, help="img2img denoising strength in (0, 1] (default 0.75)")
     p.add_argument("--out", default="output/samples", help="folder for the PNGs (default output/samples)")
-    p.set_defaults(run=_guarded(cmd_sample))
+    p.set_defaults(run=cmd_sample)
 
     g = subparsers.add_parser("grid", help="X/Y plot: epochs by LoRA strength, or two of seed/cfg/steps/sampler",
                               description="Render an X/Y grid as one labelled PNG plus the single images.")
@@ -42,7 +42,7 @@ def add_parsers(subparsers) -> None:
     g.add_argument("--y", required=True, help=AXIS_HELP)
     g.add_argument("--strength", type=float, default=1.0, help="LoRA strength when strength is not an axis (default 1)")
     g.add_argument("--out", help="folder for the PNGs (default <run>/grids, else output/grids)")
-    g.set_defaults(run=_guarded(cmd_grid))
+    g.set_defaults(run=cmd_grid)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -63,17 +63,6 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", default="fp32", choices=sorted(render.DTYPES), help="UNet and text encoders (default fp32)")
     p.add_argument("--vae-dtype", default="fp32", choices=["fp32", "bf16"], help="VAE decode precision (never fp16)")
-
-
-def _guarded(command):
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return command(args)
-        except (render.RenderError, PromptError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-
-    return run
 
 
 def _model_name(args, lora_files: list[Path]) -> str:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gesso.errors import PromptError
+
 ROUND, SQUARE = 1.1, 1 / 1.1
 CHUNK_TOKENS = 75
 COMMA_BACKTRACK = 20  # AUTOMATIC1111's default "comma_padding_backtrack"
@@ -26,10 +28,6 @@ _PIECE = re.compile(
     re.X,
 )
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
-
-
-class PromptError(ValueError):
-    """A prompt that cannot be read; the message names the part."""
 
 
 @dataclass(frozen=True)

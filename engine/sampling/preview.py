@@ -3,8 +3,8 @@ from pathlib import Path
 
 import torch
 
-from engine import render
-from engine.config import Config
+from gesso.engine.config import Config
+from gesso.engine.sampling import render
 
 
 @torch.no_grad()

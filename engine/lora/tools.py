@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-import models
-from engine import lora_convert
-from engine.io import write_atomic
-from engine.lora_convert import LoRA, Module
-from models.files import SAFETENSORS_DTYPES, TensorRef
+from gesso import models
+from gesso.engine.io import write_atomic
+from gesso.engine.lora import formats as lora_convert
+from gesso.engine.lora.formats import LoRA, Module
+from gesso.models.files import SAFETENSORS_DTYPES, TensorRef
 
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 

@@ -15,18 +15,18 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
-
-import models
-from engine import diffusion, lora, prompt as prompts, sampling
-from engine.lora_file import load_network
 from safetensors import safe_open
-from models.loaders import CheckpointError, load_model
+
+from gesso import models
+from gesso.engine import diffusion
+from gesso.engine.lora import network as lora
+from gesso.engine.lora.network import load_network
+from gesso.engine.sampling import prompt as prompts
+from gesso.engine.sampling import samplers as sampling
+from gesso.errors import RenderError
+from gesso.models.loaders import CheckpointError, load_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class RenderError(Exception):
-    """A render request that cannot be carried out (bad size, unknown model, missing LoRA); one line."""
 
 
 @dataclass(frozen=True)

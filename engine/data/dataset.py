@@ -18,10 +18,10 @@ from typing import NamedTuple
 import torch
 from PIL import Image
 
-from engine import buckets as B
-from engine.buckets import Size
-from engine.captions import augment, read_caption, with_trigger
-from engine.images import IMAGE_EXTENSIONS, BadImage, decode, to_pixels
+from gesso.engine.data import buckets as B
+from gesso.engine.data.buckets import Size
+from gesso.engine.data.captions import augment, read_caption, with_trigger
+from gesso.engine.data.images import IMAGE_EXTENSIONS, BadImage, decode, to_pixels
 
 log = logging.getLogger("gesso.data")
 REPEATS_FOLDER = re.compile(r"^(\d+)_(.+)$")

@@ -7,8 +7,8 @@ import json
 import time
 from collections import Counter
 
-from engine.config import Config
-from engine.data import Dataset, Item
+from gesso.engine.config import Config
+from gesso.engine.data.dataset import Dataset, Item
 
 BASE_MODEL_VERSION = {"sdxl": "sdxl_base_v1-0", "sd15": "sd_v1", "sd2": "sd_v2"}
 MODELSPEC_ARCHITECTURE = {"sdxl": "stable-diffusion-xl-v1-base/lora", "sd15": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2/lora"}

@@ -7,9 +7,14 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from models.detect import detect_family, expected_shapes, is_lora, is_optional
-from models.files import CheckpointError, file_refs
-from models.loaders import open_checkpoint
+import torch
+from torch import nn
+
+from gesso.models.configs import SD15, SDXL_BASE
+from gesso.models.detect import detect_family, expected_shapes, is_lora, is_optional
+from gesso.models.files import CheckpointError, file_refs
+from gesso.models.loaders import open_checkpoint
+from gesso.models.sd import build
 
 UNET_VAE = {"unet": "model.diffusion_model.", "vae": "first_stage_model."}
 COMPONENTS = {
@@ -69,12 +74,6 @@ def inspect_checkpoint(source, out) -> int:
 
 def _kohya_names(family: str) -> set[str]:
     """Module names a kohya LoRA for the engine's full-size `family` model may target."""
-    import torch
-    from torch import nn
-
-    from models.configs import SD15, SDXL_BASE
-    from models.sd import build
-
     model = build(SDXL_BASE if family == "sdxl" else SD15, device="meta")
     layered = (nn.Linear, nn.Conv2d)
     names = {"lora_unet_" + n.replace(".", "_") for n, m in model.unet.named_modules() if isinstance(m, layered)}
@@ -121,6 +120,15 @@ def inspect_lora(path: Path, refs: dict, metadata: dict, out) -> int:
         return 1
     print(f"  module names: all match the engine's {family} model", file=out)
     return 0
+
+
+def add_parsers(subparsers) -> None:
+    p = subparsers.add_parser("inspect", help="what a checkpoint or LoRA file holds (reads only the header)",
+                              description="Detected architecture, parameter counts and dtypes, missing or unexpected keys; "
+                                          "for a LoRA, rank, alpha, targets and metadata. Exit 1 when keys do not match, "
+                                          "2 when unreadable.")
+    p.add_argument("path", help="a .safetensors/.ckpt file, a diffusers folder or a cached Hub repo id")
+    p.set_defaults(run=lambda args: inspect_main(args.path))
 
 
 def inspect_main(path, out=None) -> int:

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine import lora
-from engine.lora_file import LoRAFileError, read_lora
-from models.configs import CLIPTextConfig, ModelConfig, UNetConfig
+from gesso.engine.lora import names
+from gesso.engine.lora.files import LoRAFileError, read_lora
+from gesso.engine.lora.metadata import BASE_MODEL_VERSION, MODELSPEC_ARCHITECTURE
+from gesso.models.configs import CLIPTextConfig, ModelConfig, UNetConfig
 
 PARTS = (  # file key suffix -> part, longest first so `_lora.down.weight` never shadows `.lora.down.weight`
     (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
@@ -76,16 +77,16 @@ def family_of(unet_cfg: UNetConfig) -> str:
 
 
 def unet_layout(unet_cfg: UNetConfig) -> tuple[dict[str, Target], dict[str, str]]:
-    to_diffusers = lora.original_to_diffusers_paths(unet_cfg)
+    to_diffusers = names.original_to_diffusers_paths(unet_cfg)
     sdxl = family_of(unet_cfg) == "sdxl"
     targets, aliases = {}, {}
-    unet = lora._meta_unet(unet_cfg)
+    unet = names.meta_unet(unet_cfg)
     for path, diffusers_path in to_diffusers.items():
-        name = lora.kohya_name("lora_unet_", path if sdxl else diffusers_path)
+        name = names.kohya_name("lora_unet_", path if sdxl else diffusers_path)
         weight = unet.get_submodule(path).weight
         targets[name] = Target(f"model.diffusion_model.{path}.weight", tuple(weight.shape), unet_path=path)
         for spelling in (path, diffusers_path):
-            aliases[lora.kohya_name("lora_unet_", spelling)] = name
+            aliases[names.kohya_name("lora_unet_", spelling)] = name
     return targets, aliases
 
 
@@ -229,8 +230,6 @@ def to_kohya(lo: LoRA, dtype: torch.dtype | None = None) -> dict[str, torch.Tens
 
 def kohya_metadata(lo: LoRA, family: str, title: str) -> dict[str, str]:
     """The file's own kohya/modelspec metadata, completed where a converted file lacks it."""
-    from engine.metadata import BASE_MODEL_VERSION, MODELSPEC_ARCHITECTURE
-
     family = "sd15" if family == "sd" else family
     ranks = {m.rank for m in lo.modules.values()}
     alphas = {m.alpha for m in lo.modules.values()}
@@ -252,7 +251,7 @@ def to_diffusers(lo: LoRA, cfg: ModelConfig | UNetConfig) -> dict[str, torch.Ten
     """diffusers' layout (`unet.<diffusers path>.lora_A.weight`, `text_encoder(_2).text_model...`); alpha / rank is
     folded into lora_B, so the file needs no alphas and loads at the right strength in diffusers and PEFT."""
     unet_cfg = cfg if isinstance(cfg, UNetConfig) else cfg.unet
-    to_diffusers_path = lora.original_to_diffusers_paths(unet_cfg)
+    to_diffusers_path = names.original_to_diffusers_paths(unet_cfg)
     lay = layout(cfg)
     component_of = {prefix: component for component, prefix in lay.te_prefixes.items()}
     out = {}

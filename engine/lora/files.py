@@ -11,13 +11,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from engine.io import write_bytes_atomic
+from gesso.engine.io import write_bytes_atomic
+from gesso.errors import LoRAFileError
 
 SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
-
-
-class LoRAFileError(Exception):
-    """A LoRA file that cannot be read or placed; the message names the file or key."""
 
 
 def weights_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
@@ -54,30 +51,3 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
         raise LoRAFileError(f"{path}: no such file") from None
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
         raise LoRAFileError(f"{path}: not a readable safetensors file ({e})") from None
-
-
-def load_network(unet, path: str | Path, prefix: str = "lora_unet_", multiplier: float = 1.0):
-    """Inject the UNet modules of a LoRA file (kohya, diffusers/PEFT or ComfyUI layout, LoCon included) into `unet`
-    with the file's ranks, alphas and weights; the network's kohya names are those kohya writes for this UNet.
-
-    A key that names nothing in this UNet is an error naming it, so a file for another architecture never
-    half-loads. Text-encoder modules are not applied here (`lora_tools.merge` applies them); `prefix` is kept
-    for callers of the kohya-only version and must be `lora_unet_`.
-    """
-    from engine import lora, lora_convert
-
-    if prefix != "lora_unet_":
-        raise LoRAFileError(f"{path}: load_network places UNet modules only (prefix lora_unet_, not {prefix})")
-    lo = lora_convert.require_placed(path, lora_convert.read(path, unet.cfg))
-    placed = lora_convert.unet_modules(lo)
-    if not placed:
-        raise LoRAFileError(f"{path}: no UNet modules")
-    names = {unet_path: name for name, (unet_path, _) in placed.items()}
-    network = lora.inject(unet, list(names), prefix, rank={n: m.rank for n, (_, m) in placed.items()},
-                          alpha={n: m.alpha for n, (_, m) in placed.items()}, names=names)
-    with torch.no_grad():
-        for name, (_, m) in placed.items():
-            network.modules[name].lora_down.copy_(m.down)
-            network.modules[name].lora_up.copy_(m.up)
-    network.set_multiplier(multiplier)
-    return network

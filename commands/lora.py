@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
-import models
-from engine import lora_convert, lora_tools
-from engine.lora_file import LoRAFileError, read_lora, save_lora
+from gesso import models
+from gesso.engine.lora import formats as lora_convert
+from gesso.engine.lora import tools as lora_tools
+from gesso.engine.lora.files import LoRAFileError, read_lora, save_lora
 
 MODEL_HELP = ("architecture the LoRA is for: a built-in name (sdxl, sd15, sd21, tiny-sdxl, ...) or a checkpoint "
               "(default: from the file's ss_base_model_version, else from its key names)")
@@ -27,14 +28,14 @@ def add_parsers(subparsers) -> None:
     c.add_argument("--to", required=True, choices=["kohya", "diffusers"])
     c.add_argument("--model", help=MODEL_HELP)
     c.add_argument("--dtype", choices=sorted(DTYPES), help="tensor dtype of the output (default: the input's)")
-    c.set_defaults(run=_guarded(cmd_convert))
+    c.set_defaults(run=cmd_convert)
 
     m = subparsers.add_parser("merge", help="bake LoRA files into a single-file checkpoint",
                               description="Write CHECKPOINT with each LORA added at its weight (default 1), "
                                           "in the checkpoint's own keys, dtypes and metadata.")
     m.add_argument("checkpoint", help="single-file checkpoint (.safetensors or .ckpt)")
     m.add_argument("loras", nargs="+", metavar="LORA[:WEIGHT]", help="LoRA files with optional weights, then OUT")
-    m.set_defaults(run=_guarded(cmd_merge))
+    m.set_defaults(run=cmd_merge)
 
     r = subparsers.add_parser("resize", help="shrink a LoRA's rank by SVD",
                               description="Cut each module to a rank, or to the fewest ranks that keep a fraction of "
@@ -46,18 +47,7 @@ def add_parsers(subparsers) -> None:
     size.add_argument("--energy", type=float, help="fraction in (0, 1] of each module's Frobenius norm to keep, e.g. 0.95")
     r.add_argument("--model", help=MODEL_HELP)
     r.add_argument("--verbose", action="store_true", help="one line per module")
-    r.set_defaults(run=_guarded(cmd_resize))
-
-
-def _guarded(command):
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return command(args)
-        except (LoRAFileError, models.CheckpointError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-
-    return run
+    r.set_defaults(run=cmd_resize)
 
 
 def model_config(path: Path, model: str | None):
@@ -94,7 +84,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     else:
         from safetensors.torch import save_file
 
-        from engine.io import write_atomic
+        from gesso.engine.io import write_atomic
 
         write_atomic(out, lambda tmp: save_file(lora_convert.to_diffusers(lo, cfg), tmp, metadata={"format": "pt"}))
     print(f"{out}: {len(lo.modules)} modules, {args.to} layout ({cfg.name} architecture)")

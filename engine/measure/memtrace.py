@@ -24,9 +24,11 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
-import models
-from engine import lora
-from engine.config import Config, ConfigError
+from gesso import models
+from gesso.engine.config import Config, ConfigError
+from gesso.engine.lora import names
+from gesso.engine.train import AMP_DTYPES, train_optimizer, unet_network
+from gesso.models.loaders import open_checkpoint
 
 GIB = 2**30
 
@@ -98,8 +100,6 @@ def _flash_sdpa(q, k, v, *args, **kwargs):
 
 def _model_config(cfg: Config):
     if cfg.model.checkpoint:
-        from models.loaders import open_checkpoint
-
         return open_checkpoint(cfg.model.checkpoint).comparison.config  # headers only
     try:
         return models.configs.get(cfg.model.name)
@@ -123,13 +123,11 @@ def _optimizer_step(opt, name: str, params: list) -> None:
 
 def predict(cfg: Config, resolution: int | None = None, batch: int | None = None) -> MemoryPrediction:
     """The peak GPU memory of `cfg`'s UNet LoRA training step (text-encoder LoRA not included)."""
-    from engine.train import AMP_DTYPES, train_optimizer, unet_network  # train imports the data stack: lazily
-
     mcfg = _model_config(cfg)
     tc = cfg.train
     resolution = resolution or cfg.dataset.resolution
     batch = batch or tc.batch_size
-    unet = lora._meta_unet(mcfg.unet).requires_grad_(False)
+    unet = names.meta_unet(mcfg.unet).requires_grad_(False)
     unet.to(AMP_DTYPES.get(tc.mixed_precision, torch.float32))  # as train loads it, before injection
     network = unet_network(unet, cfg)
     unet.gradient_checkpointing = tc.gradient_checkpointing

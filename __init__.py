@@ -1,0 +1,1 @@
+"""Gesso: fast LoRA training for Stable Diffusion XL and SD 1.5, with Triton kernels."""
