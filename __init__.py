@@ -1,1 +1,22 @@
-"""Gesso: fast LoRA training for Stable Diffusion XL and SD 1.5, with Triton kernels."""
+"""Gesso: fast LoRA training for Stable Diffusion XL and SD 1.5, with Triton kernels.
+
+The public API is the short list below; everything else is the engine's inside and may change.
+
+    import gesso
+
+    cfg = gesso.load_config("my.toml", ["train.epochs=4"])   # or gesso.build_config({...})
+    result = gesso.train(cfg, "output/mystyle", on_event=print, progress=False)
+
+See the README's "Python API" section for a complete example (events, stopping, resuming).
+"""
+from gesso.engine.config import Config, build_config, load_config
+from gesso.engine.events import StopTraining
+from gesso.engine.train import TrainResult, train
+from gesso.errors import CheckpointError, ConfigError, GessoError, LoRAFileError, PromptError, RenderError, TrainError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Config", "build_config", "load_config", "train", "TrainResult", "StopTraining",
+    "GessoError", "ConfigError", "CheckpointError", "LoRAFileError", "PromptError", "RenderError", "TrainError",
+]

@@ -13,27 +13,32 @@ from gesso.engine import diffusion, fp8, objective
 from gesso.engine.config import Config
 from gesso.engine.data.cache import Cache, prepare_cache
 from gesso.engine.data.dataset import Dataset, DatasetOptions, Subset, build_dataset
-from gesso.engine.logs import RunLog, peak_memory_gib
+from gesso.engine.events import Events, StopTraining
+from gesso.engine.logs import RunLog
 from gesso.engine.lora import names
 from gesso.engine.lora import network as lora
-from gesso.engine.lora.files import save_lora
-from gesso.engine.lora.metadata import at_save, training_metadata
+from gesso.engine.lora.metadata import training_metadata
 from gesso.engine.optim import build_optimizer
 from gesso.engine.sampling.preview import render_previews
+from gesso.engine.saving import Saver, network_shape
 from gesso.engine.schedules import build_schedule
-from gesso.engine.state import Position, load_state, restore_network, save_state
+from gesso.engine.state import Position, load_state, restore_network
 from gesso.errors import TrainError
 
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
 class TrainResult:
+    """What a run left: its folder, the final LoRA file (None when the host stopped it early), the epoch files,
+    each optimizer step's loss in this process, and the step it ended at."""
+
     output_dir: Path
-    final: Path
+    final: Path | None
     epoch_files: list[Path] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    step: int = 0
+    stopped_early: bool = False
 
 
 @dataclass
@@ -185,37 +190,14 @@ def fixed_eval_loss(unet, cache: Cache, seed: int = 1234, draws: int = 4, batch_
     return total / count
 
 
-class Saver:
-    """Writes the LoRA files (per epoch, per N steps, final), prunes old ones, and keeps the resumable state."""
+def train(cfg: Config, output_dir: str | Path, on_event: Callable[[dict], None] | None = None,
+          resume: str | Path | None = None, progress: bool = True) -> TrainResult:
+    """Train a LoRA as `cfg` says, writing its files to `output_dir`.
 
-    def __init__(self, cfg: Config, output_dir: Path, network, meta: dict[str, str], files: list[str]):
-        self.cfg, self.dir, self.network, self.meta = cfg, output_dir, network, meta
-        self.dtype = SAVE_DTYPES[cfg.output.save_dtype]
-        self.files = list(files)  # intermediate files written so far, oldest first
-
-    def lora(self, path: Path, epoch: int, step: int) -> Path:
-        save_lora(path, self.network.kohya_state_dict(self.dtype), at_save(self.meta, epoch, step))
-        return path
-
-    def intermediate(self, stem: str, epoch: int, step: int) -> Path:
-        path = self.lora(self.dir / f"{self.cfg.output.name}-{stem}.safetensors", epoch, step)
-        self.files.append(path.name)
-        keep = self.cfg.output.keep_last
-        while keep and len(self.files) > keep:
-            (self.dir / self.files.pop(0)).unlink(missing_ok=True)
-        return path
-
-    def state(self, optimizer, scheduler, scaler, pos: Position) -> None:
-        shape = _network_shape(self.cfg)
-        save_state(self.dir, self.network, optimizer, scheduler, scaler, pos, self.files, shape)
-
-
-def train(cfg: Config, output_dir: str | Path, on_step: Callable[[dict], None] | None = None,
-          resume: str | Path | None = None) -> TrainResult:
-    """Train a LoRA as `cfg` says, writing its files to `output_dir`; `on_step` receives each step's metrics.
-
-    With `resume`, a folder holding a state.pt from an earlier run of the same config, training goes on
-    from where that run stopped and ends with the same files an uninterrupted run writes.
+    on_event: called with each event (engine/events.py): every optimizer step's metrics, every file written;
+    raising `StopTraining` in it ends the run with its state saved. resume: a folder holding a state.pt from an
+    earlier run of the same config; training goes on from there and ends with the files an uninterrupted run
+    writes. progress: the terminal progress bar (a host showing its own turns it off).
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -239,24 +221,21 @@ def train(cfg: Config, output_dir: str | Path, on_step: Callable[[dict], None] |
     ac = diffusion.scaled_linear_alphas_cumprod()
     g = torch.Generator().manual_seed(tc.seed)  # CPU generator: the same draws on any device
     pos = Position(1, 0, 0, g.get_state())
-    saver = Saver(cfg, output_dir, network, meta, state["files"] if state else [])
+    events = Events(on_event, plan.total_steps, device)
+    saver = Saver(cfg, output_dir, network, meta, state["files"] if state else [], events)
     if state:
-        restore_network(network, state)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        pos = Position(state["epoch"], state["batch"], state["step"], state["generator"])
-        g.set_state(pos.generator)
+        pos = _restore(state, network, opt, sched, scaler, g)
         print(f"resuming at epoch {pos.epoch}, step {pos.step} of {plan.total_steps}", flush=True)
     result = TrainResult(output_dir, output_dir / f"{cfg.output.name}.safetensors")
     log = RunLog(output_dir, pos.step, cfg.output.tensorboard, device)
-    bar = tqdm(total=plan.total_steps, initial=pos.step, unit="step", dynamic_ncols=True)  # shows it/s and ETA
+    bar = tqdm(total=plan.total_steps, initial=pos.step, unit="step", dynamic_ncols=True, disable=not progress)
     try:
+        events.start(pos.step, pos.epoch)
         for epoch in range(pos.epoch, plan.epochs + 1):
             micro_losses = []
             for i, (x0, context, y) in enumerate(cache.batches(epoch, plan.batch_size, tc.seed, skip=pos.batch), start=pos.batch):
                 d = objective.draw(x0, cfg.loss, ac, g)
-                pred = unet(d.noisy, d.t, context, y)  # computes in the frozen weights' dtype (see below)
+                pred = unet(d.noisy, d.t, context, y)  # computes in the frozen weights' dtype (see above)
                 loss = objective.loss(pred, d, cfg.loss, ac)
                 scaler.scale(loss / plan.accumulation).backward()
                 micro_losses.append(loss.item())  # syncs with the device once per micro-batch
@@ -277,34 +256,56 @@ def train(cfg: Config, output_dir: str | Path, on_step: Callable[[dict], None] |
                 micro_losses = []
                 log.step(record)
                 result.losses.append(record["loss"])
-                peak = peak_memory_gib(device)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", epoch=epoch, **({"peak_mem": f"{peak:.2f}G"} if peak is not None else {}))
-                bar.update()
-                if on_step:
-                    on_step(record)
                 if cfg.output.save_every_n_steps and pos.step % cfg.output.save_every_n_steps == 0 and pos.step < plan.total_steps:
                     saver.intermediate(f"step{pos.step:08d}", epoch, pos.step)
-                    _save_state(cfg, saver, opt, sched, scaler, pos)
+                    saver.state_if_asked(opt, sched, scaler, pos)
+                event = events.step(record)  # after this step's files: a host stopping here leaves them written
+                _show(bar, event)
             pos = Position(epoch + 1, 0, pos.step, g.get_state())
             every = cfg.output.save_every_n_epochs
             if every and epoch % every == 0:
                 saver.intermediate(f"{epoch:06d}", epoch, pos.step)
             if every and epoch % every == 0 or epoch == plan.epochs:
-                _save_state(cfg, saver, opt, sched, scaler, pos)
+                saver.state_if_asked(opt, sched, scaler, pos)
             if cfg.sample.prompts and cfg.sample.every_n_epochs and epoch % cfg.sample.every_n_epochs == 0:
-                render_previews(sd, cache.tokenizers, cfg, output_dir / "samples", epoch, device)
-    except KeyboardInterrupt:
+                for path in render_previews(sd, cache.tokenizers, cfg, output_dir / "samples", epoch, device):
+                    events.saved("preview", path, pos.step, epoch)
+    except StopTraining:
+        events.stopping = True
         saver.state(opt, sched, scaler, pos)  # pos is the last optimizer-step boundary
-        bar.close()
-        print(f"\ninterrupted: resumable state saved in {output_dir}; resume with --resume {output_dir}", flush=True)
+        print(f"\nstopped by the host at step {pos.step}: state saved; resume with --resume {output_dir}", flush=True)
+        result.stopped_early, result.final = True, None
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt) or e is events.raised:
+            events.stopping = True
+            saver.state(opt, sched, scaler, pos)
+            print(f"\ninterrupted: resumable state saved in {output_dir}; resume with --resume {output_dir}", flush=True)
         raise
     finally:
         log.close()
         bar.close()
-    print(cache.dataset.report(), flush=True)
-    saver.lora(result.final, plan.epochs, pos.step)
+    result.step = pos.step
     result.epoch_files = [output_dir / f for f in saver.files if not f.rsplit("-", 1)[-1].startswith("step")]
+    if result.stopped_early:
+        return result
+    print(cache.dataset.report(), flush=True)
+    saver.final(result.final, plan.epochs, pos.step)
     return result
+
+
+def _show(bar: tqdm, event: dict) -> None:
+    peak = event["peak_memory_gib"]
+    bar.set_postfix(loss=f"{event['loss']:.4f}", epoch=event["epoch"], **({"peak_mem": f"{peak:.2f}G"} if peak is not None else {}))
+    bar.update()
+
+
+def _restore(state: dict, network, opt, sched, scaler, g: torch.Generator) -> Position:
+    restore_network(network, state)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    g.set_state(state["generator"])
+    return Position(state["epoch"], state["batch"], state["step"], state["generator"])
 
 
 def param_groups(network: lora.LoRANetwork, tc) -> list[dict]:
@@ -320,20 +321,9 @@ def param_groups(network: lora.LoRANetwork, tc) -> list[dict]:
     return groups
 
 
-def _save_state(cfg: Config, saver: Saver, opt, sched, scaler, pos: Position) -> None:
-    if cfg.output.save_state:
-        saver.state(opt, sched, scaler, pos)
-
-
 def _current_lr(opt: torch.optim.Optimizer) -> float:
     group = opt.param_groups[0]
     return group["lr"] * group.get("d", 1.0)  # Prodigy's step is d * lr
-
-
-def _network_shape(cfg: Config) -> dict:
-    n = cfg.network
-    shape = {"rank": n.rank, "alpha": n.alpha, "conv_rank": n.conv_rank, "conv_alpha": n.conv_alpha}
-    return shape | ({"train_text_encoders": True} if n.train_text_encoders else {})  # states saved before the option still match
 
 
 def _load_resume(folder: str | Path, cfg: Config) -> dict:
@@ -341,7 +331,7 @@ def _load_resume(folder: str | Path, cfg: Config) -> dict:
         state = load_state(Path(folder))
     except FileNotFoundError as e:
         raise TrainError(str(e)) from None
-    expected = _network_shape(cfg)
+    expected = network_shape(cfg)
     if state["network"] != expected:
         raise TrainError(f"{folder}: state was trained with network {state['network']}, the config says {expected}")
     return state

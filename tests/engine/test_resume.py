@@ -10,6 +10,7 @@ from gesso.engine.config import load_config
 from gesso.engine.lora.files import read_lora
 from gesso.engine.lora.network import load_network
 from gesso.engine.train import fixed_eval_loss, prepare_run, train
+from gesso.errors import TrainError
 
 DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo.toml"
 
@@ -22,11 +23,11 @@ def small(tmp_path, *extra):
 
 
 def interrupt_at(step):
-    def on_step(record):
-        if record["step"] == step:
+    def on_event(event):
+        if event["event"] == "step" and event["step"] == step:
             raise KeyboardInterrupt
 
-    return on_step
+    return on_event
 
 
 @pytest.mark.parametrize("stop", [2, 3])  # mid-epoch, and at an epoch's last step (before its save)
@@ -34,7 +35,7 @@ def test_resume_after_interrupt_equals_an_uninterrupted_run(tmp_path, stop):
     cfg = small(tmp_path)
     whole = train(cfg, tmp_path / "whole")
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "cut", on_step=interrupt_at(stop))
+        train(cfg, tmp_path / "cut", on_event=interrupt_at(stop))
     assert (tmp_path / "cut" / "state.pt").is_file()
     resumed = train(cfg, tmp_path / "cut", resume=tmp_path / "cut")
     a, b = read_lora(whole.final)[0], read_lora(resumed.final)[0]
@@ -48,9 +49,7 @@ def test_resume_after_interrupt_equals_an_uninterrupted_run(tmp_path, stop):
 def test_resume_refuses_another_network_shape(tmp_path):
     cfg = small(tmp_path)
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "cut", on_step=interrupt_at(2))
-    from gesso.engine.train import TrainError
-
+        train(cfg, tmp_path / "cut", on_event=interrupt_at(2))
     with pytest.raises(TrainError, match="state was trained with network"):
         train(small(tmp_path, "network.rank=4"), tmp_path / "cut", resume=tmp_path / "cut")
 
