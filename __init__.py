@@ -12,11 +12,12 @@ See the README's "Python API" section for a complete example (events, stopping, 
 from gesso.engine.config import Config, build_config, load_config
 from gesso.engine.events import StopTraining
 from gesso.engine.train import TrainResult, train
-from gesso.errors import CheckpointError, ConfigError, GessoError, LoRAFileError, PromptError, RenderError, TrainError
+from gesso.errors import (CheckpointError, ConfigError, GessoError, LoRAFileError, OutputError, PromptError, RenderError,
+                          TrainError)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Config", "build_config", "load_config", "train", "TrainResult", "StopTraining",
-    "GessoError", "ConfigError", "CheckpointError", "LoRAFileError", "PromptError", "RenderError", "TrainError",
+    "GessoError", "ConfigError", "CheckpointError", "LoRAFileError", "OutputError", "PromptError", "RenderError", "TrainError",
 ]

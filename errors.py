@@ -32,3 +32,8 @@ class RenderError(GessoError):
 
 class TrainError(GessoError):
     """A problem with the run's inputs (empty dataset, unknown model, bad resume); one line naming it."""
+
+
+class OutputError(GessoError):
+    """A file that cannot be written (full disk, read-only folder, a path that is a file); the message names the path
+    and what to do. Earlier files are left as they were."""
