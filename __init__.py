@@ -11,6 +11,9 @@ See the README's "Python API" section for a complete example (events, stopping, 
 """
 from gesso.engine.config import Config, build_config, load_config
 from gesso.engine.events import StopTraining
+from gesso.engine.lora.files import read_lora
+from gesso.engine.lora.tools import convert_lora, merge_lora, resize_lora
+from gesso.engine.sampling.sample import sample
 from gesso.engine.train import TrainResult, train
 from gesso.errors import (CheckpointError, ConfigError, GessoError, LoRAFileError, OutputError, PromptError, RenderError,
                           TrainError)
@@ -19,5 +22,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Config", "build_config", "load_config", "train", "TrainResult", "StopTraining",
+    "read_lora", "convert_lora", "merge_lora", "resize_lora", "sample",
     "GessoError", "ConfigError", "CheckpointError", "LoRAFileError", "OutputError", "PromptError", "RenderError", "TrainError",
 ]

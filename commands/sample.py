@@ -1,23 +1,18 @@
 """`gesso sample` (single images) and `gesso grid` (X/Y plots), registered on cli.py's subparsers by add_parsers.
 
-Parsing only: the commands build a Pipeline and Settings once and hand plain values to engine.render.
+Parsing only: both commands open the model and build the first image's settings with engine/sampling/sample.py,
+the module whose sample() a host program calls, then render with it (sample) or engine/sampling/render.py (grid).
 """
 import argparse
-import random
 import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-from PIL import Image
-
-from gesso import models
-from gesso.engine.lora.files import read_lora
 from gesso.engine.sampling import render
+from gesso.engine.sampling import sample as single
 from gesso.engine.sampling import samplers as sampling
-from gesso.engine.sampling.prompt import EMPHASIS, extract_lora_tags
+from gesso.engine.sampling.prompt import EMPHASIS
 
-NATIVE_SIZE = {"sdxl": 1024, "sd15": 512, "sd2": 768, "tiny-sdxl": 128, "tiny-sd15": 128}
 AXIS_HELP = ("KIND[=V1,V2,...]; KIND is epoch (default: every epoch file of --run), strength, seed, cfg, steps or "
              "sampler, e.g. --x epoch --y strength=0.2,0.4,0.6,0.8,1")
 
@@ -65,45 +60,29 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-dtype", default="fp32", choices=["fp32", "bf16"], help="VAE decode precision (never fp16)")
 
 
-def _model_name(args, lora_files: list[Path]) -> str:
-    if args.model:
-        return args.model
-    for path in lora_files:
-        name = read_lora(path)[1].get("ss_sd_model_name", "")
-        if name in models.configs.REGISTRY or (name and Path(name).exists()):
-            return name
-    raise render.RenderError("pass --model (no LoRA file's ss_sd_model_name is a built-in model or an existing checkpoint)")
-
-
 def _pipeline(args, lora_dir: Path | None, lora_files: list[Path]) -> render.Pipeline:
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    return render.load_pipeline(_model_name(args, lora_files), args.model_seed, device, args.dtype, args.vae_dtype, lora_dir)
+    return single.open_pipeline(args.model, lora_files, lora_dir, args.device, args.dtype, args.vae_dtype, args.model_seed)
 
 
-def _settings(args, model: str, family: str) -> render.Settings:
-    size = NATIVE_SIZE.get(model) or NATIVE_SIZE[family]
-    seed = args.seed if args.seed >= 0 else random.randrange(2**32)
-    return render.Settings(args.prompt, args.negative_prompt, args.steps, args.sampler, args.cfg, seed,
-                           args.width or size, args.height or size, emphasis=args.emphasis)
+def _settings(args, pipe: render.Pipeline) -> render.Settings:
+    return single.settings_for(pipe, args.prompt, args.negative_prompt, args.steps, args.sampler, args.cfg, args.seed,
+                               args.width, args.height, args.emphasis)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     lora_dir = Path(args.lora_dir) if args.lora_dir else None
-    tags = extract_lora_tags(args.prompt)[1]
-    lora_files = [lora_dir / f"{t.name}.safetensors" for t in tags] if lora_dir else []
-    pipe = _pipeline(args, lora_dir, lora_files)
-    s = _settings(args, pipe.model_name, pipe.sd.cfg.family)
-    init = None
-    if args.init_image:
-        init = Image.open(args.init_image)
-        s = replace(s, denoising_strength=args.denoise)
+    init = single.open_image(args.init_image) if args.init_image else None
+    pipe = _pipeline(args, lora_dir, single.tagged_lora_files(args.prompt, lora_dir))
+    s = _settings(args, pipe)
+    if init is not None:
+        s = single.img2img(s, args.denoise)
     out = Path(args.out)
     index = render.next_index(out)
     started = time.time()
     for batch in range(args.batch_count):
         batch_settings = replace(s, seed=s.seed + batch * args.batch_size)
-        for i, (image, text) in enumerate(render.render(pipe, batch_settings, args.batch_size, init)):
-            print(render.save_png(image, out / f"{index:05d}-{batch_settings.seed + i}.png", text))
+        for i, image in enumerate(single.render_batch(pipe, batch_settings, args.batch_size, init)):
+            print(render.save_png(image, out / f"{index:05d}-{batch_settings.seed + i}.png", image.info["parameters"]))
             index += 1
     print(f"{args.batch_count * args.batch_size} images in {time.time() - started:.1f} s")
     return 0
@@ -147,7 +126,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
             raise render.RenderError(f"{run_dir / lora_name}.safetensors: no final LoRA file for the strength axis")
     lora_dir = run_dir or (Path(args.lora_dir) if args.lora_dir else None)
     pipe = _pipeline(args, lora_dir, run_files)
-    base = _settings(args, pipe.model_name, pipe.sd.cfg.family)
+    base = _settings(args, pipe)
     out = Path(args.out) if args.out else (run_dir / "grids" if run_dir else Path("output/grids"))
     started = time.time()
     grid, singles = render.render_grid(pipe, base, x, y, out, lora_name, args.strength)

@@ -51,3 +51,14 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
         raise LoRAFileError(f"{path}: no such file") from None
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
         raise LoRAFileError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def read_lora_header(path: str | Path) -> tuple[list[str], dict[str, str]]:
+    """Key names and metadata of a safetensors LoRA file without loading its tensors, or a one-line LoRAFileError."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys()), dict(f.metadata() or {})
+    except FileNotFoundError:
+        raise LoRAFileError(f"{path}: no such file") from None
+    except Exception as e:  # as read_lora: safetensors' own error types for truncated or foreign files
+        raise LoRAFileError(f"{path}: not a readable safetensors file ({e})") from None

@@ -1,4 +1,7 @@
-"""Bake LoRA into a single-file checkpoint, and shrink a LoRA's rank by SVD.
+"""LoRA file tools: convert between layouts, bake LoRA into a single-file checkpoint, shrink a LoRA's rank by SVD.
+
+convert_lora, merge_lora and resize_lora are what `gesso convert`, `gesso merge` and `gesso resize` run; bad input
+raises LoRAFileError or CheckpointError with one line naming the file.
 
 merge: W += weight * alpha / rank * up @ down for every module of every file, in fp32, written back in the source's
 keys and dtypes; tensors are read, changed and written one at a time, so peak memory is about one weight.
@@ -6,18 +9,25 @@ resize: the best rank-k approximation of each module's update (Eckart-Young), fr
 up @ down, reporting the fraction of the update's Frobenius norm each module keeps.
 """
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from gesso import models
 from gesso.engine.io import write_atomic
 from gesso.engine.lora import formats as lora_convert
+from gesso.engine.lora.files import read_lora_header, save_lora
 from gesso.engine.lora.formats import LoRA, Module
+from gesso.errors import CheckpointError, LoRAFileError
+from gesso.models.configs import ModelConfig
 from gesso.models.files import SAFETENSORS_DTYPES, TensorRef
 
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+LAYOUTS = ("kohya", "diffusers")
 
 
 @dataclass(frozen=True)
@@ -26,6 +36,55 @@ class Resized:
     rank_before: int
     rank_after: int
     retained: float  # ||resized update||_F / ||update||_F
+
+
+def model_config(path: str | Path, model: str | Path | None = None) -> ModelConfig:
+    """The ModelConfig a LoRA file is read against: `model` (a built-in name or a checkpoint), else the file's
+    ss_base_model_version, else its key names."""
+    if model:
+        if str(model) in models.configs.REGISTRY:
+            return models.configs.get(str(model))
+        return models.open_checkpoint(model).config
+    keys, metadata = read_lora_header(path)
+    version = metadata.get("ss_base_model_version", "")
+    joined = " ".join(keys)
+    if version.startswith("sdxl_") or any(s in joined for s in ("lora_te2_", "text_encoder_2.", "input_blocks", "add_embedding")):
+        return models.configs.SDXL_BASE
+    if version.startswith("sd_v2"):
+        return models.configs.SD21
+    if version.startswith("sd_v1") or any(s in joined for s in ("down_blocks_0_attentions", "down_blocks.0.attentions")):
+        return models.configs.SD15
+    raise LoRAFileError(f"{path}: cannot tell which model this LoRA is for; name it (model=..., --model)")
+
+
+def read_placed(path: str | Path, model: str | Path | None = None) -> tuple[LoRA, ModelConfig]:
+    """Every module of a LoRA file of any layout, each on a weight of the model; the model's config."""
+    cfg = model_config(path, model)
+    return lora_convert.require_placed(path, lora_convert.read(path, cfg)), cfg
+
+
+def module_count(path: str | Path) -> int:
+    """LoRA modules in a file of any layout, from its key names (one down weight per module)."""
+    return sum(1 for key in read_lora_header(path)[0] if (split := lora_convert.split_key(key)) and split[1] == "down")
+
+
+def convert_lora(src: str | Path, dst: str | Path, to: str = "kohya", model: str | Path | None = None,
+                 dtype: str | None = None) -> Path:
+    """Rewrite a kohya, diffusers/PEFT or ComfyUI LoRA in the kohya layout (read by ComfyUI, AUTOMATIC1111/Forge and
+    diffusers) or in diffusers' own; `dtype` (fp16, bf16, fp32) casts the tensors. Returns `dst`."""
+    src, dst = Path(src), Path(dst)
+    if to not in LAYOUTS:
+        raise LoRAFileError(f"{dst}: layout {to!r} unknown; choose {' or '.join(LAYOUTS)}")
+    if dtype is not None and dtype not in DTYPES:
+        raise LoRAFileError(f"{dst}: dtype {dtype!r} unknown; choose one of {', '.join(DTYPES)}")
+    lo, cfg = read_placed(src, model)
+    if dtype:
+        lo.modules = {n: Module(m.down.to(DTYPES[dtype]), m.up.to(DTYPES[dtype]), m.alpha) for n, m in lo.modules.items()}
+    if to == "kohya":
+        save_lora(dst, lora_convert.to_kohya(lo), lora_convert.kohya_metadata(lo, cfg.family, dst.stem))
+    else:
+        write_atomic(dst, lambda tmp: save_file(lora_convert.to_diffusers(lo, cfg), tmp, metadata={"format": "pt"}))
+    return dst
 
 
 def parse_lora_arg(arg: str) -> tuple[Path, float]:
@@ -62,17 +121,35 @@ def write_safetensors(path: str | Path, entries: dict[str, TensorRef], metadata:
     write_atomic(path, write)
 
 
-def merge(checkpoint, loras: list[tuple[Path, float]], out: str | Path) -> dict[str, int]:
-    """Write `checkpoint` with every (LoRA file, weight) baked in; returns modules merged per file.
+def weighted(lora) -> tuple[Path, float]:
+    """A LoRA given as a path (weight 1) or as a (path, weight) pair."""
+    if isinstance(lora, (str, os.PathLike)):
+        return Path(lora), 1.0
+    try:
+        path, weight = lora
+    except (TypeError, ValueError):
+        raise LoRAFileError(f"{lora!r}: give a LoRA as a path or a (path, weight) pair") from None
+    try:
+        return Path(path), float(weight)
+    except (TypeError, ValueError):
+        raise LoRAFileError(f"{path}: weight {weight!r} is not a number") from None
+
+
+def merge_lora(checkpoint: str | Path, loras: list, out: str | Path) -> dict[str, int]:
+    """Write `checkpoint` with every LoRA (a path, or a (path, weight) pair) baked in, as .safetensors at `out`;
+    returns modules merged per file.
 
     The source must be one file (safetensors or .ckpt): the result has its keys, dtypes and metadata.
     """
+    if Path(out).suffix != ".safetensors":
+        raise LoRAFileError(f"{out}: the merged checkpoint is written as .safetensors; name it so")
+    loras = [weighted(lora) for lora in loras]
     ckpt = models.open_checkpoint(checkpoint)
     if ckpt.kind != "single-file":
-        raise models.CheckpointError(f"{ckpt.path}: merge writes the source's single-file layout; "
-                                     f"convert this diffusers folder to one file first")
+        raise CheckpointError(f"{ckpt.path}: merge writes the source's single-file layout; "
+                              f"convert this diffusers folder to one file first")
     if not ckpt.comparison.ok:
-        raise models.CheckpointError(f"{ckpt.path}: {ckpt.comparison.first_problem()}")
+        raise CheckpointError(f"{ckpt.path}: {ckpt.comparison.first_problem()}")
     by_key: dict[str, list[tuple[lora_convert.Target, Module, float]]] = {}
     counts = {}
     for path, weight in loras:
@@ -80,7 +157,7 @@ def merge(checkpoint, loras: list[tuple[Path, float]], out: str | Path) -> dict[
         for name, m in lo.modules.items():
             target = lo.layout.targets[name]
             if target.key not in ckpt.tensors:
-                raise lora_convert.LoRAFileError(f"{path}: {name} acts on {target.key}, which {ckpt.path} lacks")
+                raise LoRAFileError(f"{path}: {name} acts on {target.key}, which {ckpt.path} lacks")
             by_key.setdefault(target.key, []).append((target, m, weight))
         counts[str(path)] = len(lo.modules)
 
@@ -150,3 +227,17 @@ def summary(report: list[Resized]) -> str:
     ranks = [r.rank_after for r in report]
     return (f"{len(report)} modules, rank {min(ranks)}..{max(ranks)}, retained Frobenius norm "
             f"min {min(retained):.4f} mean {sum(retained) / len(retained):.4f}")
+
+
+def resize_lora(src: str | Path, dst: str | Path, rank: int | None = None, energy: float | None = None,
+                model: str | Path | None = None) -> list[Resized]:
+    """Write `src` with each module cut to `rank`, or to the fewest ranks keeping `energy` of its Frobenius norm,
+    in the kohya layout at `dst`; returns what each module keeps."""
+    src, dst = Path(src), Path(dst)
+    lo, cfg = read_placed(src, model)
+    try:
+        resized, report = resize(lo, rank=rank, energy=energy)
+    except ValueError as e:
+        raise LoRAFileError(f"{src}: {e}") from None
+    save_lora(dst, lora_convert.to_kohya(resized), lora_convert.kohya_metadata(resized, cfg.family, dst.stem))
+    return report

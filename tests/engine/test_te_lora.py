@@ -147,12 +147,12 @@ def test_fused_qkv_lora_equals_weight_merge_on_its_rows():
 
 
 def test_saved_te_lora_merged_by_lora_tools_equals_injected(tmp_path):
-    # lora_tools.merge places te2 q/k/v by lora_convert's layout, which tests/formats checks against diffusers
+    # lora_tools.merge_lora places te2 q/k/v by lora_convert's layout, which tests/formats checks against diffusers
     base = models.build("tiny-sdxl", seed=6).eval()
     save_file({k: v for k, v in base.state_dict().items()}, str(tmp_path / "base.safetensors"))
     network = randomised(lora.inject_text_encoders(base, 4, 2.0), 7)
     save_lora(tmp_path / "te.safetensors", network.kohya_state_dict(), {})
-    counts = lora_tools.merge(tmp_path / "base.safetensors", [(tmp_path / "te.safetensors", 1.0)], tmp_path / "merged.safetensors")
+    counts = lora_tools.merge_lora(tmp_path / "base.safetensors", [(tmp_path / "te.safetensors", 1.0)], tmp_path / "merged.safetensors")
     assert list(counts.values()) == [36]
     merged = models.load_model(tmp_path / "merged.safetensors")
     ids = prompt_ids(8)

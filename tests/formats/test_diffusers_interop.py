@@ -11,6 +11,7 @@ from formats_testutil import diffusers_out, engine_out, export, pipeline, random
 from models_testutil import rel_err
 from peft import LoraConfig, get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
+from safetensors.torch import save_file
 
 from gesso import models
 from gesso.engine.lora import formats as lora_convert
@@ -74,7 +75,7 @@ def test_text_encoder_modules_match_diffusers(tmp_path):
     pipe.load_lora_weights(str(path))
     assert len(lora_layers(pipe.text_encoder)) == len(lora_layers(pipe.text_encoder_2)) == 18
 
-    lora_tools.merge(tmp_path / "base.safetensors", [(path, 1.0)], tmp_path / "merged.safetensors")
+    lora_tools.merge_lora(tmp_path / "base.safetensors", [(path, 1.0)], tmp_path / "merged.safetensors")
     merged = models.load_model(tmp_path / "merged.safetensors")
     ids = torch.full((2, 77), 49407)
     ids[:, 0] = 49406
@@ -150,7 +151,6 @@ def test_other_spellings_read_to_the_same_modules(variant, tmp_path):
     else:  # ComfyUI's LoRA save: diffusion_model.<original path>.lora_up/lora_down.weight, .alpha
         tensors = renamed(network.kohya_state_dict(), lambda k: "diffusion_model." + network.paths[k.split(".")[0]][1] + "." + k.split(".", 1)[1])
     other = tmp_path / "other.safetensors"
-    from safetensors.torch import save_file
     save_file(tensors, str(other))
     got = lora_convert.read(other, sd.cfg)
     assert not got.unplaced and sorted(got.modules) == sorted(reference.modules)

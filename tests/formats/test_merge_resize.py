@@ -4,6 +4,7 @@ import torch
 from formats_testutil import diffusers_out, engine_out, export, pipeline, random_network, tiny, unet_inputs
 from models_testutil import rel_err
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from gesso import models
 from gesso.engine.lora import formats as lora_convert
@@ -33,7 +34,7 @@ def test_merged_checkpoint_equals_base_plus_lora(name, tmp_path):
     network.remove()
     assert rel_err(engine_out(sd, inputs), expected) > 1e-2  # the LoRA matters at this strength
 
-    lora_tools.merge(tmp_path / "base.safetensors", [(tmp_path / "a.safetensors", 0.7)], tmp_path / "merged.safetensors")
+    lora_tools.merge_lora(tmp_path / "base.safetensors", [(tmp_path / "a.safetensors", 0.7)], tmp_path / "merged.safetensors")
     merged = models.load_model(tmp_path / "merged.safetensors")
     assert rel_err(engine_out(merged, inputs), expected) < 1e-5
 
@@ -45,13 +46,12 @@ def test_stacked_merge_equals_sequential_and_keeps_layout_and_dtype(tmp_path):
     lora_file(sd, tmp_path / "b.safetensors", seed=4)
     # b in diffusers' layout: merge reads any layout
     b = lora_convert.read(tmp_path / "b.safetensors", sd.cfg)
-    from safetensors.torch import save_file
     save_file(lora_convert.to_diffusers(b, sd.cfg), str(tmp_path / "b_diffusers.safetensors"))
 
     base = tmp_path / "base.safetensors"
-    lora_tools.merge(base, [(tmp_path / "a.safetensors", 0.8), (tmp_path / "b_diffusers.safetensors", -0.5)], tmp_path / "both.safetensors")
-    lora_tools.merge(base, [(tmp_path / "a.safetensors", 0.8)], tmp_path / "step1.safetensors")
-    lora_tools.merge(tmp_path / "step1.safetensors", [(tmp_path / "b.safetensors", -0.5)], tmp_path / "step2.safetensors")
+    lora_tools.merge_lora(base, [(tmp_path / "a.safetensors", 0.8), (tmp_path / "b_diffusers.safetensors", -0.5)], tmp_path / "both.safetensors")
+    lora_tools.merge_lora(base, [(tmp_path / "a.safetensors", 0.8)], tmp_path / "step1.safetensors")
+    lora_tools.merge_lora(tmp_path / "step1.safetensors", [(tmp_path / "b.safetensors", -0.5)], tmp_path / "step2.safetensors")
     with safe_open(str(base), "pt") as f0, safe_open(str(tmp_path / "both.safetensors"), "pt") as f1, \
             safe_open(str(tmp_path / "step2.safetensors"), "pt") as f2:
         assert set(f0.keys()) == set(f1.keys()) == set(f2.keys())
@@ -73,7 +73,7 @@ def test_merge_refuses_a_lora_for_another_model(tmp_path):
     export(sdxl, tmp_path / "base.safetensors")
     lora_file(sd15, tmp_path / "sd15.safetensors", seed=5)
     with pytest.raises(lora_convert.LoRAFileError, match="sd15.safetensors"):
-        lora_tools.merge(tmp_path / "base.safetensors", [(tmp_path / "sd15.safetensors", 1.0)], tmp_path / "out.safetensors")
+        lora_tools.merge_lora(tmp_path / "base.safetensors", [(tmp_path / "sd15.safetensors", 1.0)], tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
 
 
