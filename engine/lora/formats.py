@@ -181,7 +181,11 @@ def read(path, cfg: ModelConfig | UNetConfig) -> LoRA:
         name, component, module_path = kohya_spelling(split[0], lay) if split else ("", "", "")
         canonical = lay.aliases.get(name)
         if canonical is None:
-            (text_keys if unet_only and name.startswith("lora_te") else unplaced).append(key)
+            if unet_only and name.startswith("lora_te"):
+                require_finite(path, split[0], split[1], t)  # not applied here, but the file is as broken
+                text_keys.append(key)
+            else:
+                unplaced.append(key)
             continue
         got = parts.setdefault(canonical, {"source": split[0], "component": component, "path": module_path})
         if got["source"] != split[0]:
@@ -193,9 +197,22 @@ def read(path, cfg: ModelConfig | UNetConfig) -> LoRA:
             raise LoRAFileError(f"{path}: module {got['source']} lacks its {'up' if 'down' in got else 'down'} weight")
         down, up = got["down"], got["up"]
         alpha = float(got["alpha"]) if "alpha" in got else peft_alpha(peft_meta, got["component"], got["path"], down.shape[0])
-        modules[name] = checked(path, got["source"], Module(down, up, float(down.shape[0]) if alpha is None else alpha),
-                                lay.targets[name].shape)
+        m = checked(path, got["source"], Module(down, up, float(down.shape[0]) if alpha is None else alpha),
+                    lay.targets[name].shape)
+        for part, t in (("down", m.down), ("up", m.up), ("alpha", torch.tensor(m.alpha))):  # alpha: the file's, or PEFT's
+            require_finite(path, got["source"], part, t)
+        modules[name] = m
     return LoRA(modules, metadata, lay, sorted(unplaced), sorted(text_keys))
+
+
+def require_finite(path, source: str, part: str, t: torch.Tensor) -> None:
+    """A LoRAFileError naming the module when `t` holds NaN or Inf. Checked here, where every tool reads a file:
+    merged, such a module turns its checkpoint weight to NaN, sampled it renders noise or black, resized it breaks the SVD."""
+    bad = t.numel() - int(torch.isfinite(t).sum())
+    if bad:
+        what = "alpha" if part == "alpha" else f"{part} weight"
+        raise LoRAFileError(f"{path}: module {source} holds NaN/Inf values ({what}: {bad} of {t.numel()}); "
+                            "the file is broken: retrain, or take an earlier epoch's file")
 
 
 def checked(path, source: str, m: Module, shape: tuple[int, ...]) -> Module:

@@ -1,0 +1,102 @@
+"""What every fault case asserts: the exit code, one `error: ...` line naming the file or key and no traceback,
+and that every file present before the case is byte-identical and still loadable afterwards."""
+import json
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "examples" / "demo.toml"
+
+
+def gesso_cli(*args, cwd=None, timeout=600, env=None, **kwargs) -> subprocess.CompletedProcess:
+    """`python cli.py ARGS` in a subprocess, one torch thread (the tests' machine may be loaded), text output."""
+    env = dict(os.environ if env is None else env, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *names: str, code: int = 2) -> str:
+    """Exit `code`, no traceback, exactly one stderr line starting `error: ` and naming each of `names`."""
+    out = proc.stdout + proc.stderr
+    assert "Traceback" not in out, out[-3000:]
+    assert proc.returncode == code, f"exit {proc.returncode}, expected {code}: {out[-2000:]}"
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, f"expected one error line: {proc.stderr[-2000:]}"
+    for name in names:
+        assert str(name) in errors[0], f"{name!r} not named in {errors[0]!r}"
+    return errors[0]
+
+
+def snapshot(folder: Path) -> dict[Path, bytes]:
+    """Every file under `folder` and its bytes."""
+    return {p: p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def loadable(path: Path) -> None:
+    """Raise if `path` does not load the way Gesso loads it."""
+    if path.suffix == ".safetensors":
+        load_file(path)
+    elif path.suffix == ".pt":
+        torch.load(path, map_location="cpu", weights_only=True)
+    elif path.suffix == ".jsonl":
+        [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def assert_unchanged(before: dict[Path, bytes]) -> None:
+    """Each file of the snapshot is still there, byte-identical and loadable."""
+    for path, data in before.items():
+        assert path.is_file(), f"{path} is gone"
+        assert path.read_bytes() == data, f"{path} changed"
+        loadable(path)
+
+
+def temp_litter(folder: Path) -> list[Path]:
+    """Temporary files an atomic write leaves only when it is killed: `.<name>.<random>.tmp`."""
+    return [p for p in Path(folder).rglob("*.tmp")]
+
+
+def _mount(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["mount", *args], capture_output=True, text=True)
+
+
+@contextmanager
+def tmpfs(folder: Path, size: str = "64m"):
+    """A tmpfs on `folder` (created), unmounted afterwards: a real disk to fill. Skips where mounting is not permitted."""
+    folder.mkdir(parents=True, exist_ok=True)
+    proc = _mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder))
+    if proc.returncode:
+        pytest.skip(f"cannot mount a tmpfs ({proc.stderr.strip()}); the fsync-patched variant covers a full disk")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def leave_free(mount: Path, free: int) -> None:
+    """Shrink the tmpfs on `mount` so that about `free` bytes (rounded to pages) are left for new data."""
+    st = os.statvfs(mount)
+    used = (st.f_blocks - st.f_bfree) * st.f_frsize
+    proc = _mount("-o", f"remount,size={used + free}", str(mount))
+    assert proc.returncode == 0, proc.stderr
+
+
+@contextmanager
+def read_only(folder: Path):
+    """`folder` as a read-only bind mount of itself (writes fail with EROFS even for root, who ignores
+    permission bits). Skips where mounting is not permitted."""
+    proc = _mount("--bind", str(folder), str(folder))
+    if proc.returncode:
+        pytest.skip(f"cannot bind-mount {folder} read-only ({proc.stderr.strip()}); root ignores chmod 0555")
+    try:
+        proc = _mount("-o", "remount,bind,ro", str(folder))
+        assert proc.returncode == 0, proc.stderr
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
