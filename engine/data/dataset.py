@@ -3,8 +3,9 @@
 A subset is a folder. Its own images train `repeats` times per epoch, and so do those of each sub-folder
 named `N_name` (kohya's convention: N repeats; an explicit `Subset.repeats` wins over N). Other
 sub-folders are ignored and listed in the report, hidden files and folders (`.gesso_cache`) silently.
-Every image is decoded once here, so a broken file is skipped before any model work; each kept image is
-assigned its bucket, resized size and crop now, which fixes its latent cache key.
+Every image is decoded once here, as it will be for its latents (a huge JPEG reduced while decoding), so a
+broken or oversized file is skipped before any model work; each kept image is assigned its bucket, resized
+size and crop now, which fixes its latent cache key. Nothing decoded is kept: the cache decodes again.
 """
 import hashlib
 import logging
@@ -169,17 +170,17 @@ def _folders(subset: Subset, ignored: list[tuple[Path, str]]) -> list[tuple[Path
     return out
 
 
-def _probe(path: Path) -> tuple[str, Size] | str:
+def _probe(path: Path, sizes: list[Size]) -> tuple[str, Size] | str:
     """(sha256, upright (h, w)) of an image file, or why it cannot train."""
     try:
         data = path.read_bytes()
     except OSError as e:
         return f"unreadable ({e.strerror or e})"
     try:
-        im = decode(data)
+        _, size = decode(data, lambda size: B.cover(size, B.assign(size, sizes)))
     except BadImage as e:
         return str(e)
-    return hashlib.sha256(data).hexdigest(), (im.height, im.width)
+    return hashlib.sha256(data).hexdigest(), size
 
 
 def _place(size: Size, sizes: list[Size], options: DatasetOptions, digest: str) -> tuple[Size, Size, Size]:
@@ -202,7 +203,7 @@ def build_dataset(subsets: list[Subset], options: DatasetOptions = DatasetOption
                            if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file())
             found += [(p, repeats, class_tokens, subset) for p in files]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes without the GIL
-        probes = list(pool.map(_probe, [f[0] for f in found]))
+        probes = list(pool.map(lambda f: _probe(f[0], sizes), found))
     for (path, repeats, class_tokens, subset), probe in zip(found, probes):
         if isinstance(probe, str):
             log.warning("skipped %s: %s", path, probe)
@@ -225,7 +226,7 @@ def build_dataset(subsets: list[Subset], options: DatasetOptions = DatasetOption
 
 def load_pixels(item: Item) -> torch.Tensor:
     """The item's training pixels: (3, bucket h, bucket w) in [-1, 1], not flipped."""
-    im = decode(item.path.read_bytes())
+    im, _ = decode(item.path.read_bytes(), lambda _: item.resized)
     (rh, rw), (top, left), (bh, bw) = item.resized, item.crop, item.bucket
     im = im.resize((rw, rh), Image.Resampling.LANCZOS).crop((left, top, left + bw, top + bh))
     return to_pixels(im)
