@@ -1,14 +1,19 @@
 """Training configuration: typed, frozen sections read from TOML, with `section.key=value` overrides.
 
-Every key is checked: an unknown key, a wrong type or a missing path fails at once with a one-line
-ConfigError naming it. Relative dataset paths are resolved against the config file's folder.
+Every key is checked: an unknown key, a wrong type, a number out of its range (nan and inf included) or a
+missing path fails at once with a one-line ConfigError naming it. Relative dataset paths are resolved against
+the config file's folder.
 """
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import torch
+
+from gesso.engine.optim import build_optimizer, optimizer_options
 from gesso.errors import ConfigError
 
 
@@ -130,6 +135,115 @@ CHOICES = {
 }
 
 
+def _within(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Callable[[Any], bool]:
+    return lambda v: (low < v if low_open else low <= v) and (v < high if high_open else v <= high)
+
+
+MAX_SIDE = 8192  # above SDXL's 1024 with room to spare; an extra zero or two is a typo, not a 10^10-pixel bucket
+
+
+def _side(v: int) -> bool:
+    return v % 64 == 0 and 64 <= v <= MAX_SIDE
+
+
+MAX_SEED = 2**32 - 1  # seeds are combined with epochs and indices into torch's 64-bit seed
+SEED = (_within(0, MAX_SEED), f"must be within [0, {MAX_SEED}]")
+POSITIVE = (_within(0, math.inf, low_open=True), "must be above 0")
+AT_LEAST_0 = (_within(0, math.inf), "must be 0 or more")
+AT_LEAST_1 = (_within(1, math.inf), "must be 1 or more")
+PROBABILITY = (_within(0, 1), "must be within [0, 1]")
+BETA = (_within(0, 1, high_open=True), "must be within [0, 1)")
+
+# (section, key): (predicate, rule); floats are also finite, checked before these
+RANGES = {
+    ("model", "seed"): SEED,
+    ("dataset", "repeats"): (_within(0, math.inf), "must be 0 (N from N_name folder names) or more"),
+    ("dataset", "resolution"): (_side, f"must be a positive multiple of 64, at most {MAX_SIDE}"),
+    ("dataset", "min_bucket_side"): (_side, f"must be a positive multiple of 64, at most {MAX_SIDE}"),
+    ("dataset", "max_bucket_side"): (_side, f"must be a positive multiple of 64, at most {MAX_SIDE}"),
+    ("dataset", "keep_tokens"): AT_LEAST_0,
+    ("dataset", "caption_dropout_rate"): PROBABILITY,
+    ("network", "rank"): AT_LEAST_1,
+    ("network", "alpha"): POSITIVE,
+    ("network", "conv_rank"): (_within(0, math.inf), "must be 0 (off) or more"),
+    ("network", "conv_alpha"): POSITIVE,
+    ("train", "epochs"): AT_LEAST_1,
+    ("train", "batch_size"): AT_LEAST_1,
+    ("train", "gradient_accumulation_steps"): AT_LEAST_1,
+    ("train", "learning_rate"): POSITIVE,
+    ("train", "text_encoder_lr"): (_within(0, math.inf), "must be 0 (same as learning_rate) or more"),
+    ("train", "weight_decay"): AT_LEAST_0,
+    ("train", "adam_beta1"): BETA,
+    ("train", "adam_beta2"): BETA,
+    ("train", "adam_epsilon"): POSITIVE,
+    ("train", "lr_warmup_steps"): AT_LEAST_0,
+    ("train", "lr_scheduler_num_cycles"): AT_LEAST_1,
+    ("train", "max_grad_norm"): (_within(0, math.inf), "must be 0 (no clipping) or more"),
+    ("train", "seed"): SEED,
+    ("loss", "huber_c"): POSITIVE,
+    ("loss", "min_snr_gamma"): (_within(0, math.inf), "must be 0 (off) or more"),
+    ("loss", "noise_offset"): AT_LEAST_0,
+    ("loss", "multires_noise_iterations"): (_within(0, math.inf), "must be 0 (off) or more"),
+    ("loss", "multires_noise_discount"): PROBABILITY,
+    ("loss", "min_timestep"): (_within(0, 1000, high_open=True), "must be within [0, 1000)"),
+    ("loss", "max_timestep"): (_within(0, 1000, low_open=True), "must be within (0, 1000]"),
+    ("output", "save_every_n_epochs"): (_within(0, math.inf), "must be 0 (no per-epoch files) or more"),
+    ("output", "save_every_n_steps"): (_within(0, math.inf), "must be 0 (no per-step files) or more"),
+    ("output", "keep_last"): (_within(0, math.inf), "must be 0 (keep all) or more"),
+    ("sample", "every_n_epochs"): (_within(0, math.inf), "must be 0 (no previews) or more"),
+    ("sample", "steps"): AT_LEAST_1,
+    ("sample", "cfg_scale"): AT_LEAST_0,
+    ("sample", "seed"): SEED,
+}
+# checks across keys or inside a list: (keys named, predicate on the config, rule)
+RELATIONS = [
+    ("loss.min_timestep, loss.max_timestep", lambda c: c.loss.min_timestep < c.loss.max_timestep, "min must be below max"),
+    ("dataset.min_bucket_side, dataset.max_bucket_side", lambda c: c.dataset.min_bucket_side <= c.dataset.max_bucket_side,
+     "min must not exceed max"),
+    ("sample.prompts", lambda c: all(isinstance(p, str) for p in c.sample.prompts), "must be a list of strings"),
+]
+
+
+def _has_nan(value: Any) -> bool:
+    if isinstance(value, list):
+        return any(_has_nan(v) for v in value)
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _check_optimizer_args(t: TrainSection, source: str) -> None:
+    """optimizer_args before any model loads: each key one the optimizer takes, then its values as the optimizer's own
+    constructor judges them, over one stand-in parameter."""
+    accepted = optimizer_options(t.optimizer)
+    for key, value in t.optimizer_args.items():
+        if key not in accepted:
+            raise ConfigError(f"{source}: unknown key train.optimizer_args.{key} for optimizer {t.optimizer} (accepted: "
+                              f"{', '.join(accepted)}; lr, weight_decay, betas and eps come from their train.* keys)")
+        if _has_nan(value):
+            raise ConfigError(f"{source}: train.optimizer_args.{key} = {value!r}: must be a number")
+    try:
+        build_optimizer(t.optimizer, [torch.zeros(1, requires_grad=True)], t.learning_rate, t.weight_decay,
+                        (t.adam_beta1, t.adam_beta2), t.adam_epsilon, **t.optimizer_args)
+    except (ValueError, TypeError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise ConfigError(f"{source}: train.optimizer_args = {t.optimizer_args!r} refused by {t.optimizer}: {first}") from None
+
+
+def _check_ranges(cfg: Config, source: str) -> None:
+    for section in fields(cfg):
+        for f in fields(section.default_factory):
+            value = getattr(getattr(cfg, section.name), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{source}: {section.name}.{f.name} = {value!r}: must be a finite number")
+    for (section, key), (ok, rule) in RANGES.items():
+        value = getattr(getattr(cfg, section), key)
+        if not ok(value):
+            raise ConfigError(f"{source}: {section}.{key} = {value!r}: {rule}")
+    for keys, ok, rule in RELATIONS:
+        if not ok(cfg):
+            raise ConfigError(f"{source}: {keys}: {rule}")
+    _check_optimizer_args(cfg.train, source)
+
+
 def _coerce(where: str, value: Any, typ: type) -> Any:
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -152,6 +266,9 @@ def _subsets(source: str, raw: list, base: Path) -> list[dict]:
             if key not in SUBSET_KEYS:
                 raise ConfigError(f"{where}: unknown key {key} (known: {', '.join(SUBSET_KEYS)})")
             _coerce(f"{where}.{key}", value, SUBSET_KEYS[key])
+        ok, rule = RANGES[("dataset", "repeats")]
+        if not ok(table.get("repeats", 0)):
+            raise ConfigError(f"{where}.repeats = {table['repeats']!r}: {rule}")
         folder = (base / table["path"]).resolve()
         if not folder.is_dir():
             raise ConfigError(f"{where}.path: no such folder: {folder}")
@@ -192,7 +309,9 @@ def build_config(data: dict[str, Any], source: str = "config") -> Config:
     unknown = set(data) - {f.name for f in fields(Config)}
     if unknown:
         raise ConfigError(f"{source}: unknown section [{sorted(unknown)[0]}] (known: {', '.join(f.name for f in fields(Config))})")
-    return Config(**sections)
+    cfg = Config(**sections)
+    _check_ranges(cfg, source)
+    return cfg
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
@@ -215,24 +334,6 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raise ConfigError(f"{path}: dataset.path: no such folder: {dataset}")
     subsets = _subsets(str(path), cfg.dataset.subsets, path.parent)
     cache_dir = str((path.parent / cfg.dataset.cache_dir).resolve()) if cfg.dataset.cache_dir else ""
-    checks = [
-        (cfg.dataset.resolution % 64 == 0 and cfg.dataset.resolution > 0, "dataset.resolution must be a positive multiple of 64"),
-        (cfg.dataset.repeats >= 0, "dataset.repeats must be 0 (from N_name folders) or more"),
-        (0 <= cfg.dataset.caption_dropout_rate <= 1, "dataset.caption_dropout_rate must be within [0, 1]"),
-        (cfg.network.rank >= 1, "network.rank must be at least 1"),
-        (cfg.network.conv_rank >= 0, "network.conv_rank must be 0 (off) or more"),
-        (all(isinstance(p, str) for p in cfg.sample.prompts), "sample.prompts must be a list of strings"),
-        (cfg.sample.every_n_epochs >= 0 and cfg.sample.steps >= 1, "sample.every_n_epochs >= 0 and sample.steps >= 1"),
-        (cfg.train.epochs >= 1, "train.epochs must be at least 1"),
-        (cfg.train.batch_size >= 1, "train.batch_size must be at least 1"),
-        (cfg.train.text_encoder_lr >= 0, "train.text_encoder_lr must be 0 (same as learning_rate) or more"),
-        (cfg.output.save_every_n_epochs >= 0 and cfg.output.save_every_n_steps >= 0, "output.save_every_n_* must be 0 or more"),
-        (cfg.train.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps must be at least 1"),
-        (0 <= cfg.loss.min_timestep < cfg.loss.max_timestep <= 1000, "loss.min_timestep < loss.max_timestep, within [0, 1000]"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(f"{path}: {message}")
     model = cfg.model
     if model.checkpoint and (path.parent / model.checkpoint).exists():  # else a Hub repo id, resolved by the loader
         model = dataclasses.replace(model, checkpoint=str((path.parent / model.checkpoint).resolve()))

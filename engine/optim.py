@@ -190,6 +190,13 @@ OPTIMIZERS = {
 }
 
 
+def optimizer_options(name: str) -> list[str]:
+    """The keywords train.optimizer_args may give the optimizer `name`: its constructor's, less those
+    build_optimizer sets itself from the train section (lr, weight_decay, betas, eps), which would collide."""
+    own = set(inspect.signature(build_optimizer).parameters) - {"extra"}
+    return sorted(set(inspect.signature(OPTIMIZERS[name]()).parameters) - {"params"} - own)
+
+
 def build_optimizer(
     name: str, param_groups, lr: float, weight_decay: float, betas=(0.9, 0.999), eps=1e-8, **extra
 ) -> torch.optim.Optimizer:
@@ -197,15 +204,13 @@ def build_optimizer(
 
     `extra` holds the optimizer's own options (Prodigy: d_coef, growth_rate, use_bias_correction,
     safeguard_warmup, d0, decouple, beta3; Adafactor: relative_step, scale_parameter, warmup_init,
-    clip_threshold, decay_rate, beta1, eps as a pair). Adafactor has no Adam moments, so it takes
-    neither `betas` nor the scalar `eps`. For Prodigy, lr = 1 is the usual setting.
+    clip_threshold, decay_rate, beta1). Adafactor has no Adam moments, so it takes neither `betas`
+    nor the scalar `eps`. For Prodigy, lr = 1 is the usual setting.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r} (known: {', '.join(OPTIMIZERS)})")
-    cls = OPTIMIZERS[name]()
-    kwargs = dict(lr=lr, weight_decay=weight_decay) | ({} if name == "adafactor" else dict(betas=betas, eps=eps)) | extra
-    known = set(inspect.signature(cls).parameters) - {"params"}
-    unknown = sorted(set(kwargs) - known)
+    unknown = sorted(set(extra) - set(optimizer_options(name)))
     if unknown:
-        raise ValueError(f"optimizer {name!r} has no option {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    return cls(param_groups, **kwargs)
+        raise ValueError(f"optimizer {name!r} has no option {', '.join(unknown)} (known: {', '.join(optimizer_options(name))})")
+    kwargs = dict(lr=lr, weight_decay=weight_decay) | ({} if name == "adafactor" else dict(betas=betas, eps=eps)) | extra
+    return OPTIMIZERS[name]()(param_groups, **kwargs)

@@ -4,7 +4,10 @@ Every tensor is a `TensorRef` (shape, dtype, load): names and shapes are known f
 the data is read one tensor at a time when the model is filled, so peak host memory stays near one copy.
 """
 import json
+import pickle
+import re
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -87,18 +90,44 @@ def safetensors_refs(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
     return refs, metadata
 
 
+def _refusal(e: Exception) -> str:
+    """Why torch.load(weights_only=True) refused a file, in one line. torch's own message spans lines, carries
+    terminal escapes and advises loading the file with weights_only=False, which is how a hostile pickle runs code."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    if isinstance(e, pickle.UnpicklingError):
+        lines = text.partition("WeightsUnpickler error:")[2].strip().splitlines()
+        detail = lines[0].split(". ")[0][:160] if lines else e.__class__.__name__
+        if "global" in detail.lower():  # a pickle that names a function or class to call
+            return f"it holds Python objects besides tensors, which could run code, so it is refused ({detail})"
+        return f"not a PyTorch file ({detail})"
+    if isinstance(e, EOFError):
+        return "it ends before its data does (empty or truncated)"
+    if isinstance(e, (PermissionError, IsADirectoryError, FileNotFoundError)):  # other OSErrors come from a damaged zip
+        return f"it cannot be read ({e.strerror or e.__class__.__name__})"
+    first = text.strip().splitlines()[0].split(". This is an internal")[0][:160] if text.strip() else e.__class__.__name__
+    return f"damaged, or not a PyTorch file ({first})"
+
+
+def load_weights_only(path: Path, mmap: bool = False) -> object:
+    """torch.load(path, weights_only=True): tensors and plain data only, never code; memory-mapped when `mmap`
+    and the file is a zip (a legacy pickle cannot be). Any failure is one CheckpointError line naming the file."""
+    try:
+        # torch warns about pickle protocols it does not expect; for a file it then refuses, that is noise around the one line
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as e:
+                if not mmap or "mmap" not in str(e):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a bad file (pickle, zip, EOF, OS, runtime errors)
+        raise CheckpointError(f"{path}: not loadable as a weights-only file: {_refusal(e)}") from None
+
+
 def ckpt_refs(path: Path) -> dict[str, TensorRef]:
     """A legacy pickle checkpoint through torch.load(weights_only=True), memory-mapped when it is a zip file."""
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a bad pickle; the CLI needs one
-        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise CheckpointError(f"{path}: not loadable as a weights-only checkpoint: {first[:200]}") from None
+    obj = load_weights_only(path, mmap=True)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
