@@ -3,11 +3,11 @@ import argparse
 import dataclasses
 import datetime
 import json
-from pathlib import Path
 
 import torch
 
 from gesso.engine.config import load_config
+from gesso.engine.io import write_bytes_atomic
 from gesso.engine.measure import bench, harness, memtrace
 
 
@@ -69,8 +69,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     def save() -> None:  # after every case: a run cut short still leaves what it measured
         if out:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            Path(out).write_text(json.dumps(result, indent=1) + "\n")
+            write_bytes_atomic(out, (json.dumps(result, indent=1) + "\n").encode())
 
     cases = bench.matrix(cuda) if args.matrix else [] if args.loss_check else [one]
     for case in cases:

@@ -1,9 +1,20 @@
-"""Run logs: metrics.jsonl (one JSON object per optimizer step) and TensorBoard scalars (loss, lr, it/s, peak memory)."""
+"""Run logs: metrics.jsonl (one JSON object per optimizer step) and TensorBoard scalars (loss, lr, it/s, peak memory).
+
+metrics.jsonl is the record: a row that cannot be written ends the run with an OutputError. TensorBoard is a
+view of the same numbers, so a TensorBoard folder that cannot be written is one warning and the run goes on.
+"""
+import contextlib
 import json
+import logging
+import os
 import time
 from pathlib import Path
 
 import torch
+
+from gesso.engine.io import output_error, write_bytes_atomic
+
+log = logging.getLogger("gesso.logs")
 
 
 def peak_memory_gib(device: torch.device) -> float | None:
@@ -13,40 +24,104 @@ def peak_memory_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
+def kept_rows(path: Path, upto: int) -> list[bytes]:
+    """The rows of an earlier metrics.jsonl up to step `upto`, as they are written. A run killed mid-write
+    leaves its last line cut (no newline, half a JSON object): that line goes, with every row past the state."""
+    if not upto or not path.exists():
+        return []
+    *complete, cut = path.read_bytes().split(b"\n")
+    rows, unreadable = [], 0
+    for line in filter(bytes.strip, complete):
+        try:
+            if json.loads(line)["step"] <= upto:
+                rows.append(line)
+        except (ValueError, TypeError, KeyError):
+            unreadable += 1
+    if cut or unreadable:
+        log.warning("%s: dropped %d unreadable row(s) (a run killed mid-write cuts its last row)", path, unreadable + bool(cut))
+    return rows
+
+
 class RunLog:
-    """Appends each step's record to metrics.jsonl (truncated to `from_step` on resume) and to TensorBoard."""
+    """Appends each step's record to metrics.jsonl (cut back to `from_step` on resume) and to TensorBoard."""
 
     def __init__(self, folder: Path, from_step: int, tensorboard: bool, device: torch.device):
-        path = folder / "metrics.jsonl"
-        rows = []
-        if from_step and path.exists():  # resuming: drop rows past the state, so no step appears twice
-            rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= from_step]
-        self.file = open(path, "w")
-        self.file.writelines(line + "\n" for line in rows)
-        self.file.flush()
+        self.path = folder / "metrics.jsonl"
+        # resuming: drop rows past the state, so no step appears twice; rewritten atomically, so a full disk or
+        # a kill here leaves the earlier rows as they were
+        write_bytes_atomic(self.path, b"".join(row + b"\n" for row in kept_rows(self.path, from_step)))
+        try:
+            self.file = open(self.path, "a")
+        except OSError as e:
+            raise output_error(self.path, e) from e
         self.device = device
-        self.writer = None
-        if tensorboard:
-            from tensorboardX import SummaryWriter  # protobuf and all: loaded only when a run asks for TensorBoard
-
-            self.writer = SummaryWriter(str(folder / "tensorboard"), purge_step=from_step + 1 if from_step else None)
+        self.board = Board(folder / "tensorboard", from_step) if tensorboard else None
         self.last = time.perf_counter()
 
     def step(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:
+            raise output_error(self.path, e) from e
         now = time.perf_counter()
-        if self.writer:
-            step = record["step"]
-            self.writer.add_scalar("loss", record["loss"], step)
-            self.writer.add_scalar("lr", record["lr"], step)
-            self.writer.add_scalar("it_per_s", 1.0 / max(now - self.last, 1e-9), step)
+        if self.board:
+            scalars = {"loss": record["loss"], "lr": record["lr"], "it_per_s": 1.0 / max(now - self.last, 1e-9)}
             peak = peak_memory_gib(self.device)
             if peak is not None:
-                self.writer.add_scalar("peak_memory_gib", peak, step)
+                scalars["peak_memory_gib"] = peak
+            self.board.add(record["step"], scalars)
         self.last = now
 
     def close(self) -> None:
-        self.file.close()
-        if self.writer:
-            self.writer.close()
+        # every row was flushed in step(): closing can only fail on a row step() has already reported
+        with contextlib.suppress(OSError):
+            self.file.close()
+        if self.board:
+            self.board.close()
+
+
+class Board:
+    """TensorBoard scalars written in this thread. tensorboardX's SummaryWriter writes from a worker thread that
+    dies with a traceback on a full disk, and then its bounded queue blocks the training loop for good."""
+
+    def __init__(self, folder: Path, from_step: int):
+        # protobuf and all: loaded only when a run asks for TensorBoard
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        self.folder, self.event, self.summary = folder, Event, Summary
+        self.writer = None
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            # the pid in the name: a run resumed within the same second must not truncate the earlier run's file
+            self.writer = EventsWriter(str(folder / "events"), f".{os.getpid()}")
+            if from_step:  # TensorBoard hides the earlier files' steps past this one: the resumed run rewrites them
+                self.writer.write_event(Event(step=from_step + 1, session_log=SessionLog(status=SessionLog.START)))
+            self.writer.flush()
+        except OSError as e:
+            self._failed(e)
+
+    def add(self, step: int, scalars: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        summary = self.summary(value=[self.summary.Value(tag=k, simple_value=v) for k, v in scalars.items()])
+        try:
+            self.writer.write_event(self.event(wall_time=time.time(), step=step, summary=summary))
+            self.writer.flush()
+        except OSError as e:
+            self._failed(e)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            with contextlib.suppress(OSError):  # every event was flushed in add()
+                self.writer.close()
+
+    def _failed(self, e: OSError) -> None:
+        log.warning("tensorboard: cannot write in %s (%s); the run goes on without it, metrics.jsonl has the same scalars",
+                    self.folder, e.strerror or e)
+        if self.writer is not None:
+            with contextlib.suppress(OSError):
+                self.writer.close()
+        self.writer = None

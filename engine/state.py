@@ -1,13 +1,19 @@
 """Resumable training state: one file, written atomically, holding everything the loop needs to go on
-exactly where it stopped (LoRA weights, optimizer, scheduler, loss scaler, RNG, epoch order and position)."""
+exactly where it stopped (LoRA weights, optimizer, scheduler, loss scaler, RNG, epoch order and position).
+
+A state.pt is untrusted input like any file handed to --resume: it is loaded weights-only (tensors and plain
+data, never code) and every field is checked before the loop uses it, so a bad file is one TrainError line."""
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from gesso.engine.io import write_atomic
+from gesso.errors import CheckpointError, TrainError
+from gesso.models.files import load_weights_only
 
 STATE_FILE = "state.pt"
+GENERATOR_BYTES = torch.Generator().get_state().numel()  # a CPU generator's state (5056 bytes)
 
 
 @dataclass
@@ -32,18 +38,109 @@ def save_state(folder: Path, network, optimizer, scheduler, scaler, pos: Positio
         "network": network_shape,
     }
     path = Path(folder) / STATE_FILE
-    write_atomic(path, lambda tmp: torch.save(state, tmp))
+    write_atomic(path, lambda tmp: _torch_save(state, tmp))
     return path
 
 
+def _torch_save(obj, tmp: str) -> None:
+    # through a Python file: torch.save to a path reports a full disk as "unexpected pos", with no OSError behind it
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+
+
+def _count(least: int):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def _file_name(v) -> bool:
+    """A bare .safetensors name in the output folder: keep_last deletes the listed files, so no path may get in."""
+    return isinstance(v, str) and v.endswith(".safetensors") and Path(v).name == v and "\\" not in v
+
+
+def _str_dict(v) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) for k in v)
+
+
+def _optimizer_state(v) -> bool:
+    if not (_str_dict(v) and isinstance(v.get("state"), dict) and isinstance(v.get("param_groups"), list)):
+        return False
+    return all(_str_dict(g) and isinstance(g.get("params"), list) for g in v["param_groups"])
+
+
+# what each field of a state must be before the loop touches it: a file from elsewhere is caught here, by name
+FIELDS = {
+    "lora": (lambda v: _str_dict(v) and all(torch.is_tensor(t) for t in v.values()), "a dictionary of tensors"),
+    "optimizer": (_optimizer_state, "an optimizer state (state, and param_groups listing params)"),
+    "scheduler": (lambda v: _str_dict(v) and isinstance(v.get("lr_lambdas"), list) and _count(-1)(v.get("last_epoch")),
+                  "a learning-rate schedule state (lr_lambdas, last_epoch)"),
+    "scaler": (_str_dict, "a loss-scaler state (a dictionary)"),
+    "epoch": (_count(1), "an epoch number (1 or more)"),
+    "batch": (_count(0), "a batch index (0 or more)"),
+    "step": (_count(0), "a step count (0 or more)"),
+    "generator": (lambda v: torch.is_tensor(v) and v.dtype == torch.uint8 and tuple(v.shape) == (GENERATOR_BYTES,),
+                  f"a CPU generator state (uint8 tensor of {GENERATOR_BYTES} bytes)"),
+    "files": (lambda v: isinstance(v, list) and all(_file_name(f) for f in v), "a list of .safetensors file names"),
+    "network": (_str_dict, "a network shape (a dictionary)"),
+}
+
+
 def load_state(folder: Path) -> dict:
+    """The state.pt in `folder`, loaded without running code and checked field by field; TrainError names the file."""
     path = Path(folder) / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no resumable state (state.pt) in that folder")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = load_weights_only(path)
+    except CheckpointError as e:
+        raise TrainError(f"{e}; --resume needs the state.pt a Gesso run wrote") from None
+    if not isinstance(state, dict):
+        raise TrainError(f"{path}: holds a {type(state).__name__}, not a Gesso training state")
+    for key, (ok, expected) in FIELDS.items():
+        if key not in state:
+            raise TrainError(f"{path}: not a Gesso training state: no {key!r} entry")
+        if not ok(state[key]):
+            raise TrainError(f"{path}: {key!r} is not {expected}")
+    return state
 
 
 def restore_network(network, state: dict) -> None:
+    """The LoRA weights of a loaded state into `network`, after checking that every tensor is there with its shape."""
+    saved = state["lora"]
     for name, m in network.modules.items():
-        m.lora_down.data.copy_(state["lora"][f"{name}.lora_down.weight"])
-        m.lora_up.data.copy_(state["lora"][f"{name}.lora_up.weight"])
+        for key, param in ((f"{name}.lora_down.weight", m.lora_down), (f"{name}.lora_up.weight", m.lora_up)):
+            if key not in saved:
+                raise TrainError(f"{STATE_FILE}: lora has no {key}: the state belongs to another network")
+            if saved[key].shape != param.shape:
+                raise TrainError(f"{STATE_FILE}: lora {key} has shape {tuple(saved[key].shape)}, "
+                                 f"the network needs {tuple(param.shape)}")
+    for name, m in network.modules.items():
+        m.lora_down.data.copy_(saved[f"{name}.lora_down.weight"])
+        m.lora_up.data.copy_(saved[f"{name}.lora_up.weight"])
+
+
+def restore(state: dict, network, optimizer, scheduler, scaler, generator: torch.Generator) -> Position:
+    """A loaded state back into this run's network, optimizer, schedule, loss scaler and noise generator, and the
+    position to go on from. A state that does not fit them is one TrainError line, before any step runs."""
+    restore_network(network, state)
+    saved = state["optimizer"]["param_groups"]
+    if [len(g["params"]) for g in saved] != [len(g["params"]) for g in optimizer.param_groups]:
+        raise TrainError(f"{STATE_FILE}: optimizer state for parameter groups of {[len(g['params']) for g in saved]}, "
+                         f"this run has {[len(g['params']) for g in optimizer.param_groups]}")
+    # hyperparameters this optimizer does not have: the state is another optimizer's, which would fail at its first
+    # step (keys it lacks are fine: torch fills those it added since for states written by an older version)
+    foreign = sorted({k for g in saved for k in g} - {k for g in optimizer.param_groups for k in g})
+    if foreign:
+        raise TrainError(f"{STATE_FILE}: the optimizer state is another optimizer's (it has {', '.join(foreign)}); "
+                         "resume with the train.optimizer the run was started with")
+    if scaler.is_enabled() and not state["scaler"]:
+        raise TrainError(f"{STATE_FILE}: written without fp16 loss scaling; resume with the train.mixed_precision "
+                         "the run was started with")
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:  # what torch raises for a dict that does not fit
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise TrainError(f"{STATE_FILE}: does not fit this run ({e.__class__.__name__}: {first})") from None
+    generator.set_state(state["generator"])
+    return Position(state["epoch"], state["batch"], state["step"], state["generator"])

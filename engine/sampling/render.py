@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from gesso import models
 from gesso.engine import diffusion
+from gesso.engine.io import write_atomic
 from gesso.engine.lora import network as lora
 from gesso.engine.lora.network import load_network
 from gesso.engine.sampling import prompt as prompts
@@ -237,8 +238,7 @@ def infotext(pipe: Pipeline, s: Settings, extra: dict | None = None) -> str:
 def save_png(image: Image.Image, path: Path, parameters: str) -> Path:
     info = PngInfo()
     info.add_text("parameters", parameters)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, pnginfo=info)
+    write_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
     return path
 
 
