@@ -1,11 +1,29 @@
-"""`gesso train`: a LoRA from a TOML config, with the terminal progress bar."""
+"""`gesso train`: a LoRA from a TOML config, with the terminal progress bar.
+
+Ctrl-C (SIGINT) and SIGTERM (a scheduler, a cloud pre-emption) stop a run without losing it:
+- during start-up (model loading, caching) they stop at once: nothing has been trained, nothing is saved;
+- in the training loop the first one lets the current optimizer step finish, saves the state at that step and
+  exits 130 (SIGINT) or 143 (SIGTERM): `--resume` then ends with the files of an uninterrupted run;
+- a second one stops at once (users press Ctrl-C twice to get out fast): the engine saves the state of the last
+  finished step (an interrupt that lands inside the optimizer update saves none: the last state.pt stays);
+- while that state is being saved, one more is only noted (an impatient double press must not throw away the
+  save it asked for); the next abandons the save, and the state.pt saved before stays intact (writes are atomic).
+"""
 import argparse
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 from gesso.engine.config import load_config
+from gesso.engine.events import StopTraining
 from gesso.engine.train import train
 
 CONFIG_HELP = "Every config key, its default and meaning: README.md, section 'Config reference'."
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def add_parsers(subparsers) -> None:
@@ -16,12 +34,75 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key; repeatable")
     p.add_argument("--resume", metavar="DIR", help="go on from the state.pt an earlier (interrupted) run left in DIR; "
                                                    "the output goes to DIR unless --output-dir says otherwise")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in the output folder "
+                                                            "(without it, such a folder is refused)")
     p.set_defaults(run=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     output_dir = Path(args.output_dir or args.resume or cfg.output.dir or Path("output") / cfg.output.name)
-    result = train(cfg, output_dir, resume=args.resume)
+    stop = StopOnSignal()
+    with stop.installed():
+        result = train(cfg, output_dir, on_event=stop.on_event, resume=args.resume, overwrite=args.overwrite)
+    if result.stopped_early:
+        print(f"interrupted ({signal.Signals(stop.signum).name}) at step {result.step}: resume with --resume {output_dir}",
+              file=sys.stderr)
+        return 128 + stop.signum
     print(f"saved {result.final} ({len(result.epoch_files)} epoch files, metrics in {output_dir / 'metrics.jsonl'})")
     return 0
+
+
+class StopOnSignal:
+    """SIGINT and SIGTERM for one training run (the module's docstring says what each one does).
+
+    A stop at once goes to the handler this one replaced (cli.main's, which raises KeyboardInterrupt carrying the
+    signal); in the loop the engine saves the state on it."""
+
+    def __init__(self):
+        self.previous: dict[int, Callable | int | None] = {}  # the handlers this one replaced
+        self.looping = False  # the "start" event came: the engine saves a state when stopped
+        self.signum: int | None = None  # the signal that asked for a stop at the next step boundary
+        self.saving = False  # the stop was handed to the engine, which is saving the state
+        self.noted = False  # a signal came while saving, and was let pass
+
+    def handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if not self.looping:
+            self.stop_now(signum, frame)
+        if self.signum is None:
+            self.signum = signum
+            print(f"\n{name}: stopping after this step to save a resumable state "
+                  "(Ctrl-C again: stop now, saving the last finished step)", file=sys.stderr, flush=True)
+            return
+        if self.saving and not self.noted:
+            self.noted = True
+            print(f"\n{name}: saving the state; once more abandons the save (the last state.pt saved stays)",
+                  file=sys.stderr, flush=True)
+            return
+        self.saving = True
+        self.stop_now(signum, frame)
+
+    def stop_now(self, signum: int, frame) -> NoReturn:
+        handler = self.previous.get(signum)
+        if callable(handler):
+            handler(signum, frame)
+        raise KeyboardInterrupt(signum)
+
+    def on_event(self, event: dict) -> None:
+        if event["event"] == "start":
+            self.looping = True
+        elif event["event"] == "step" and self.signum is not None and not self.saving:
+            self.saving = True
+            raise StopTraining  # after this step's files: the engine saves the state at this boundary
+
+    @contextmanager
+    def installed(self):
+        # an ignored signal stays ignored, and only the main thread may set handlers (see cli.take_signals)
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self.handle) for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
+        try:
+            yield
+        finally:
+            for s, handler in self.previous.items():
+                signal.signal(s, handler)

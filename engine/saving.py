@@ -7,7 +7,8 @@ from gesso.engine.config import Config
 from gesso.engine.events import Events
 from gesso.engine.lora.files import save_lora
 from gesso.engine.lora.metadata import at_save
-from gesso.engine.state import Position, save_state
+from gesso.engine.state import STATE_FILE, Position, save_state
+from gesso.errors import TrainError
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -21,7 +22,9 @@ class Saver:
         self.files = list(files)  # intermediate files written so far, oldest first
 
     def lora(self, path: Path, epoch: int, step: int) -> Path:
-        save_lora(path, self.network.kohya_state_dict(self.dtype), at_save(self.meta, epoch, step))
+        tensors = self.network.kohya_state_dict(self.dtype)
+        require_finite(tensors, path, step)
+        save_lora(path, tensors, at_save(self.meta, epoch, step))
         return path
 
     def final(self, path: Path, epoch: int, step: int) -> Path:
@@ -39,6 +42,7 @@ class Saver:
         return path
 
     def state(self, optimizer, scheduler, scaler, pos: Position) -> None:
+        require_finite(self.network.kohya_state_dict(torch.float32), self.dir / STATE_FILE, pos.step)
         path = save_state(self.dir, self.network, optimizer, scheduler, scaler, pos, self.files, network_shape(self.cfg))
         self.events.saved("state", path, pos.step, pos.epoch)
 
@@ -52,3 +56,12 @@ def network_shape(cfg: Config) -> dict:
     n = cfg.network
     shape = {"rank": n.rank, "alpha": n.alpha, "conv_rank": n.conv_rank, "conv_alpha": n.conv_alpha}
     return shape | ({"train_text_encoders": True} if n.train_text_encoders else {})  # states saved before the option still match
+
+
+def require_finite(tensors: dict[str, torch.Tensor], path: Path, step: int) -> None:
+    """Refuse to write weights holding NaN or Inf (a diverged step, or fp16 overflowing in save_dtype): the earlier
+    files stay the last good ones instead of being followed by a file no tool can use."""
+    for key, t in tensors.items():
+        if not torch.isfinite(t).all():
+            raise TrainError(f"{path}: not written, {key} holds NaN/Inf at step {step}; the earlier files are the last good ones "
+                             "(lower train.learning_rate, or save_dtype = 'bf16'/'fp32' if fp16 overflowed)")

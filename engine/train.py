@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from gesso import models
-from gesso.engine import diffusion, fp8, objective
+from gesso.engine import diffusion, fp8, objective, rundir
 from gesso.engine.config import Config
 from gesso.engine.data.cache import Cache, prepare_cache
 from gesso.engine.data.dataset import Dataset, DatasetOptions, Subset, build_dataset
@@ -22,7 +22,7 @@ from gesso.engine.optim import build_optimizer
 from gesso.engine.sampling.preview import render_previews
 from gesso.engine.saving import Saver, network_shape
 from gesso.engine.schedules import build_schedule
-from gesso.engine.state import Position, load_state, restore_network
+from gesso.engine.state import STATE_FILE, Position, load_state, restore
 from gesso.errors import TrainError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -191,16 +191,29 @@ def fixed_eval_loss(unet, cache: Cache, seed: int = 1234, draws: int = 4, batch_
 
 
 def train(cfg: Config, output_dir: str | Path, on_event: Callable[[dict], None] | None = None,
-          resume: str | Path | None = None, progress: bool = True) -> TrainResult:
+          resume: str | Path | None = None, progress: bool = True, overwrite: bool = False) -> TrainResult:
     """Train a LoRA as `cfg` says, writing its files to `output_dir`.
 
     on_event: called with each event (engine/events.py): every optimizer step's metrics, every file written;
     raising `StopTraining` in it ends the run with its state saved. resume: a folder holding a state.pt from an
     earlier run of the same config; training goes on from there and ends with the files an uninterrupted run
-    writes. progress: the terminal progress bar (a host showing its own turns it off).
+    writes. progress: the terminal progress bar (a host showing its own turns it off). overwrite: replace the
+    files of an earlier run in `output_dir`; without it (and without resuming that run) such a folder is refused.
+
+    One run at a time holds `output_dir` (engine/rundir.py): a second one is refused with a TrainError naming the
+    first one's pid; temporary files a killed run left there are removed first.
     """
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    # resuming a run in its own folder goes on with that run's files; any other run would replace them
+    fresh = not overwrite and not (resume and Path(resume).resolve() == output_dir.resolve())
+    with rundir.claim(output_dir, cfg.output.name, fresh):
+        if overwrite and not resume:  # a killed overwrite run must not leave the earlier run's state to resume
+            (output_dir / STATE_FILE).unlink(missing_ok=True)
+        return _train(cfg, output_dir, on_event, resume, progress)
+
+
+def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | None, resume: str | Path | None,
+           progress: bool) -> TrainResult:
     state = _load_resume(resume, cfg) if resume else None
     device = pick_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
@@ -217,6 +230,7 @@ def train(cfg: Config, output_dir: str | Path, on_event: Callable[[dict], None] 
 
     opt = train_optimizer(network, tc)
     sched = build_schedule(tc.lr_scheduler, opt, plan.total_steps, tc.lr_warmup_steps, tc.lr_scheduler_num_cycles)
+    update = UpdateWatch(opt, sched)
     scaler = torch.amp.GradScaler(device.type, enabled=tc.mixed_precision == "fp16")
     ac = diffusion.scaled_linear_alphas_cumprod()
     g = torch.Generator().manual_seed(tc.seed)  # CPU generator: the same draws on any device
@@ -224,7 +238,7 @@ def train(cfg: Config, output_dir: str | Path, on_event: Callable[[dict], None] 
     events = Events(on_event, plan.total_steps, device)
     saver = Saver(cfg, output_dir, network, meta, state["files"] if state else [], events)
     if state:
-        pos = _restore(state, network, opt, sched, scaler, g)
+        pos = restore(state, network, opt, sched, scaler, g)  # one TrainError line for a state that does not fit
         print(f"resuming at epoch {pos.epoch}, step {pos.step} of {plan.total_steps}", flush=True)
     result = TrainResult(output_dir, output_dir / f"{cfg.output.name}.safetensors")
     log = RunLog(output_dir, pos.step, cfg.output.tensorboard, device)
@@ -273,10 +287,15 @@ def train(cfg: Config, output_dir: str | Path, on_event: Callable[[dict], None] 
     except StopTraining:
         events.stopping = True
         saver.state(opt, sched, scaler, pos)  # pos is the last optimizer-step boundary
-        print(f"\nstopped by the host at step {pos.step}: state saved; resume with --resume {output_dir}", flush=True)
+        print(f"\nstopped at step {pos.step}: state saved; resume with --resume {output_dir}", flush=True)
         result.stopped_early, result.final = True, None
     except BaseException as e:
-        if isinstance(e, KeyboardInterrupt) or e is events.raised:
+        if isinstance(e, KeyboardInterrupt) and update.torn(pos):
+            # weights and optimizer half a step past pos: such a state would resume close to, not exactly as, the
+            # uninterrupted run, so the last state saved (a complete file, engine/io.py) is left as it is
+            print(f"\ninterrupted inside the optimizer update of step {pos.step + 1}: no state saved; "
+                  f"the last one saved in {output_dir} (if any) is unchanged", flush=True)
+        elif isinstance(e, KeyboardInterrupt) or e is events.raised:
             events.stopping = True
             saver.state(opt, sched, scaler, pos)
             print(f"\ninterrupted: resumable state saved in {output_dir}; resume with --resume {output_dir}", flush=True)
@@ -293,19 +312,29 @@ def train(cfg: Config, output_dir: str | Path, on_event: Callable[[dict], None] 
     return result
 
 
+class UpdateWatch:
+    """Tells whether an interrupt (Ctrl-C is raised between any two bytecodes) came between the start of an
+    optimizer step and the loop's new position, when weights, optimizer and scheduler are part-way to the next step.
+
+    The scheduler steps once per optimizer step, so at a step boundary its count equals the position's step; the
+    optimizer's pre-step hook records the count its update began at (a step the fp16 loss scaler skips calls no
+    optimizer step, but still steps the scheduler)."""
+
+    def __init__(self, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler):
+        self.sched, self.began = sched, -1
+        opt.register_step_pre_hook(self._begin)
+
+    def _begin(self, opt, args, kwargs) -> None:
+        self.began = self.sched.last_epoch
+
+    def torn(self, pos: Position) -> bool:
+        return self.began == pos.step or self.sched.last_epoch != pos.step
+
+
 def _show(bar: tqdm, event: dict) -> None:
     peak = event["peak_memory_gib"]
     bar.set_postfix(loss=f"{event['loss']:.4f}", epoch=event["epoch"], **({"peak_mem": f"{peak:.2f}G"} if peak is not None else {}))
     bar.update()
-
-
-def _restore(state: dict, network, opt, sched, scaler, g: torch.Generator) -> Position:
-    restore_network(network, state)
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    g.set_state(state["generator"])
-    return Position(state["epoch"], state["batch"], state["step"], state["generator"])
 
 
 def param_groups(network: lora.LoRANetwork, tc) -> list[dict]:

@@ -1,0 +1,290 @@
+"""Signals: Ctrl-C and SIGTERM stop a run at a step boundary with a resumable state (exit 130 / 143, one line,
+no traceback), Ctrl-C during start-up stops it at once, an interrupt inside the optimizer update keeps the last
+good state, and kill -9 at any point leaves every complete file loadable and the run able to go on."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from faults_testutil import DEMO, ROOT, assert_unchanged, loadable, snapshot, temp_litter
+
+from gesso.engine import train as train_module
+from gesso.engine.config import load_config
+from gesso.engine.lora.files import read_lora
+from gesso.engine.state import load_state
+from gesso.engine.train import train
+
+# 12 images x 2 repeats / batch 4 at 64 px = 6 steps per epoch, 2 epochs; a LoRA file and a state every step
+SETS = ["train.epochs=2", "dataset.repeats=2", "dataset.resolution=64", "sample.prompts=[]", "output.tensorboard=false",
+        "output.save_dtype='fp32'", "output.save_every_n_steps=1", "output.keep_last=2"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache) -> dict[str, torch.Tensor]:
+    """The final LoRA of the run never interrupted (and the run that fills the shared cache); in this process, which
+    computes as `python cli.py train` does with one thread."""
+    return read_lora(train(config(cache), tmp_path_factory.mktemp("reference"), progress=False).final)[0]
+
+
+def config(cache: Path):
+    return load_config(DEMO, [*SETS, f"dataset.cache_dir='{cache}'"])
+
+
+def train_args(folder: Path, cache: Path, *extra) -> list[str]:
+    return ["train", str(DEMO), "--output-dir", str(folder), *[a for s in [*SETS, f"dataset.cache_dir='{cache}'"] for a in ("--set", s)],
+            *map(str, extra)]
+
+
+def start_run(folder: Path, cache: Path, logs: Path, *extra) -> subprocess.Popen:
+    """`python cli.py train` in the background, stdout and stderr in files (a pipe could fill up and stall it)."""
+    logs.mkdir(exist_ok=True)
+    with open(logs / "out", "w") as out, open(logs / "err", "w") as err:
+        return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *train_args(folder, cache, *extra)], stdout=out, stderr=err, env=ENV)
+
+
+def wait_until(condition, proc: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + 300
+    while not condition():
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"no {what} after 300 s"
+        time.sleep(0.005)
+
+
+def rows(folder: Path) -> int:
+    path = folder / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def assert_one_interrupted_line(logs: Path, code: int, proc_code: int) -> str:
+    out, err = (logs / "out").read_text(), (logs / "err").read_text()
+    assert "Traceback" not in out + err and "Exception ignored" not in err, (out + err)[-3000:]
+    assert proc_code == code, f"exit {proc_code}, expected {code}: {(out + err)[-2000:]}"
+    lines = [line for line in err.splitlines() if line.startswith("interrupted")]  # splitlines: tqdm's \r too
+    assert len(lines) == 1, err[-2000:]
+    assert not [line for line in err.splitlines() if line.startswith("error: ")], err[-2000:]
+    return lines[0]
+
+
+def assert_same_as(reference: dict[str, torch.Tensor], path: Path) -> None:
+    got = read_lora(path)[0]
+    assert got.keys() == reference.keys() and all(torch.equal(got[k], reference[k]) for k in got), "differs from the uninterrupted run"
+
+
+@pytest.mark.parametrize("signals, code", [
+    ([signal.SIGINT], 130),                                # Ctrl-C: the step finishes, its state is saved
+    ([signal.SIGINT, signal.SIGINT], 130),                 # twice, quickly: stop now, the last finished step saved
+    ([signal.SIGINT, signal.SIGINT, signal.SIGINT], 130),  # three times: the third is noted, or abandons a save
+    ([signal.SIGTERM], 143),                               # a scheduler or a cloud pre-emption: as Ctrl-C
+], ids=["sigint", "sigint-twice", "sigint-thrice", "sigterm"])
+def test_a_signal_in_the_loop_leaves_a_state_that_resumes_to_the_uninterrupted_file(tmp_path, cache, reference, signals, code):
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    proc = start_run(run, cache, logs)
+    wait_until(lambda: rows(run) >= 2, proc, "two steps")  # step 1's state.pt is written before step 2's row
+    for i, s in enumerate(signals):
+        if i:
+            time.sleep(0.05)
+        proc.send_signal(s)
+    line = assert_one_interrupted_line(logs, code, proc.wait(timeout=300))
+    assert signal.Signals(signals[-1]).name in line
+    state = load_state(run)
+    if len(signals) == 1:  # saved at the step boundary after the signal, and the line says which
+        assert f"at step {state['step']}:" in line and state["step"] >= 2 and f"--resume {run}" in line
+    assert not (run / ".gesso.lock").exists() and not temp_litter(run)
+    for p in run.glob("*.safetensors"):
+        loadable(p)
+
+    # the state goes on in this process (the CLI's --resume is this call; the kill test below runs it)
+    resumed = train(config(cache), run, resume=run, progress=False)
+    assert_same_as(reference, resumed.final)
+
+
+@pytest.mark.parametrize("point, signum, code", [
+    (0.3, signal.SIGINT, 130),         # while Python loads torch and the engine (an interrupted extension
+    (1.0, signal.SIGINT, 130),         # module's import raises ImportError, not KeyboardInterrupt)
+    (1.0, signal.SIGTERM, 143),
+    ("model", signal.SIGINT, 130),     # just after the run took its folder: building the model
+    ("cache", signal.SIGINT, 130),     # encoding the dataset into an empty cache
+    ("cache", signal.SIGTERM, 143),
+], ids=["imports-0.3s", "imports-1s", "imports-1s-sigterm", "model", "cache", "cache-sigterm"])
+def test_a_signal_during_start_up_stops_at_once_with_one_line(tmp_path, cache, point, signum, code):
+    run, logs, fresh_cache = tmp_path / "run", tmp_path / "logs", tmp_path / "fresh_cache"
+    proc = start_run(run, fresh_cache if point == "cache" else cache, logs)
+    if isinstance(point, float):
+        time.sleep(point)
+    elif point == "model":
+        wait_until(lambda: (run / ".gesso.lock").exists() and (run / ".gesso.lock").read_text(), proc, "the lock")
+    else:
+        wait_until(lambda: any(p.is_file() for p in fresh_cache.rglob("*.safetensors")), proc, "a cache file")
+    proc.send_signal(signum)
+    line = assert_one_interrupted_line(logs, code, proc.wait(timeout=300))
+    assert line == f"interrupted ({signal.Signals(signum).name})"  # not "at step N": no step was trained
+    assert not run.exists() or sorted(p.name for p in run.iterdir()) == []  # nothing written, the lock released
+    for p in fresh_cache.rglob("*.safetensors"):  # the cache files written before the signal are whole
+        loadable(p)
+
+
+@pytest.mark.parametrize("where", ["before", "inside"])
+def test_an_interrupt_at_the_optimizer_update_saves_only_an_exact_state(tmp_path, monkeypatch, capsys, cache, reference, where):
+    """Ctrl-C raised as the 8th optimizer step begins (before the update: the state of step 7 is exact, saved) or
+    inside it (weights part-way to step 8: not saved; the state.pt of epoch 1, step 6, stays as it was)."""
+    # states at epoch ends only (step 6), so the two outcomes differ; the same training as the reference run's
+    cfg = load_config(DEMO, [s for s in SETS if "save_every_n_steps" not in s] + [f"dataset.cache_dir='{cache}'"])
+    real = train_module.train_optimizer
+    calls = []
+
+    def interrupted_optimizer(network, tc):
+        opt = real(network, tc)
+
+        def hook(optimizer, args, kwargs):
+            calls.append(snapshot(tmp_path / "cut"))  # the folder as this step's update begins or ends
+            if len(calls) == 8:
+                raise KeyboardInterrupt
+
+        (opt.register_step_pre_hook if where == "before" else opt.register_step_post_hook)(hook)
+        return opt
+
+    monkeypatch.setattr(train_module, "train_optimizer", interrupted_optimizer)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", progress=False)
+    monkeypatch.undo()
+    out = capsys.readouterr().out
+    if where == "before":
+        assert "interrupted: resumable state saved" in out and load_state(tmp_path / "cut")["step"] == 7
+    else:
+        assert "inside the optimizer update of step 8: no state saved" in out
+        before = {p: b for p, b in calls[-1].items() if p.name == "state.pt"}
+        assert before
+        assert_unchanged(before)
+        assert load_state(tmp_path / "cut")["step"] == 6
+    resumed = train(cfg, tmp_path / "cut", resume=tmp_path / "cut", progress=False)
+    assert_same_as(reference, resumed.final)
+
+
+# One interpreter imports gesso once and forks a child per run, which runs cli.main as `python cli.py train` does;
+# a child is killed like any process. Only the imports (seconds, writing nothing) are shared: 20+ kills then fit in
+# the time a test has. Loading the config once (argv: config, overrides) imports what its checks import on first use.
+ZYGOTE = r"""
+import json, os, sys
+from gesso import cli
+from gesso.engine.config import load_config
+load_config(sys.argv[1], sys.argv[2:])
+ended = {}
+for line in sys.stdin:
+    command, arg = line.split(" ", 1)
+    if command == "run":
+        argv, log = json.loads(arg)
+        pid = os.fork()
+        if pid == 0:
+            code = 70
+            try:
+                out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                os.dup2(out, 1)
+                os.dup2(out, 2)
+                code = cli.main(argv)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        print(pid, flush=True)
+    else:
+        pid = int(arg)
+        if pid not in ended:
+            done, status = os.waitpid(pid, os.WNOHANG if command == "poll" else 0)
+            if done:
+                ended[pid] = os.waitstatus_to_exitcode(status)
+        print(ended.get(pid, "running"), flush=True)
+"""
+
+
+class Zygote:
+    def __init__(self, cwd: Path, config: Path, sets: list[str]):
+        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE, str(config), *sets], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, cwd=cwd, env=ENV)
+
+    def ask(self, line: str) -> str:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def run(self, argv: list[str], log: Path) -> int:
+        return int(self.ask("run " + json.dumps([argv, str(log)])))
+
+    def poll(self, pid: int) -> int | None:
+        answer = self.ask(f"poll {pid}")
+        return None if answer == "running" else int(answer)
+
+    def wait(self, pid: int) -> int:
+        return int(self.ask(f"wait {pid}"))
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def saves_seen(path: Path, pid: int, zygote: Zygote, count: int) -> bool:
+    """Wait until `path` has been replaced `count` times (each atomic save is a new file), or the run has ended."""
+    def version():
+        try:
+            st = path.stat()
+            return st.st_ino, st.st_mtime_ns
+        except FileNotFoundError:
+            return None
+
+    last, seen = version(), 0
+    while seen < count:
+        if zygote.poll(pid) is not None:
+            return False
+        time.sleep(0.002)
+        now = version()
+        seen, last = seen + (now != last and now is not None), now
+    return True
+
+
+KILLS = 20
+
+
+def test_kill_9_at_random_points_keeps_every_complete_file_and_the_run_completes(tmp_path, cache, reference):
+    run, rng, zygote = tmp_path / "run", random.Random(1309), Zygote(tmp_path, DEMO, SETS)
+    kills, finished, launch = 0, False, 0
+    try:
+        while kills < KILLS:
+            # resume where the killed run left a state; start afresh over its partial files, or after a finished run
+            extra = ["--resume", run] if (run / "state.pt").is_file() and not finished else ["--overwrite"]
+            pid = zygote.run(train_args(run, cache, *extra), tmp_path / f"log{launch}")
+            # kill points follow the run's progress, so they fall alike on a fast or a loaded machine: a third in
+            # start-up (model, cache, the lock and cleaning), the others in the step after the run's 1st or 2nd
+            # state save (its compute, or the writes of the LoRA file, state.pt and metrics.jsonl)
+            saves = rng.choice([0, 1, 1, 2, 2])
+            if saves == 0:
+                time.sleep(rng.uniform(0.0, 1.0))
+            elif saves_seen(run / "state.pt", pid, zygote, saves):
+                time.sleep(rng.uniform(0.0, 0.3))
+            if zygote.poll(pid) is None:  # not reaped, so the pid is still the child's (a zombie at worst)
+                os.kill(pid, signal.SIGKILL)
+            code = zygote.wait(pid)
+            log = (tmp_path / f"log{launch}").read_text()
+            assert code in (0, -signal.SIGKILL) and "Traceback" not in log, log[-3000:]
+            finished, kills, launch = code == 0, kills + (code != 0), launch + 1
+            for p in snapshot(run):  # every complete file the kill left: LoRA files, state.pt, metrics.jsonl
+                if not p.name.endswith(".tmp") and p.name != ".gesso.lock":
+                    loadable(p)
+        extra = ["--resume", run] if (run / "state.pt").is_file() and not finished else ["--overwrite"]
+        code = zygote.wait(zygote.run(train_args(run, cache, *extra), tmp_path / "last"))
+    finally:
+        zygote.close()
+    log = (tmp_path / "last").read_text()
+    assert code == 0 and "Traceback" not in log, log[-3000:]
+    assert_same_as(reference, run / "demo.safetensors")
+    assert not temp_litter(run) and not (run / ".gesso.lock").exists()
