@@ -16,6 +16,9 @@ from pathlib import Path
 
 from gesso.errors import OutputError
 
+# what temp_name makes, and what mkstemp made before it (8 of [a-z0-9_]): a killed run's leftovers, which the next
+# run in that folder removes (engine/rundir.py); a user's own files never match
+TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 # Rust's io::Error, as safetensors' save_file reports it inside a SafetensorError: "... (os error 28)"
 RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
@@ -27,8 +30,8 @@ def write_atomic(path: str | Path, write: Callable[[str], None]) -> None:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(100):  # the name is bound before the file exists (unlike mkstemp): an interrupt never leaves
-            tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")  # a file the cleanup below misses
+        for _ in range(100):  # the name is bound before the file exists (unlike mkstemp): an interrupt
+            tmp = temp_name(path)  # never leaves a file the cleanup below misses
             try:
                 os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
                 break
@@ -51,6 +54,11 @@ def write_atomic(path: str | Path, write: Callable[[str], None]) -> None:
         if cause is None:
             raise
         raise output_error(path, cause) from e
+
+
+def temp_name(path: Path) -> str:
+    """The temporary file a write of `path` goes through: `.<name>.<8 random hex digits>.tmp` beside it."""
+    return str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:

@@ -7,7 +7,6 @@ host), so a lock that can be taken is never held by a live run: a dead run's loc
 no pid-liveness guess (pids are reused) and no timeout to wait out. The file's text only names the holder.
 """
 import os
-import re
 import socket
 import sys
 import time
@@ -15,8 +14,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from gesso.engine.io import TEMP_NAME, output_error
 from gesso.engine.state import STATE_FILE
-from gesso.errors import OutputError, TrainError
+from gesso.errors import TrainError
 
 if os.name == "nt":
     import msvcrt
@@ -24,9 +24,6 @@ else:
     import fcntl
 
 LOCK_FILE = ".gesso.lock"
-# engine/io.py's write_atomic names its temp file tempfile.mkstemp(prefix=".<name>.", suffix=".tmp"): 8 random
-# characters from [a-z0-9_]; nothing else matches, so a user's own files are never touched
-TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 LOG_FILE = "metrics.jsonl"
 RUN_FOLDERS = ("samples", "tensorboard")
 
@@ -39,9 +36,8 @@ def claim(folder: Path, name: str, fresh: bool) -> Iterator[None]:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd = _lock(folder)
-    except OSError as e:
-        raise OutputError(f"{folder}: cannot use it as the output folder ({e.strerror or e}); "
-                          "choose a folder you can write to") from None
+    except OSError as e:  # read-only, full, or a file in the way: named as every other write names it
+        raise output_error(folder, e) from None
     try:
         removed = remove_temp_files(folder)
         if removed:
