@@ -49,13 +49,13 @@ class Events:
         self.last = time.perf_counter()
         self.emit({"event": "start", "step": step, "total_steps": self.total_steps, "epoch": epoch})
 
-    def step(self, record: dict) -> dict:
-        """The step event for `record` (step, epoch, loss, lr), with rate and peak memory; sent, and returned."""
+    def measure(self, record: dict) -> dict:
+        """The step event for `record` (step, epoch, loss, lr), with the rate since the last one and the peak memory,
+        measured once for the log, the bar and the host; `emit` sends it."""
         now = time.perf_counter()
         event = {"event": "step", **record, "total_steps": self.total_steps,
                  "steps_per_s": 1.0 / max(now - self.last, 1e-9), "peak_memory_gib": peak_memory_gib(self.device)}
         self.last = now
-        self.emit(event)
         return event
 
     def saved(self, kind: str, path: Path, step: int, epoch: int) -> None:

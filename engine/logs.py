@@ -45,7 +45,7 @@ def kept_rows(path: Path, upto: int) -> list[bytes]:
 class RunLog:
     """Appends each step's record to metrics.jsonl (cut back to `from_step` on resume) and to TensorBoard."""
 
-    def __init__(self, folder: Path, from_step: int, tensorboard: bool, device: torch.device):
+    def __init__(self, folder: Path, from_step: int, tensorboard: bool):
         self.path = folder / "metrics.jsonl"
         # resuming: drop rows past the state, so no step appears twice; rewritten atomically, so a full disk or
         # a kill here leaves the earlier rows as they were
@@ -54,24 +54,21 @@ class RunLog:
             self.file = open(self.path, "a")
         except OSError as e:
             raise output_error(self.path, e) from e
-        self.device = device
         self.board = Board(folder / "tensorboard", from_step) if tensorboard else None
-        self.last = time.perf_counter()
 
-    def step(self, record: dict) -> None:
+    def step(self, record: dict, steps_per_s: float, peak_memory_gib: float | None) -> None:
+        """`record` (step, epoch, loss, lr) as a metrics.jsonl row; TensorBoard also gets the rate and peak memory the
+        step event measured (engine/events.py), so the log, the bar and the host show the same numbers."""
         try:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
         except OSError as e:
             raise output_error(self.path, e) from e
-        now = time.perf_counter()
         if self.board:
-            scalars = {"loss": record["loss"], "lr": record["lr"], "it_per_s": 1.0 / max(now - self.last, 1e-9)}
-            peak = peak_memory_gib(self.device)
-            if peak is not None:
-                scalars["peak_memory_gib"] = peak
+            scalars = {"loss": record["loss"], "lr": record["lr"], "it_per_s": steps_per_s}
+            if peak_memory_gib is not None:
+                scalars["peak_memory_gib"] = peak_memory_gib
             self.board.add(record["step"], scalars)
-        self.last = now
 
     def close(self) -> None:
         # every row was flushed in step(): closing can only fail on a row step() has already reported

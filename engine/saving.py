@@ -42,7 +42,10 @@ class Saver:
         return path
 
     def state(self, optimizer, scheduler, scaler, pos: Position) -> None:
-        require_finite(self.network.kohya_state_dict(torch.float32), self.dir / STATE_FILE, pos.step)
+        # the live weights, not a copy: save_state makes the one copy the file needs
+        live = {f"{name}.lora_{part}.weight": getattr(m, f"lora_{part}") for name, m in self.network.modules.items()
+                for part in ("down", "up")}
+        require_finite(live, self.dir / STATE_FILE, pos.step)
         path = save_state(self.dir, self.network, optimizer, scheduler, scaler, pos, self.files, network_shape(self.cfg))
         self.events.saved("state", path, pos.step, pos.epoch)
 

@@ -241,7 +241,7 @@ def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | Non
         pos = restore(state, network, opt, sched, scaler, g)  # one TrainError line for a state that does not fit
         print(f"resuming at epoch {pos.epoch}, step {pos.step} of {plan.total_steps}", flush=True)
     result = TrainResult(output_dir, output_dir / f"{cfg.output.name}.safetensors")
-    log = RunLog(output_dir, pos.step, cfg.output.tensorboard, device)
+    log = RunLog(output_dir, pos.step, cfg.output.tensorboard)
     bar = tqdm(total=plan.total_steps, initial=pos.step, unit="step", dynamic_ncols=True, disable=not progress)
     try:
         events.start(pos.step, pos.epoch)
@@ -268,12 +268,13 @@ def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | Non
                 pos = Position(epoch, i + 1, pos.step + 1, g.get_state())
                 record = {"step": pos.step, "epoch": epoch, "loss": sum(micro_losses) / len(micro_losses), "lr": _current_lr(opt)}
                 micro_losses = []
-                log.step(record)
+                event = events.measure(record)
+                log.step(record, event["steps_per_s"], event["peak_memory_gib"])
                 result.losses.append(record["loss"])
                 if cfg.output.save_every_n_steps and pos.step % cfg.output.save_every_n_steps == 0 and pos.step < plan.total_steps:
                     saver.intermediate(f"step{pos.step:08d}", epoch, pos.step)
                     saver.state_if_asked(opt, sched, scaler, pos)
-                event = events.step(record)  # after this step's files: a host stopping here leaves them written
+                events.emit(event)  # after this step's files: a host stopping here leaves them written
                 _show(bar, event)
             pos = Position(epoch + 1, 0, pos.step, g.get_state())
             every = cfg.output.save_every_n_epochs

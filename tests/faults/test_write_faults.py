@@ -221,14 +221,14 @@ def test_a_full_disk_under_metrics_is_an_output_error_and_its_rows_stay(tmp_path
         before = snapshot(run)
         leave_free(disk, 0)
         with pytest.raises(OutputError, match="metrics.jsonl: no space left"):  # resuming rewrites it: atomically
-            RunLog(run, 2, False, torch.device("cpu"))
+            RunLog(run, 2, False)
         assert_unchanged(before)
         assert temp_litter(run) == []
 
-        log = RunLog(run, 0, False, torch.device("cpu"))  # a new run: an empty file, the old one's page freed
+        log = RunLog(run, 0, False)  # a new run: an empty file, the old one's page freed
         with pytest.raises(OutputError, match="metrics.jsonl: no space left"):
             for step in range(1, 1000):  # 4 KiB of rows fill the page; the next one fails
-                log.step({"step": step, "epoch": 1, "loss": 0.5, "lr": 1e-4})
+                log.step({"step": step, "epoch": 1, "loss": 0.5, "lr": 1e-4}, 1.0, None)
         log.close()  # no second error for the row that failed
         complete = (run / "metrics.jsonl").read_bytes().rsplit(b"\n", 1)[0].splitlines()
         assert [json.loads(line)["step"] for line in complete] == list(range(1, len(complete) + 1)) and len(complete) > 10
