@@ -41,6 +41,8 @@ class DatasetSection:
     caption_dropout_rate: float = 0.0  # probability a sample trains on the empty caption
     caption_extension: str = ".txt"  # .txt and .caption are both accepted
     cache_dir: str = ""  # latent and text caches; empty: <dataset folder>/.gesso_cache
+    alpha_mask: bool = False  # loss.masked: each image's alpha channel is its mask (kohya's alpha_mask)
+    mask_dir: str = ""  # loss.masked: same-named mask images (red channel) for dataset.path's images
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class TrainSection:
     fp8_base: bool = False  # store the frozen UNet weights in fp8 (e4m3, per-channel scale): half of bf16's memory
     seed: int = 42  # seeds data order, timesteps and noise
     device: str = "auto"  # auto (cuda when present), cpu, cuda
+    prior_loss_weight: float = 1.0  # loss weight of regularization images (subsets with is_reg = true)
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ class LossSection:
     multires_noise_discount: float = 0.3
     min_timestep: int = 0
     max_timestep: int = 1000  # timesteps drawn from [min_timestep, max_timestep)
+    masked: bool = False  # weight the loss per latent pixel by each image's mask (dataset alpha_mask or mask_dir)
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,7 @@ RANGES = {
     ("train", "lr_scheduler_num_cycles"): AT_LEAST_1,
     ("train", "max_grad_norm"): (_within(0, math.inf), "must be 0 (no clipping) or more"),
     ("train", "seed"): SEED,
+    ("train", "prior_loss_weight"): AT_LEAST_0,
     ("loss", "huber_c"): POSITIVE,
     ("loss", "min_snr_gamma"): (_within(0, math.inf), "must be 0 (off) or more"),
     ("loss", "noise_offset"): AT_LEAST_0,
@@ -201,7 +206,14 @@ RELATIONS = [
     ("dataset.min_bucket_side, dataset.max_bucket_side", lambda c: c.dataset.min_bucket_side <= c.dataset.max_bucket_side,
      "min must not exceed max"),
     ("sample.prompts", lambda c: all(isinstance(p, str) for p in c.sample.prompts), "must be a list of strings"),
+    ("loss.masked, dataset.alpha_mask, dataset.mask_dir", lambda c: c.loss.masked == _has_mask_source(c.dataset),
+     "loss.masked = true needs a mask source (alpha_mask = true or a mask_dir, on the dataset or a subset), and a "
+     "mask source needs loss.masked = true"),
 ]
+
+
+def _has_mask_source(d: DatasetSection) -> bool:
+    return any(t.get("alpha_mask") or t.get("mask_dir") for t in [vars(d), *d.subsets] if isinstance(t, dict))
 
 
 def _has_nan(value: Any) -> bool:
@@ -252,7 +264,7 @@ def _coerce(where: str, value: Any, typ: type) -> Any:
     return value
 
 
-SUBSET_KEYS = {"path": str, "repeats": int, "trigger": str}
+SUBSET_KEYS = {"path": str, "repeats": int, "trigger": str, "is_reg": bool, "alpha_mask": bool, "mask_dir": str}
 
 
 def _subsets(source: str, raw: list, base: Path) -> list[dict]:
@@ -269,11 +281,19 @@ def _subsets(source: str, raw: list, base: Path) -> list[dict]:
         ok, rule = RANGES[("dataset", "repeats")]
         if not ok(table.get("repeats", 0)):
             raise ConfigError(f"{where}.repeats = {table['repeats']!r}: {rule}")
-        folder = (base / table["path"]).resolve()
-        if not folder.is_dir():
-            raise ConfigError(f"{where}.path: no such folder: {folder}")
-        out.append({**table, "path": str(folder)})
+        resolved = {}
+        for key in ("path", "mask_dir"):
+            if table.get(key):
+                resolved[key] = str(_folder(f"{where}.{key}", base / table[key]))
+        out.append({**table, **resolved})
     return out
+
+
+def _folder(where: str, folder: Path) -> Path:
+    folder = folder.resolve()
+    if not folder.is_dir():
+        raise ConfigError(f"{where}: no such folder: {folder}")
+    return folder
 
 
 def _parse_override(item: str) -> tuple[str, str, Any]:
@@ -329,13 +349,12 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     cfg = build_config(data, str(path))
     if not cfg.dataset.path and not cfg.dataset.subsets:
         raise ConfigError(f"{path}: dataset.path is required")
-    dataset = (path.parent / cfg.dataset.path).resolve() if cfg.dataset.path else ""
-    if dataset and not dataset.is_dir():
-        raise ConfigError(f"{path}: dataset.path: no such folder: {dataset}")
+    dataset = _folder(f"{path}: dataset.path", path.parent / cfg.dataset.path) if cfg.dataset.path else ""
+    mask_dir = str(_folder(f"{path}: dataset.mask_dir", path.parent / cfg.dataset.mask_dir)) if cfg.dataset.mask_dir else ""
     subsets = _subsets(str(path), cfg.dataset.subsets, path.parent)
     cache_dir = str((path.parent / cfg.dataset.cache_dir).resolve()) if cfg.dataset.cache_dir else ""
     model = cfg.model
     if model.checkpoint and (path.parent / model.checkpoint).exists():  # else a Hub repo id, resolved by the loader
         model = dataclasses.replace(model, checkpoint=str((path.parent / model.checkpoint).resolve()))
-    data = dataclasses.replace(cfg.dataset, path=str(dataset), subsets=subsets, cache_dir=cache_dir)
+    data = dataclasses.replace(cfg.dataset, path=str(dataset), subsets=subsets, cache_dir=cache_dir, mask_dir=mask_dir)
     return dataclasses.replace(cfg, model=model, dataset=data)

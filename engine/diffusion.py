@@ -61,13 +61,17 @@ def pyramid_noise(noise: torch.Tensor, generator: torch.Generator, iterations: i
     return out / out.std(dim=(1, 2, 3), keepdim=True)
 
 
-def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "l2", huber_c: float = 0.1) -> torch.Tensor:
+def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "l2", huber_c: float = 0.1,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over each sample of the squared error, or of the pseudo-Huber loss 2c(sqrt((p-y)^2 + c^2) - c)
     (Charbonnier 1994; as used for diffusion by Khrapov et al. 2024, "Improving Diffusion Models's Data-Corruption
-    Resistance using Scheduled Pseudo-Huber Loss")."""
+    Resistance using Scheduled Pseudo-Huber Loss"); each element first weighted by `mask` (B, 1, h, w) when given,
+    kohya's masked loss (the mean stays over every element, as kohya's)."""
     diff = pred.float() - target.float()
     if kind == "huber":
         err = 2 * huber_c * (torch.sqrt(diff**2 + huber_c**2) - huber_c)
     else:
         err = diff**2
+    if mask is not None:
+        err = err * mask
     return err.mean(dim=tuple(range(1, err.ndim)))

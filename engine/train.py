@@ -64,10 +64,13 @@ class Plan:
 
     def describe(self) -> str:
         d = self.dataset
-        repeats = sorted({it.repeats for it in d.items})
+        repeats = sorted({it.repeats for it in d.items if not it.is_reg})
         rep = f"{repeats[0]} repeats" if len(repeats) == 1 else "repeats"
         accum = f" / accumulation {self.accumulation}" if self.accumulation > 1 else ""
-        return (f"{len(d.items)} images x {rep} = {len(d)} samples / batch {self.batch_size}{accum} = {self.steps_per_epoch} steps per epoch"
+        reg = d.samples(True)  # kohya counts regularization samples into an epoch's batches too
+        samples = f"{d.samples(False)} samples + {reg} regularization samples = {len(d)}" if reg else f"{len(d)} samples"
+        train = sum(not it.is_reg for it in d.items)
+        return (f"{train} images x {rep} = {samples} / batch {self.batch_size}{accum} = {self.steps_per_epoch} steps per epoch"
                 f" x {self.epochs} epochs = {self.total_steps} steps")
 
 
@@ -100,14 +103,16 @@ def load_model(cfg: Config, dtype: torch.dtype = torch.float32):
 
 def load_dataset(cfg: Config) -> Dataset:
     d = cfg.dataset
-    subsets = [Subset(s["path"], s.get("repeats", 0), s.get("trigger", d.trigger)) for s in d.subsets]
+    # a regularization subset's captions are the class prompt: the dataset's trigger only where the subset names it
+    subsets = [Subset(s["path"], s.get("repeats", 0), s.get("trigger", "" if s.get("is_reg") else d.trigger),
+                      s.get("is_reg", False), s.get("alpha_mask", d.alpha_mask), s.get("mask_dir", "")) for s in d.subsets]
     if d.path:
-        subsets.insert(0, Subset(d.path, d.repeats, d.trigger))
+        subsets.insert(0, Subset(d.path, d.repeats, d.trigger, alpha_mask=d.alpha_mask, mask_dir=d.mask_dir))
     options = DatasetOptions(resolution=d.resolution, bucketing=d.bucketing, min_bucket_side=d.min_bucket_side,
                              max_bucket_side=d.max_bucket_side, random_crop=d.random_crop, flip=d.flip,
                              shuffle_caption=d.shuffle_caption, keep_tokens=d.keep_tokens,
                              caption_dropout_rate=d.caption_dropout_rate, caption_extension=d.caption_extension,
-                             seed=cfg.train.seed)
+                             seed=cfg.train.seed, masked_loss=cfg.loss.masked, prior_loss_weight=cfg.train.prior_loss_weight)
     try:
         dataset = build_dataset(subsets, options)
     except (ValueError, FileNotFoundError) as e:
@@ -247,10 +252,10 @@ def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | Non
         events.start(pos.step, pos.epoch)
         for epoch in range(pos.epoch, plan.epochs + 1):
             micro_losses = []
-            for i, (x0, context, y) in enumerate(cache.batches(epoch, plan.batch_size, tc.seed, skip=pos.batch), start=pos.batch):
+            for i, (x0, context, y, weight, mask) in enumerate(cache.batches(epoch, plan.batch_size, tc.seed, skip=pos.batch), start=pos.batch):
                 d = objective.draw(x0, cfg.loss, ac, g)
                 pred = unet(d.noisy, d.t, context, y)  # computes in the frozen weights' dtype (see above)
-                loss = objective.loss(pred, d, cfg.loss, ac)
+                loss = objective.loss(pred, d, cfg.loss, ac, weight, mask)
                 scaler.scale(loss / plan.accumulation).backward()
                 micro_losses.append(loss.item())  # syncs with the device once per micro-batch
                 if not math.isfinite(micro_losses[-1]):

@@ -3,7 +3,9 @@
 Latents: one safetensors file per image and setting under `<cache>/latents/`, keyed by sha256 of the
 image's bytes, the VAE's fingerprint, the bucket, resized size, crop and flip. With flip on, the mirrored
 image is encoded as well and stored in the same file: a latent cannot be mirrored exactly (the VAE is not
-equivariant), and encoding both at cache time keeps the VAE out of the training step.
+equivariant), and encoding both at cache time keeps the VAE out of the training step. With masked loss, the
+image's mask at latent resolution (engine/data/masks.py) is stored in the same file as `mask`, its source in the
+key; a mask mirrors exactly, so the flipped sample takes the stored mask mirrored.
 Text: one file per caption under `<cache>/text/`, keyed by the caption, the text encoders' fingerprint and
 the tokenizers; it holds the context at the caption's own chunk count and the pooled vector. Shuffle or
 dropout makes each step's caption new, and trained text encoders change their outputs, so then the text
@@ -32,6 +34,7 @@ from safetensors.torch import save_file
 from gesso import models
 from gesso.engine.data.dataset import Dataset, Item, Sample, load_pixels
 from gesso.engine.data.images import BadImage
+from gesso.engine.data.masks import ALPHA, load_mask
 from gesso.engine.io import write_atomic
 from gesso.errors import OutputError, TrainError
 
@@ -39,6 +42,9 @@ log = logging.getLogger("gesso.cache")
 FORMAT = "gesso-cache-2"  # in every key and file: bump when decoding, resizing, encoding or the file layout changes
 CHUNK = 77
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # latents (B, 4, h, w), context (B, 77k, D), y (B, adm) or None
+# a training batch: Batch, then each sample's loss weight (B,) (prior_loss_weight for regularization images) and
+# loss mask (B, 1, h, w), None when no image of the dataset has a mask
+TrainBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]
 
 
 def fingerprint(module: torch.nn.Module) -> str:
@@ -174,6 +180,7 @@ class Cache:
     latents: list[torch.Tensor]  # per item (4, h/8, w/8), CPU
     flipped: list[torch.Tensor | None]  # per item, the mirrored image's latents when flip is on
     text: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None  # caption -> (77k, D), (P,); None: per step
+    masks: list[torch.Tensor | None]  # per item (1, h/8, w/8) in [0, 1], None: unmasked
     train_text_encoders: bool = False
     stats: CacheStats = field(default_factory=CacheStats)
 
@@ -183,10 +190,22 @@ class Cache:
     def steps_per_epoch(self, batch_size: int) -> int:
         return self.dataset.steps_per_epoch(batch_size)
 
-    def batches(self, epoch: int, batch_size: int, seed: int, skip: int = 0) -> Iterator[Batch]:
-        """The epoch's batches on the device, each from one bucket; `skip` drops the first batches of a resumed epoch."""
+    def batches(self, epoch: int, batch_size: int, seed: int, skip: int = 0) -> Iterator[TrainBatch]:
+        """The epoch's batches on the device, each from one bucket, with their loss weights and masks; `skip` drops
+        the first batches of a resumed epoch."""
         for samples in self.dataset.epoch(epoch, batch_size, seed)[skip:]:
-            yield self.tensors(samples)
+            yield *self.tensors(samples), *self.weighting(samples)
+
+    def weighting(self, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-sample loss weight (B,) and loss mask (B, 1, h, w) or None (no image of the dataset has a mask)."""
+        items = self.dataset.items
+        prior = self.dataset.options.prior_loss_weight
+        weight = torch.tensor([prior if items[s.index].is_reg else 1.0 for s in samples], device=self.device)
+        if not any(m is not None for m in self.masks):
+            return weight, None
+        shape = (1, *self.latents[samples[0].index].shape[1:])
+        masks = [torch.ones(shape) if self.masks[s.index] is None else self.masks[s.index] for s in samples]
+        return weight, torch.stack([m.flip(-1) if s.flipped else m for m, s in zip(masks, samples)]).to(self.device)
 
     def fixed_batches(self, batch_size: int) -> Iterator[Batch]:
         """Every item once, unflipped, with its caption as written, bucket by bucket in a fixed order: an evaluation set."""
@@ -230,7 +249,11 @@ class Cache:
         s = self.stats
         text = "encoded per step" if self.text is None else f"{s.texts_encoded} captions encoded, {s.texts_loaded} from cache"
         rejected = f" ({s.rejected} damaged or stale files encoded again, named above)" if s.rejected else ""
-        return f"cache: {s.latents_encoded} images encoded, {s.latents_loaded} from cache; text: {text}{rejected}"
+        masks = ""
+        if self.dataset.options.masked_loss:
+            masked = sum(m is not None for m in self.masks)
+            masks = f"; masked loss: {masked} images masked, {len(self.masks) - masked} without a mask train unmasked"
+        return f"cache: {s.latents_encoded} images encoded, {s.latents_loaded} from cache; text: {text}{rejected}{masks}"
 
 
 def _folder(cache_dir: str | Path | None, item: Item) -> Path:
@@ -241,13 +264,16 @@ def _cache_latents(sd, dataset: Dataset, cache_dir, vae_id: str, store: _Store, 
     items, flip = dataset.items, dataset.options.flip
     latents: list[torch.Tensor | None] = [None] * len(items)
     flipped: list[torch.Tensor | None] = [None] * len(items)
+    masks: list[torch.Tensor | None] = [None] * len(items)
     paths, missing = [], []
     for i, it in enumerate(items):
-        paths.append(_folder(cache_dir, it) / "latents" / f"{_key(it.digest, vae_id, it.bucket, it.resized, it.crop, flip)}.safetensors")
+        key = _key(it.digest, vae_id, it.bucket, it.resized, it.crop, flip, *([it.mask_digest] if it.mask_digest else []))
+        paths.append(_folder(cache_dir, it) / "latents" / f"{key}.safetensors")
         shape = _latent_shape(sd, it.bucket)
-        got = store.load(paths[i], {"latents": shape} | ({"flipped": shape} if flip else {}))
+        mask_shape = {"mask": (1, *shape[1:])} if it.mask is not None else {}
+        got = store.load(paths[i], {"latents": shape} | ({"flipped": shape} if flip else {}) | mask_shape)
         if got is not None:
-            latents[i], flipped[i] = got["latents"], got.get("flipped")
+            latents[i], flipped[i], masks[i] = got["latents"], got.get("flipped"), got.get("mask")
             stats.latents_loaded += 1
         else:
             missing.append(i)
@@ -259,6 +285,7 @@ def _cache_latents(sd, dataset: Dataset, cache_dir, vae_id: str, store: _Store, 
             for i in group[start : start + batch_size]:
                 try:
                     pixels.append(load_pixels(items[i]))
+                    masks[i] = _load_mask(items[i], _latent_shape(sd, items[i].bucket))
                     chunk.append(i)
                 except (OSError, BadImage) as e:  # changed or removed since the scan
                     log.warning("skipped %s: %s", items[i].path, e)
@@ -271,6 +298,7 @@ def _cache_latents(sd, dataset: Dataset, cache_dir, vae_id: str, store: _Store, 
             stats.latents_encoded += len(chunk)
             for j, i in enumerate(chunk):
                 tensors = {"latents": encoded[j].clone()} | ({"flipped": encoded[len(chunk) + j].clone()} if flip else {})
+                tensors |= {"mask": masks[i]} if masks[i] is not None else {}
                 if not all(torch.isfinite(t).all() for t in tensors.values()):  # an fp16 VAE overflows on some images
                     why = "the VAE's latents are not finite (NaN or inf); not cached, not trained"
                     log.warning("skipped %s: %s", items[i].path, why)
@@ -281,7 +309,14 @@ def _cache_latents(sd, dataset: Dataset, cache_dir, vae_id: str, store: _Store, 
                 store.save(paths[i], tensors, str(items[i].path))
     keep = [i for i in range(len(items)) if i not in broken]
     dataset.items = [items[i] for i in keep]
-    return [latents[i] for i in keep], [flipped[i] for i in keep]
+    return [latents[i] for i in keep], [flipped[i] for i in keep], [masks[i] for i in keep]
+
+
+def _load_mask(item: Item, latent_shape: tuple[int, ...]) -> torch.Tensor | None:
+    if item.mask is None:
+        return None
+    factor = item.bucket[0] // latent_shape[1]
+    return load_mask(item.mask, item.mask_digest == ALPHA, item.resized, item.crop, item.bucket, factor)
 
 
 def _cache_text(sd, tokenizers, dataset: Dataset, cache_dir, text_id: str, store: _Store, stats: CacheStats, batch_size: int):
@@ -323,7 +358,7 @@ def prepare_cache(sd, tokenizers, dataset: Dataset, device: torch.device, cache_
     store = _Store(stats)
     vae_id = f"{model_id}:vae" if model_id else fingerprint(sd.vae)
     scanned = len(dataset.skipped)
-    latents, flipped = _cache_latents(sd, dataset, cache_dir, vae_id, store, stats, encode_batch_size)
+    latents, flipped, masks = _cache_latents(sd, dataset, cache_dir, vae_id, store, stats, encode_batch_size)
     if not dataset.items:
         path, why = dataset.skipped[scanned]
         raise TrainError(f"dataset: every image was skipped while caching, the first {path}: {why}")
@@ -335,5 +370,5 @@ def prepare_cache(sd, tokenizers, dataset: Dataset, device: torch.device, cache_
         tokenizer_id = [[type(t).__name__, len(t), t.pad_token_id] for t in tokenizers]
         text_id = f"{model_id}:text" if model_id else [fingerprint(e) for e in sd.text_encoders]
         text = _cache_text(sd, tokenizers, dataset, cache_dir, json.dumps([text_id, tokenizer_id]), store, stats, 16)
-    return Cache(sd, tokenizers, dataset, torch.device(device), latents, flipped, text, train_text_encoders, stats)
+    return Cache(sd, tokenizers, dataset, torch.device(device), latents, flipped, text, masks, train_text_encoders, stats)
 

@@ -6,7 +6,14 @@ sub-folders are ignored and listed in the report, hidden files and folders (`.ge
 Every image is decoded once here, as it will be for its latents (a huge JPEG reduced while decoding), so a
 broken or oversized file is skipped before any model work; each kept image is assigned its bucket, resized
 size and crop now, which fixes its latent cache key. Nothing decoded is kept: the cache decodes again.
+
+Regularization images (kohya's `is_reg` subsets: the class without the subject, for prior preservation) train
+beside the others, shuffled into the same buckets, with their own captions (the class prompt; a dataset-wide
+trigger is not added to them) and their loss weighted by `prior_loss_weight`. Their repeats are balanced to the
+training samples as kohya's DreamBooth dataset does (`balance_reg`). With masked loss on, each image's mask
+(engine/data/masks.py) is found here and checked against the image's size; an image without one trains unmasked.
 """
+import dataclasses
 import hashlib
 import logging
 import os
@@ -22,7 +29,8 @@ from PIL import Image
 from gesso.engine.data import buckets as B
 from gesso.engine.data.buckets import Size
 from gesso.engine.data.captions import augment, read_caption, with_trigger
-from gesso.engine.data.images import IMAGE_EXTENSIONS, BadImage, decode, to_pixels
+from gesso.engine.data.images import IMAGE_EXTENSIONS, BadImage, decode, has_alpha, open_upright, to_pixels
+from gesso.engine.data.masks import ALPHA, check_mask_file, mask_files
 
 log = logging.getLogger("gesso.data")
 REPEATS_FOLDER = re.compile(r"^(\d+)_(.+)$")
@@ -34,6 +42,9 @@ class Subset:
     path: str | Path
     repeats: int = 0  # 0: N from an `N_name` folder name, else 1
     trigger: str = ""  # prepended to each caption that lacks it
+    is_reg: bool = False  # regularization images (kohya's is_reg)
+    alpha_mask: bool = False  # masked loss from each image's alpha channel (kohya's alpha_mask)
+    mask_dir: str | Path = ""  # masked loss from same-named mask images in this folder (kohya's conditioning_data_dir)
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,8 @@ class DatasetOptions:
     caption_dropout_rate: float = 0.0  # probability that a sample trains on the empty caption
     caption_extension: str = ".txt"  # tried first; .txt and .caption are both accepted
     seed: int = 0  # seeds random crops
+    masked_loss: bool = False  # look up each image's mask (its subset's alpha_mask or mask_dir)
+    prior_loss_weight: float = 1.0  # loss weight of regularization samples
 
     @property
     def augments_captions(self) -> bool:
@@ -72,6 +85,9 @@ class Item:
     resized: Size  # (h, w) after resizing, before cropping
     crop: Size  # (top, left) in resized pixels
     root: Path  # the subset folder, home of the default cache
+    is_reg: bool = False
+    mask: Path | None = None  # the file whose mask channel is read (the image itself for an alpha mask)
+    mask_digest: str = ""  # ALPHA, or sha256 of the mask file: in the latent cache key
 
     def conditioning(self, flipped: bool) -> tuple[Size, Size, Size]:
         """SDXL's (original size, crop top-left, target size) for this image, mirrored or not."""
@@ -92,10 +108,16 @@ class Dataset:
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # files not trained, with why
     caption_problems: list[tuple[Path, str]] = field(default_factory=list)  # images trained despite their caption
     ignored_folders: list[tuple[Path, str]] = field(default_factory=list)
+    unused_reg: list[Path] = field(default_factory=list)  # regularization images beyond the balance (as kohya)
+    unmasked: list[tuple[Path, str]] = field(default_factory=list)  # with masked loss on: images trained unmasked, why
 
     def __len__(self) -> int:
-        """Samples per epoch: images x repeats."""
+        """Samples per epoch: images x repeats, regularization samples included."""
         return sum(it.repeats for it in self.items)
+
+    def samples(self, reg: bool) -> int:
+        """Training (reg False) or regularization samples per epoch."""
+        return sum(it.repeats for it in self.items if it.is_reg == reg)
 
     def _sample_buckets(self) -> tuple[list[int], list[Size]]:
         indices = [i for i, it in enumerate(self.items) for _ in range(it.repeats)]
@@ -121,10 +143,12 @@ class Dataset:
             out.append(batch)
         return out
 
-    def folders(self) -> dict[str, dict[str, int]]:
-        """{folder name: {"n_repeats", "img_count"}}: kohya's `ss_dataset_dirs` metadata."""
+    def folders(self, reg: bool = False) -> dict[str, dict[str, int]]:
+        """{folder name: {"n_repeats", "img_count"}}: kohya's `ss_dataset_dirs` metadata (`ss_reg_dataset_dirs` with reg)."""
         out: dict[str, dict[str, int]] = {}
         for it in self.items:
+            if it.is_reg != reg:
+                continue
             entry = out.setdefault(it.path.parent.name, {"n_repeats": it.repeats, "img_count": 0})
             entry["img_count"] += 1
         return out
@@ -136,8 +160,14 @@ class Dataset:
             counts[it.bucket] = counts.get(it.bucket, 0) + 1
         sizes = ", ".join(f"{w}x{h}: {n}" for (h, w), n in sorted(counts.items()))
         lines = [f"dataset: {len(self.items)} images trained ({len(self)} samples per epoch); buckets (WxH): {sizes or 'none'}"]
+        reg = [it for it in self.items if it.is_reg]
+        if reg or self.unused_reg:
+            lines.append(f"regularization: {len(reg)} images, {self.samples(True)} samples per epoch, balanced to the "
+                         f"{self.samples(False)} training samples as kohya does; {len(self.unused_reg)} images not needed")
+        if self.options.masked_loss:
+            lines.append(f"masked loss: {len(self.items) - len(self.unmasked)} images masked, {len(self.unmasked)} unmasked")
         for title, entries in (("skipped", self.skipped), ("caption problems (image still trained)", self.caption_problems),
-                               ("ignored folders", self.ignored_folders)):
+                               ("ignored folders", self.ignored_folders), ("trained unmasked", self.unmasked)):
             if entries:
                 lines.append(f"{title}: {len(entries)}")
                 lines += [f"  {path}: {why}" for path, why in entries[:REPORT_LINES]]
@@ -170,17 +200,17 @@ def _folders(subset: Subset, ignored: list[tuple[Path, str]]) -> list[tuple[Path
     return out
 
 
-def _probe(path: Path, sizes: list[Size]) -> tuple[str, Size] | str:
-    """(sha256, upright (h, w)) of an image file, or why it cannot train."""
+def _probe(path: Path, sizes: list[Size]) -> tuple[str, Size, bool] | str:
+    """(sha256, upright (h, w), has an alpha channel) of an image file, or why it cannot train."""
     try:
         data = path.read_bytes()
     except OSError as e:
         return f"unreadable ({e.strerror or e})"
     try:
-        _, size = decode(data, lambda size: B.cover(size, B.assign(size, sizes)))
+        im, size = open_upright(data, lambda size: B.cover(size, B.assign(size, sizes)))
     except BadImage as e:
         return str(e)
-    return hashlib.sha256(data).hexdigest(), size
+    return hashlib.sha256(data).hexdigest(), size, has_alpha(im)
 
 
 def _place(size: Size, sizes: list[Size], options: DatasetOptions, digest: str) -> tuple[Size, Size, Size]:
@@ -192,12 +222,44 @@ def _place(size: Size, sizes: list[Size], options: DatasetOptions, digest: str) 
     return bucket, resized, B.centre_crop(resized, bucket)
 
 
+def balance_reg(train_samples: int, reg_repeats: list[int]) -> list[int]:
+    """Each regularization image's repeats per epoch, kohya's rule (train_util.DreamBoothDataset): images are taken in
+    order with their own repeats until their samples reach the training samples; while still short, each image in
+    turn gains one repeat. Images not reached get 0 (more regularization samples than needed); none when no training."""
+    out = [0] * len(reg_repeats)
+    n, first = 0, True
+    while reg_repeats and n < train_samples:
+        for i, repeats in enumerate(reg_repeats):
+            out[i] += repeats if first else 1
+            n += repeats if first else 1
+            if n >= train_samples:
+                break
+        first = False
+    return out
+
+
+def _mask(path: Path, subset: Subset, size: Size, alpha: bool, masks: dict[str, Path]) -> tuple[Path | None, str, str]:
+    """(mask file, its cache digest, why unmasked) for an image: its mask_dir file first, else its alpha channel."""
+    mask_file = masks.get(path.stem)
+    if mask_file is not None:
+        try:
+            return mask_file, check_mask_file(mask_file, size), ""
+        except BadImage as e:
+            return None, "", str(e)
+    if subset.alpha_mask and alpha:
+        return path, ALPHA, ""
+    why = "no alpha channel" if subset.alpha_mask else "no mask image in mask_dir" if subset.mask_dir else "no mask source"
+    return None, "", why
+
+
 def build_dataset(subsets: list[Subset], options: DatasetOptions = DatasetOptions()) -> Dataset:
     """Scan, decode and place every image of `subsets`; broken files are skipped with a warning naming them."""
     sizes = options.bucket_sizes()
     dataset = Dataset([], options)
     found = []  # (path, repeats, class tokens, subset)
+    masks = {}  # subset -> {stem: mask file}
     for subset in subsets:
+        masks[subset] = mask_files(subset.mask_dir) if options.masked_loss and subset.mask_dir else {}
         for folder, repeats, class_tokens in _folders(subset, dataset.ignored_folders):
             files = sorted(p for p in folder.iterdir()
                            if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file())
@@ -209,19 +271,40 @@ def build_dataset(subsets: list[Subset], options: DatasetOptions = DatasetOption
             log.warning("skipped %s: %s", path, probe)
             dataset.skipped.append((path, probe))
             continue
-        digest, size = probe
+        digest, size, alpha = probe
         caption, caption_file, problem = read_caption(path, options.caption_extension)
         if caption_file is None and class_tokens:
             caption, problem = class_tokens, f"no caption file (folder name used: {class_tokens!r})"
         if problem:
             dataset.caption_problems.append((caption_file or path, problem))
+        mask, mask_digest = None, ""
+        if options.masked_loss:
+            mask, mask_digest, why = _mask(path, subset, size, alpha, masks[subset])
+            if mask is None:
+                dataset.unmasked.append((path, why))
         bucket, resized, crop = _place(size, sizes, options, digest)
         dataset.items.append(Item(path, with_trigger(caption, subset.trigger), repeats, digest, size, bucket, resized,
-                                  crop, Path(subset.path)))
+                                  crop, Path(subset.path), subset.is_reg, mask, mask_digest))
     if dataset.caption_problems:
         first = dataset.caption_problems[0]
         log.warning("%d caption problems (images still train), first: %s: %s", len(dataset.caption_problems), *first)
+    _balance(dataset)
     return dataset
+
+
+def _balance(dataset: Dataset) -> None:
+    reg = [it for it in dataset.items if it.is_reg]
+    if not reg:
+        return
+    balanced = iter(balance_reg(dataset.samples(False), [it.repeats for it in reg]))
+    items = []
+    for it in dataset.items:
+        repeats = next(balanced) if it.is_reg else it.repeats
+        if repeats:
+            items.append(dataclasses.replace(it, repeats=repeats))
+        else:
+            dataset.unused_reg.append(it.path)
+    dataset.items = items
 
 
 def load_pixels(item: Item) -> torch.Tensor:

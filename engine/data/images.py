@@ -30,6 +30,7 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 MAX_PIXELS = 8192 * 8192
 LARGE_PIXELS = MAX_PIXELS // 8  # eight scan threads below this hold no more than one image at the limit
 GREY_16_TO_8 = np.rint(np.arange(65536) / 257.0).astype(np.uint8)
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 _large_decode = threading.Lock()
 
@@ -62,7 +63,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
         arr = np.asarray(im, dtype=np.float64)
         scale = 255.0 if arr.max(initial=0.0) <= 1.0 else 1.0
         im = Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8), "L")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+    if has_alpha(im):
         im = im if im.mode == "RGBA" else im.convert("RGBA")
         out = Image.new("RGB", im.size, (255, 255, 255))
         out.paste(im, mask=im)  # the same pixels as alpha_composite over white, in two full-size images, not four
@@ -82,8 +83,9 @@ def _too_large(stored: tuple[int, int], im: Image.Image) -> BadImage:
                     f"{MAX_PIXELS} (8192x8192); see README, [dataset]")
 
 
-def decode(data: bytes, target: Callable[[Size], Size] | None = None) -> tuple[Image.Image, Size]:
-    """Bytes of a file -> (upright RGB image, upright (h, w) of the file), or BadImage naming why not.
+def open_upright(data: bytes, target: Callable[[Size], Size] | None = None) -> tuple[Image.Image, Size]:
+    """Bytes of a file -> (upright image, decoded to the end in its own mode, upright (h, w) of the file), or
+    BadImage naming why not.
 
     target: maps the file's upright size to the (h, w) the image will be resized to; a JPEG is reduced while
     decoding as far as it still covers that, so the image returned can be smaller than the file.
@@ -102,13 +104,34 @@ def decode(data: bytes, target: Callable[[Size], Size] | None = None) -> tuple[I
                 raise _too_large(stored, im)
             with _large_decode if im.width * im.height > LARGE_PIXELS else nullcontext():
                 im.load()  # decode to the end: a truncated file fails here, not mid-training
-                return to_rgb(_upright(im)), _upright_size(stored, im)
+                return _upright(im), _upright_size(stored, im)
     except UnidentifiedImageError:
         raise BadImage("not an image (Pillow cannot identify it)") from None
     except Image.DecompressionBombError as e:
         raise BadImage(f"too large for Pillow to open ({e})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise BadImage(f"broken image ({e})") from None
+
+
+def decode(data: bytes, target: Callable[[Size], Size] | None = None) -> tuple[Image.Image, Size]:
+    """Bytes of a file -> (upright RGB image, upright (h, w) of the file), or BadImage; `target` as open_upright's."""
+    im, size = open_upright(data, target)
+    try:
+        return to_rgb(im), size
+    except (OSError, ValueError) as e:
+        raise BadImage(f"broken image ({e})") from None
+
+
+def has_alpha(im: Image.Image) -> bool:
+    return im.mode in ALPHA_MODES or (im.mode == "P" and "transparency" in im.info)
+
+
+def mask_channel(im: Image.Image, alpha: bool) -> Image.Image:
+    """An upright image's loss mask as 8-bit grey: its alpha channel (kohya's alpha_mask), or for a mask file its red
+    channel, as kohya reads a mask from conditioning_data_dir (grey and black-and-white masks are the same)."""
+    if alpha:
+        return im.convert("RGBA").getchannel("A")
+    return to_rgb(im).getchannel("R")
 
 
 def to_pixels(im: Image.Image) -> torch.Tensor:

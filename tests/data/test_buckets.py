@@ -70,7 +70,7 @@ def test_batches_have_one_shape_and_the_right_size_and_crop_conditioning(tmp_pat
         plan = dataset.epoch(epoch, 2, seed=7)
         batches = list(cache.batches(epoch, 2, seed=7))
         assert len(batches) == len(plan) == cache.steps_per_epoch(2) == 2 + 2 + 1 + 2  # 128x128: 6 samples, others 3 each
-        for samples, (latents, context, y) in zip(plan, batches):
+        for samples, (latents, context, y, _, _) in zip(plan, batches):
             names = [dataset.items[s.index].path.name for s in samples]
             (bh, bw), = {EXPECTED[n][1] for n in names}  # one bucket per batch
             assert latents.shape == (len(samples), 4, bh // 8, bw // 8)

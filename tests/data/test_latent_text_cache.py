@@ -58,7 +58,7 @@ def test_second_run_hits_and_each_change_misses_only_what_changed(tmp_path, make
     assert (again.stats.latents_loaded, again.stats.texts_loaded) == (3, 4)
     for x, y in zip(first.latents, again.latents):
         assert torch.equal(x, y)
-    for (x0, c0, y0), (x1, c1, y1) in zip(first.batches(1, 2, seed=3), again.batches(1, 2, seed=3)):
+    for (x0, c0, y0, *_), (x1, c1, y1, *_) in zip(first.batches(1, 2, seed=3), again.batches(1, 2, seed=3)):
         assert torch.equal(x0, x1) and torch.equal(c0, c1) and torch.equal(y0, y1)
 
     fixed = list(again.fixed_batches(2))  # a and b share the square bucket, c is alone

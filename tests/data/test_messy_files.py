@@ -79,7 +79,7 @@ def test_every_valid_image_trains_and_broken_ones_are_named(tmp_path, tiny):
     cache = prepare_cache(sd, tokenizers, dataset, "cpu", tmp_path / "cache")
     assert cache.stats.latents_encoded == len(VALID) and all(torch.isfinite(x).all() for x in cache.latents)
     steps = list(cache.batches(1, 4, seed=0))
-    assert sum(x.shape[0] for x, _, _ in steps) == len(VALID)
+    assert sum(x.shape[0] for x, *_ in steps) == len(VALID)
 
 
 def test_modes_decode_to_the_right_pixels(tmp_path):
