@@ -28,7 +28,10 @@ setup(
     extras_require={
         # diffusers and transformers are the references the parity tests compare against; peft is what
         # diffusers' load_lora_weights needs to load our LoRA files in the format tests.
-        "test": ["pytest", "pytest-benchmark", "diffusers>=0.30", "peft"],
+        # onnx builds the tiny WD tagger graph the caption tests run on onnxruntime
+        "test": ["pytest", "pytest-benchmark", "diffusers>=0.30", "peft", "onnxruntime", "onnx"],
+        # `gesso caption --captioner tagger`: WD taggers ship model.onnx; BLIP needs only transformers
+        "caption": ["onnxruntime"],
     },
     entry_points={"console_scripts": ["gesso=gesso.cli:main"]},
 )

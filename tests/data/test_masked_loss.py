@@ -14,6 +14,7 @@ from gesso.engine.config import LossSection, build_config
 from gesso.engine.data.cache import prepare_cache
 from gesso.engine.data.dataset import DatasetOptions, Sample, Subset, build_dataset
 from gesso.engine.train import unet_network
+from gesso.errors import ConfigError
 
 AC = diffusion.scaled_linear_alphas_cumprod()
 # 64x64 squares cropped at random from 128x64 images: the crop's left edge varies per image
@@ -129,3 +130,14 @@ def test_lora_gradients_come_only_from_the_unmasked_half(masked_set, tiny):
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # the masked-out half's targets change nothing
     _, right_params = grads(torch.where(zero, d.target, d.target + 0.5))
     assert any(not torch.allclose(a, b) for a, b in zip(base, right_params))  # the right half's do
+
+
+@pytest.mark.parametrize("data", [
+    {"loss": {"masked": True}},  # masked loss without a mask source
+    {"dataset": {"alpha_mask": True}},  # a mask source without masked loss: kohya would mask, we say so
+    {"dataset": {"subsets": [{"path": "x", "mask_dir": "m"}]}},
+])
+def test_mask_keys_need_each_other(data):
+    with pytest.raises(ConfigError, match="loss.masked, dataset.alpha_mask, dataset.mask_dir"):
+        build_config(data)
+    build_config({**data, "loss": {"masked": True}, "dataset": data.get("dataset", {"alpha_mask": True})})
