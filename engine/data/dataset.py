@@ -143,11 +143,11 @@ class Dataset:
             out.append(batch)
         return out
 
-    def folders(self, reg: bool = False) -> dict[str, dict[str, int]]:
-        """{folder name: {"n_repeats", "img_count"}}: kohya's `ss_dataset_dirs` metadata (`ss_reg_dataset_dirs` with reg)."""
+    def folders(self) -> dict[str, dict[str, int]]:
+        """{folder name: {"n_repeats", "img_count"}} of the training images: kohya's `ss_dataset_dirs` metadata."""
         out: dict[str, dict[str, int]] = {}
         for it in self.items:
-            if it.is_reg != reg:
+            if it.is_reg:
                 continue
             entry = out.setdefault(it.path.parent.name, {"n_repeats": it.repeats, "img_count": 0})
             entry["img_count"] += 1

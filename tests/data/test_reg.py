@@ -55,6 +55,7 @@ def test_epochs_hold_the_balanced_mix_with_reg_captions(reg_config):
     assert plan.describe() == ("2 images x 5 repeats = 10 samples + 10 regularization samples = 20 / batch 2 = "
                                "10 steps per epoch x 3 epochs = 30 steps")
     assert "regularization: 3 images, 10 samples per epoch" in dataset.report()
+    assert dataset.folders() == {"5_zkchar": {"n_repeats": 5, "img_count": 2}}  # ss_dataset_dirs: training images only
 
 
 def test_prior_loss_weight_scales_the_reg_samples_loss(reg_config, tiny):
