@@ -132,9 +132,11 @@ class Tagger:
 class Blip:
     def __init__(self, model: str, device: str):
         from transformers import BlipForConditionalGeneration, BlipProcessor
+        if device == "cuda" and not torch.cuda.is_available():
+            raise CaptionError("--device cuda, but no CUDA device is available")
         folder = model_folder(model, BLIP_FILES)
         _require(folder, "config.json", model)
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+        self.device = torch.device(device if device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
         try:
             self.processor = BlipProcessor.from_pretrained(folder)
             self.model = BlipForConditionalGeneration.from_pretrained(folder, use_safetensors=True).to(self.device).eval()
