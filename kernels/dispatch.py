@@ -54,7 +54,8 @@ def shape_key(*parts) -> str:
 
 
 def load_table() -> dict:
-    """{device name: {op: {shape key: {"use": "triton" | "reference", ...}}}}; {} without a table file."""
+    """{device name: {"measured": {...}, "ops": {op: {shape key: {"use": "triton" | "reference", ...}}}}};
+    {} without a table file."""
     return _read_table(TABLE)
 
 
@@ -64,12 +65,11 @@ def _read_table(path: Path) -> dict:
         return {}
     try:
         devices = json.loads(path.read_text())["devices"]
-        for ops in devices.values():
-            for op, rows in ops.items():
-                if isinstance(rows, dict):
-                    for key, row in rows.items():
-                        if row["use"] not in CHOICES:
-                            raise ValueError(f"{op} {key}: use={row['use']!r}")
+        for device in devices.values():
+            for op, rows in device["ops"].items():
+                for key, row in rows.items():
+                    if row["use"] not in CHOICES:
+                        raise ValueError(f"{op} {key}: use={row['use']!r}")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: not a dispatch table ({e})") from None
     return devices
@@ -83,8 +83,8 @@ def _device_name(index: int) -> str:
 def table_choice(device: torch.device, op: str, key: str) -> str | None:
     """The path the table names for `op` at `key` on this GPU, or None where it has no entry."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    rows = load_table().get(_device_name(index), {}).get(op)
-    return rows[key]["use"] if isinstance(rows, dict) and key in rows else None
+    rows = load_table().get(_device_name(index), {}).get("ops", {}).get(op, {})
+    return rows[key]["use"] if key in rows else None
 
 
 class recorded:

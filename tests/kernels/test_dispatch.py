@@ -64,8 +64,8 @@ def test_table_sends_a_slower_shape_to_the_reference(tmp_path, monkeypatch):
     lin_key, attn_key = "154-80-96-8-float32-float32", "1-2-50-40-77-float32"
     assert seen == {("lora_linear", lin_key), ("attention", attn_key)}
     row = {"use": "reference", "triton_ms": 0.2, "reference_ms": 0.1}
-    _table(tmp_path, monkeypatch, {"NVIDIA H200": {"lora_linear": {lin_key: row}},
-                                   "NVIDIA H100 80GB HBM3": {"attention": {attn_key: row}}})
+    _table(tmp_path, monkeypatch, {"NVIDIA H200": {"ops": {"lora_linear": {lin_key: row}}},
+                                   "NVIDIA H100 80GB HBM3": {"ops": {"attention": {attn_key: row}}}})
     gpu = _cuda_operand()
     assert dispatch.use_triton(gpu, op="lora_linear", key=lin_key) is False  # measured slower here: reference
     assert dispatch.use_triton(gpu, op="lora_linear", key="4096-640-640-16-bfloat16-bfloat16") is True  # unmeasured
@@ -76,17 +76,16 @@ def test_table_sends_a_slower_shape_to_the_reference(tmp_path, monkeypatch):
 
 def test_a_malformed_table_names_its_file(tmp_path, monkeypatch):
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
-    _table(tmp_path, monkeypatch, {"NVIDIA H200": {"attention": {"1-2-3-64-3-bfloat16": {"use": "cuda"}}}})
+    _table(tmp_path, monkeypatch, {"NVIDIA H200": {"ops": {"attention": {"1-2-3-64-3-bfloat16": {"use": "cuda"}}}}})
     with pytest.raises(ValueError, match="dispatch_table.json: not a dispatch table"):
         dispatch.use_triton(_cuda_operand(), op="attention", key="1-2-3-64-3-bfloat16")
 
 
 def test_committed_table_holds_only_measured_choices():
     # the table is written by a GPU session from its timings: each entry carries both and picks the faster
-    for device, ops in dispatch.load_table().items():
-        for op, rows in ops.items():
-            if not isinstance(rows, dict):
-                continue
+    for device, measured in dispatch.load_table().items():
+        assert measured["measured"]["date"] and measured["measured"]["torch"], device
+        for op, rows in measured["ops"].items():
             for key, row in rows.items():
                 assert row["triton_ms"] > 0 and row["reference_ms"] > 0, (device, op, key)
                 faster = "reference" if row["reference_ms"] < row["triton_ms"] else "triton"
