@@ -172,7 +172,7 @@ def cmd_predict(args) -> int:
     """The predictor's peak for every engine row the stage times (the peer is another model: no prediction)."""
     gpu = torch.cuda.is_available() and not args.cpu_sizes
     model, resolution = args.model or ("sdxl" if gpu else "tiny-sdxl"), args.resolution or (1024 if gpu else 64)
-    out = {}
+    out = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}  # other sizes' predictions stay
     for mode in args.modes.split(","):
         fp8_base, ckpt = MODES[mode]
         for optimizer in OPTIMIZER_NAMES.values():
