@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks import summary
 from gesso import models
 from gesso.engine import diffusion
 from gesso.engine.config import Config, DatasetSection, ModelSection, NetworkSection, TrainSection
@@ -102,6 +103,8 @@ def peer_row(case, args, device, dtype, peak) -> dict:
 
 def graph_row(case, args, device, dtype, peak) -> dict:
     """The engine's kernels path with forward + backward captured once and replayed (CUDA only)."""
+    if device.type != "cuda":
+        raise RuntimeError("a CUDA graph needs a CUDA GPU; this machine has none")
     bench.release(device)
     unet, network = bench.build(case, device, dtype)
     b = bench.make_batch(case, 0, device, dtype)
@@ -109,13 +112,15 @@ def graph_row(case, args, device, dtype, peak) -> dict:
         tflop, _ = bench.count_flops(unet, bench.optimizer("reference", network, device), b)
     opt = bench.optimizer("kernels", network, device)
     with bench.kernel_path("kernels"):
-        graphed = GraphedStep(lambda: diffusion.epsilon_loss(unet(b.noisy, b.t, b.context, b.y), b.noise),
-                              opt, warmup=args.warmup)
+        # the same model eagerly first: the graph's speed-up from one process, whatever the other rows did
+        eager, *_ = harness.time_steps(lambda: bench.step(unet, opt, b), args.steps, args.warmup, device)
+        graphed = GraphedStep(lambda: diffusion.epsilon_loss(unet(b.noisy, b.t, b.context, b.y), b.noise), opt, warmup=1)
         seconds, *peaks = harness.time_steps(graphed, args.steps, 1, device)
     del unet, network, b, opt, graphed
     bench.release(device)
-    return row("engine-kernels-cudagraph", case, dtype, "AdamW8bit", seconds, tflop, peaks, peak, args.steps,
-               args.warmup, lora_module_count(case.model))
+    out = row("engine-kernels-cudagraph", case, dtype, "AdamW8bit", seconds, tflop, peaks, peak, args.steps,
+              args.warmup, lora_module_count(case.model))
+    return dict(out, eager_seconds_per_step=eager, eager_over_graph=eager / seconds)
 
 
 def cmd_rows(args) -> int:
@@ -161,13 +166,6 @@ def cmd_loss(args) -> int:
     return 0 if check.passed else 1
 
 
-def prediction_key(model, resolution, batch, rank, base_weights, checkpointing, optimizer) -> str:
-    return f"{model}-{resolution}px-b{batch}-r{rank}-{base_weights}-{'ckpt' if checkpointing else 'nockpt'}-{optimizer}"
-
-
-OPTIMIZER_NAMES = {"AdamW8bit": "adamw8bit", "torch.optim.AdamW": "adamw"}  # bench's row names -> train.optimizer
-
-
 def cmd_predict(args) -> int:
     """The predictor's peak for every engine row the stage times (the peer is another model: no prediction)."""
     gpu = torch.cuda.is_available() and not args.cpu_sizes
@@ -175,14 +173,14 @@ def cmd_predict(args) -> int:
     out = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}  # other sizes' predictions stay
     for mode in args.modes.split(","):
         fp8_base, ckpt = MODES[mode]
-        for optimizer in OPTIMIZER_NAMES.values():
+        for optimizer in summary.OPTIMIZER_NAMES.values():
             cfg = Config(model=ModelSection(name=model), dataset=DatasetSection(resolution=resolution),
                          network=NetworkSection(rank=args.rank, alpha=float(args.rank)),
                          train=TrainSection(batch_size=args.batch, optimizer=optimizer, gradient_checkpointing=ckpt,
                                             fp8_base=fp8_base, mixed_precision="bf16" if gpu else "no"))
             p = memtrace.predict(cfg)
             base = "fp8-e4m3" if fp8_base else ("bfloat16" if gpu else "float32")
-            out[prediction_key(model, resolution, args.batch, args.rank, base, ckpt, optimizer)] = p.peak_gib
+            out[summary.prediction_key(model, resolution, args.batch, args.rank, base, ckpt, optimizer)] = p.peak_gib
             print(p.describe(), flush=True)
     write_bytes_atomic(args.out, (json.dumps(out, indent=1) + "\n").encode())
     return 0
@@ -208,8 +206,6 @@ def main(argv: list[str]) -> int:
     loss.add_argument("--lr", type=float, default=1e-4)
     predict.add_argument("--out", required=True)
     predict.add_argument("--cpu-sizes", action="store_true", help="the CPU dry run's sizes even where a GPU is present")
-    from benchmarks import summary
-
     summary.add_parser(sub)
     args = p.parse_args(argv)
     if getattr(args, "systems", None) and not set(args.systems.split(",")) <= set(SYSTEMS):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gesso.engine.io import write_bytes_atomic
 
-OPTIMIZER_NAMES = {"AdamW8bit": "adamw8bit", "torch.optim.AdamW": "adamw"}
+OPTIMIZER_NAMES = {"AdamW8bit": "adamw8bit", "torch.optim.AdamW": "adamw"}  # bench's row names -> train.optimizer
 
 
 def add_parser(sub) -> None:
@@ -29,26 +29,33 @@ def _case(r: dict) -> tuple:
     return (r["model"], r["resolution"], r["batch"], r["rank"], r["base_weights"], r["gradient_checkpointing"])
 
 
-def _prediction_key(r: dict) -> str:
-    ckpt = "ckpt" if r["gradient_checkpointing"] else "nockpt"
-    return (f"{r['model']}-{r['resolution']}px-b{r['batch']}-r{r['rank']}-{r['base_weights']}-{ckpt}-"
-            f"{OPTIMIZER_NAMES.get(r['optimizer'], r['optimizer'])}")
+def prediction_key(model, resolution, batch, rank, base_weights, checkpointing, optimizer) -> str:
+    """One prediction's name in predictions.json; `optimizer` as train.optimizer spells it."""
+    return f"{model}-{resolution}px-b{batch}-r{rank}-{base_weights}-{'ckpt' if checkpointing else 'nockpt'}-{optimizer}"
 
 
-def extra_rows(label: str, path: Path) -> list[dict]:
+def _row_prediction_key(r: dict) -> str:
+    return prediction_key(r["model"], r["resolution"], r["batch"], r["rank"], r["base_weights"],
+                          r["gradient_checkpointing"], OPTIMIZER_NAMES.get(r["optimizer"], r["optimizer"]))
+
+
+def extra_rows(label: str, path: Path, peak_tflops: float | None) -> list[dict]:
+    """`gesso bench` rows, their MFU against the measured matmul peak (gesso bench uses the datasheet's)."""
     rows = []
     for r in json.loads(path.read_text())["rows"]:
-        rows.append(dict(r, system=f"engine-{r['path']}-{label}", lora_modules=None))
+        mfu = r["tflop_per_step"] / r["seconds_per_step"] / peak_tflops if peak_tflops else None
+        rows.append(dict(r, system=f"engine-{r['path']}-{label}", mfu=mfu, lora_modules=None))
     return rows
 
 
 def merge(results: dict, predictions: dict, extras: list[tuple[str, Path]]) -> dict:
     rows = [r for r in results["rows"] if "error" not in r]
+    peak = (results.get("peak") or {}).get("bf16_matmul_tflops")
     for label, path in extras:
-        rows += extra_rows(label, path)
+        rows += extra_rows(label, path, peak)
     by_case: dict = {}
     for r in rows:
-        predicted = predictions.get(_prediction_key(r)) if r["system"] != "diffusers-peft" else None
+        predicted = predictions.get(_row_prediction_key(r)) if r["system"] != "diffusers-peft" else None
         r["predicted_peak_gib"] = predicted
         r["measured_over_predicted"] = (r["peak_allocated_gib"] / predicted
                                         if predicted and r.get("peak_allocated_gib") is not None else None)
