@@ -10,6 +10,8 @@ Under TRITON_INTERPRET=1 every kernel gets one small fixed configuration: nothin
 interpreter's cost grows with the tile. Tuning results are cached on disk (`cache_results`) so the GPU
 session's later processes do not re-time what an earlier one measured.
 """
+import inspect
+
 import triton
 import triton.testing
 
@@ -26,6 +28,12 @@ def config(num_warps: int, num_stages: int, **blocks) -> triton.Config:
 def _bench(kernel_call, quantiles):
     # shorter than the default 25/100 ms: about 40 keys a SDXL step, each timing up to six tiles, at first call
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
+# do_bench (triton >= 3.1) and cache_results (>= 3.3) are in 3.6, on the GPU machine, and 3.9; an older triton
+# tunes with its own timing and no disk cache rather than failing at import
+OPTIONS = {name: value for name, value in (("do_bench", _bench), ("cache_results", True))
+           if name in inspect.signature(triton.autotune).parameters}
 
 
 def fits(configs: list, sizes: dict) -> list:
@@ -46,6 +54,6 @@ def autotuned(configs: list, interpreter_config: triton.Config, key: list, prune
         if interpreted(fn):
             return triton.autotune([interpreter_config], key=key)(fn)
         pruning = {"early_config_prune": prune} if prune else None
-        return triton.autotune(configs, key=key, prune_configs_by=pruning, do_bench=_bench, cache_results=True)(fn)
+        return triton.autotune(configs, key=key, prune_configs_by=pruning, **OPTIONS)(fn)
 
     return wrap
