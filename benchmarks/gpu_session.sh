@@ -148,7 +148,9 @@ quick() {
         done) &
         pid=$!
     fi
-    quick_step 90 env GESSO_KERNELS=triton "$PY" -m pytest -q -p no:cacheprovider tests/kernels
+    local workers=""  # Triton compiles on the CPU, one kernel variant at a time: spread the parity tests over 6 processes
+    "$PY" -c "import xdist" 2>/dev/null && workers="-n 6"
+    quick_step 100 env GESSO_KERNELS=triton "$PY" -m pytest -q -p no:cacheprovider $workers tests/kernels
     quick_step 90 $rows --systems engine --modes bf16-ckpt  # the first SDXL step compiles and autotunes the kernels
     quick_step 60 $rows --systems engine --modes fp8-ckpt
     quick_step 45 $rows --systems peer --modes bf16-ckpt

@@ -4,6 +4,8 @@ GPU: triton.testing.do_bench (median of its 20/50/80% quantiles, L2 flushed betw
 torch.cuda.max_memory_allocated. CPU (smoke test only): median wall time of a few calls, no peak
 memory. Every row names the device, versions, git revision and date; throughput comes from the
 explicit FLOP or byte formula passed in by the benchmark, beside the device's datasheet ceiling.
+The GPU session's quick stage uses `matmul_peak_tflops` (the bf16 rate measured on the card, its MFU
+denominator) and `time_steps` (median seconds and peaks of any step function: the diffusers peer, a graph).
 """
 import datetime
 import platform
