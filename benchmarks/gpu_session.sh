@@ -150,8 +150,8 @@ quick() {
     fi
     local workers=""  # Triton compiles on the CPU, one kernel variant at a time: spread the parity tests over 6 processes
     "$PY" -c "import xdist" 2>/dev/null && workers="-n 6"
-    quick_step 100 env GESSO_KERNELS=triton "$PY" -m pytest -q -p no:cacheprovider $workers tests/kernels
-    quick_step 90 $rows --systems engine --modes bf16-ckpt  # the first SDXL step compiles and autotunes the kernels
+    quick_step 90 env GESSO_KERNELS=triton "$PY" -m pytest -q -p no:cacheprovider $workers tests/kernels
+    quick_step 130 $rows --systems engine --modes bf16-ckpt  # the first SDXL step compiles and autotunes the kernels
     quick_step 60 $rows --systems engine --modes fp8-ckpt
     quick_step 45 $rows --systems peer --modes bf16-ckpt
     if "$PY" cli.py bench --help 2>/dev/null | grep -q -- --blocks-to-swap; then
@@ -162,7 +162,7 @@ quick() {
     fi
     # checkpointing saves RNG states in the forward, which capture may refuse: then its row records why, and the
     # second mode (no checkpointing) still gives the graph's speed-up over the eager step of the same model
-    quick_step 60 $rows --systems graph --modes bf16-ckpt,bf16
+    quick_step 50 $rows --systems graph --modes bf16-ckpt,bf16
     quick_step 55 $q loss --results "$raw" --steps 50
     quick_step 30 "$PY" -m benchmarks.dispatch_table --budget-s 20 --out "$OUT/dispatch_table.json"
     quick_step 600 $rows --systems engine,peer --modes bf16-ckpt --batch 4
