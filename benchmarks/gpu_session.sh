@@ -36,6 +36,7 @@ set -u -o pipefail
 STAGE=${1:-all}
 BUDGET=${STAGE_LIMIT_S:-560}
 PY=${PYTHON:-python3}  # the GPU machine's python3 holds torch; it may have no `python`
+SITE=${PEER_SITE:-/tmp/site}  # where the carried wheels are installed
 mkdir -p "$OUT" benchmarks/results
 failed=0
 
@@ -184,8 +185,8 @@ case "$STAGE" in
 esac
 if [ "${QUICK_PLAN:-0}" != 1 ]; then
     if ls .whl/*.whl >/dev/null 2>&1; then  # the peer's diffusers, carried as wheels: installed offline
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-            && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" || echo "! wheel install failed" | tee -a "$OUT/env.log"
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+            && export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" || echo "! wheel install failed" | tee -a "$OUT/env.log"
     fi
     environment
 fi
