@@ -108,6 +108,9 @@ def table(merged: dict) -> str:
 
 
 def cmd_summary(args) -> int:
+    if not Path(args.results).is_file():
+        print(f"! no {args.results}: no step measured anything")
+        return 1
     results = json.loads(Path(args.results).read_text())
     predictions = json.loads(Path(args.predictions).read_text()) if args.predictions and Path(args.predictions).is_file() else {}
     extras = []
