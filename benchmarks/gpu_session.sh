@@ -12,7 +12,7 @@
 #             measured first; the memory predictor's peaks computed beside, on the CPU, in the background
 #           3 a 50-step loss check, kernels vs reference, bf16 + ckpt
 #           then the dispatch table (kernels/dispatch_table.json: the faster path per op shape on this GPU), and if
-#           time is left 4: batch 4 and 512 px; last the summary table (python -m benchmarks.quick summary).
+#           time is left 4: batch 4 and 512 px; last the summary table (python -m benchmarks.summary).
 #           Files in $OUT (7 of the 8 that come back): env.log, quick.log, quick-raw.json (rows as measured),
 #           predictions.json, blockswap.json, dispatch_table.json, quick.json (rows + predictions + ratios).
 #   parity  GPU parity of the Triton kernels:    GESSO_KERNELS=triton python -m pytest -q tests/kernels
@@ -139,7 +139,7 @@ quick_step() {  # quick_step LIMIT CMD...: one step of the quick stage, under mi
 
 quick() {
     QUICK_LIMIT=${QUICK_LIMIT_S:-540}
-    SUMMARY_RESERVE=25
+    SUMMARY_RESERVE=40
     PLANNED=0
     local raw=$OUT/quick-raw.json q="$PY -m benchmarks.quick" pid=""
     local rows="$q rows --results $raw --steps 10 --warmup 3"
@@ -168,11 +168,11 @@ quick() {
     quick_step 30 "$PY" -m benchmarks.dispatch_table --budget-s 20 --out "$OUT/dispatch_table.json"
     quick_step 600 $rows --systems engine,peer --modes bf16-ckpt --batch 4
     quick_step 600 $rows --systems engine,peer --modes bf16-ckpt --resolution 512
-    while [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && [ $((QUICK_LIMIT - SECONDS)) -gt 25 ]; do
+    while [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && [ $((QUICK_LIMIT - SECONDS)) -gt 40 ]; do
         sleep 1  # the predictions, for as long as the budget allows; the summary takes what is there
     done
     SUMMARY_RESERVE=0
-    quick_step 25 $q summary --results "$raw" --predictions "$OUT/predictions.json" --extra "swap${BLOCKS_TO_SWAP:-8}=$OUT/blockswap.json" \
+    quick_step 40 "$PY" -m benchmarks.summary --results "$raw" --predictions "$OUT/predictions.json" --extra "swap${BLOCKS_TO_SWAP:-8}=$OUT/blockswap.json" \
         --out "$OUT/quick.json"
     [ -f "$OUT/quick.json" ] && cp "$OUT/quick.json" "benchmarks/results/$SLUG-$DATE-quick.json"
     return 0

@@ -6,7 +6,7 @@ runs under its own time limit, every call adding what it measured to one results
     python -m benchmarks.quick rows --results R.json --systems graph       # engine kernels, CUDA-graph replay
     python -m benchmarks.quick loss --results R.json --steps 50            # kernels vs reference, bf16
     python -m benchmarks.quick predict --out P.json                        # the memory predictor, no GPU needed
-    python -m benchmarks.quick summary --results R.json --predictions P.json --out FINAL.json [--extra swap=F.json]
+    python -m benchmarks.summary --results R.json --predictions P.json --out FINAL.json   # benchmarks/summary.py
 
 Systems on the same random weights, latents and text embeddings (seeded; `peer.make_inputs`): `engine` = the
 engine's kernels (AdamW8bit) and its reference path (torch.optim.AdamW) on one model (`bench.run_case`, the code
@@ -206,13 +206,12 @@ def main(argv: list[str]) -> int:
     loss.add_argument("--lr", type=float, default=1e-4)
     predict.add_argument("--out", required=True)
     predict.add_argument("--cpu-sizes", action="store_true", help="the CPU dry run's sizes even where a GPU is present")
-    summary.add_parser(sub)
     args = p.parse_args(argv)
     if getattr(args, "systems", None) and not set(args.systems.split(",")) <= set(SYSTEMS):
         p.error(f"--systems: choose from {', '.join(SYSTEMS)}")
     if getattr(args, "modes", None) and not set(args.modes.split(",")) <= set(MODES):
         p.error(f"--modes: choose from {', '.join(MODES)}")
-    run = {"rows": cmd_rows, "loss": cmd_loss, "predict": cmd_predict, "summary": summary.cmd_summary}[args.command]
+    run = {"rows": cmd_rows, "loss": cmd_loss, "predict": cmd_predict}[args.command]
     return run(args)
 
 

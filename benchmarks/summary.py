@@ -1,6 +1,6 @@
 """The `quick` stage's last step: the rows beside the predictor's peaks, the speed ratios, one table.
 
-    python -m benchmarks.quick summary --results R.json --predictions P.json --out FINAL.json [--extra swap8=F.json]
+    python -m benchmarks.summary --results R.json --predictions P.json --out FINAL.json [--extra swap8=F.json]
 
 `--extra LABEL=FILE` adds the rows of a `gesso bench --out FILE` run (the block-swap rows), as system
 `engine-<path>-LABEL`. Ratios compare rows of the same model, size, batch, rank and base weights:
@@ -8,7 +8,9 @@ kernels/reference = reference s/step over kernels s/step, kernels/diffusers = di
 kernels s/step (above 1: the kernels are faster). Measured peak over predicted: torch.cuda.max_memory_allocated
 over the predictor's peak for the same case and optimizer.
 """
+import argparse
 import json
+import sys
 from pathlib import Path
 
 from gesso.engine.io import write_bytes_atomic
@@ -16,13 +18,14 @@ from gesso.engine.io import write_bytes_atomic
 OPTIMIZER_NAMES = {"AdamW8bit": "adamw8bit", "torch.optim.AdamW": "adamw"}  # bench's row names -> train.optimizer
 
 
-def add_parser(sub) -> None:
-    s = sub.add_parser("summary")
+def parser() -> argparse.ArgumentParser:
+    s = argparse.ArgumentParser(prog="python -m benchmarks.summary", description=__doc__.split("\n\n")[0])
     s.add_argument("--results", required=True)
     s.add_argument("--predictions", help="the predict step's file; rows keep no prediction without it")
     s.add_argument("--out", required=True, help="the merged results file")
     s.add_argument("--markdown", help="also write the table here")
     s.add_argument("--extra", action="append", default=[], metavar="LABEL=FILE")
+    return s
 
 
 def _case(r: dict) -> tuple:
@@ -107,7 +110,8 @@ def table(merged: dict) -> str:
     return "\n".join(lines)
 
 
-def cmd_summary(args) -> int:
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
     if not Path(args.results).is_file():
         print(f"! no {args.results}: no step measured anything")
         return 1
@@ -127,3 +131,7 @@ def cmd_summary(args) -> int:
     if args.markdown:
         write_bytes_atomic(args.markdown, (text + "\n").encode())
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import dispatch_table, quick
+from benchmarks import dispatch_table, quick, summary
 from gesso import models
 from gesso.engine.lora import names
 from gesso.engine.lora import network as lora
@@ -27,7 +27,7 @@ def test_driver_writes_every_system_and_the_summary(tmp_path):
     graph = quick.main([*rows, "--systems", "graph", "--modes", "bf16-ckpt"])
     assert quick.main(["loss", "--results", str(raw), "--steps", "2", *TINY]) == 0
     assert quick.main(["predict", "--out", str(predictions), "--cpu-sizes", "--modes", "bf16-ckpt", *TINY]) == 0
-    assert quick.main(["summary", "--results", str(raw), "--predictions", str(predictions), "--out", str(final)]) == 0
+    assert summary.main(["--results", str(raw), "--predictions", str(predictions), "--out", str(final)]) == 0
 
     results = json.loads(raw.read_text())
     assert results["env"]["torch"] == torch.__version__ and results["env"]["git"]
@@ -110,7 +110,7 @@ def test_shell_plan_runs_the_issues_order_inside_the_budget(tmp_path):
     assert sum(limits) <= 540
     order = ["pytest -q -p no:cacheprovider tests/kernels", "--systems engine --modes bf16-ckpt",
              "--systems engine --modes fp8-ckpt", "--systems peer", "--systems graph", "benchmarks.quick loss",
-             "benchmarks.dispatch_table", "benchmarks.quick summary"]  # batch 4 and 512 px: where time is left
+             "benchmarks.dispatch_table", "benchmarks.summary"]  # batch 4 and 512 px: where time is left
     positions = [next(i for i, line in enumerate(plan) if step in line) for step in order]
     assert positions == sorted(positions), plan
     assert "GESSO_KERNELS=triton" in plan[0]
