@@ -12,10 +12,38 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from gesso.kernels.dispatch import autocast_inputs, use_triton
+from gesso.kernels.dispatch import autocast_inputs, shape_key, use_triton
+from gesso.kernels.tuning import autotuned, config, fits
 
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
+
+# Tiles per padded head dim: the fp32 accumulators (BLOCK_M or BLOCK_N rows x BLOCK_D) must fit in registers.
+# Forward and dQ tile the queries (BLOCK_M) and stream the keys (BLOCK_N); dK/dV tile the keys and stream the queries.
+FWD_TILES = {64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (32, 64, 4, 2)],
+             128: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)],
+             256: [(64, 32, 8, 2), (32, 32, 8, 2), (32, 16, 4, 2)]}
+DKDV_TILES = {64: [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2)],
+              128: [(32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
+              256: [(32, 32, 8, 2), (16, 32, 4, 2)]}
+DQ_TILES = {64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+            128: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
+            256: [(32, 32, 8, 2), (32, 16, 4, 2)]}
+INTERPRETER_CONFIG = config(4, 2, BLOCK_M=64, BLOCK_N=64)
+
+
+def _configs(tiles: dict) -> list:
+    unique = dict.fromkeys(t for d in tiles for t in tiles[d])  # a tile listed for two head dims is timed once
+    return [config(w, s, BLOCK_M=m, BLOCK_N=n) for m, n, w, s in unique]
+
+
+def _pruner(tiles: dict, tiled: str, length: str):
+    """Keep the tiles listed for this call's padded head dim whose `tiled` block does not exceed the `length` argument."""
+    def prune(configs, args, **kwargs):
+        allowed = set(tiles[min(d for d in tiles if d >= kwargs["BLOCK_D"])])
+        mine = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
+        return fits(mine, {tiled: args[length]})
+    return prune
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, upcast: bool = True) -> torch.Tensor:
@@ -27,6 +55,7 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, upcast: boo
     return torch.matmul(scores.softmax(dim=-1), v).to(dtype)
 
 
+@autotuned(_configs(FWD_TILES), INTERPRETER_CONFIG, key=["H", "Tq", "Tk", "D"], prune=_pruner(FWD_TILES, "BLOCK_M", "Tq"))
 @triton.jit
 def _attention_fwd_kernel(
     # pointers
@@ -98,6 +127,8 @@ def _attention_bwd_preprocess_kernel(
     tl.store(delta_ptr + offs_m, tl.sum(o * do, 1), mask=offs_m < rows)
 
 
+@autotuned(_configs(DKDV_TILES), INTERPRETER_CONFIG, key=["H", "Tq", "Tk", "D"],
+           prune=_pruner(DKDV_TILES, "BLOCK_N", "Tk"))
 @triton.jit
 def _attention_bwd_dkdv_kernel(
     # pointers
@@ -152,6 +183,7 @@ def _attention_bwd_dkdv_kernel(
     tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=mask_nd)
 
 
+@autotuned(_configs(DQ_TILES), INTERPRETER_CONFIG, key=["H", "Tq", "Tk", "D"], prune=_pruner(DQ_TILES, "BLOCK_M", "Tq"))
 @triton.jit
 def _attention_bwd_dq_kernel(
     # pointers
@@ -200,15 +232,6 @@ def _attention_bwd_dq_kernel(
     tl.store(dq_ptr + rows, (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=mask_md)
 
 
-def _blocks(block_d: int) -> dict:
-    """Tile sizes by padded head dim: the (BLOCK_M, BLOCK_D) fp32 accumulator must fit in registers."""
-    if block_d <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4)
-    if block_d <= 128:
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4)
-    return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8)
-
-
 def _dot_precision(dtype) -> str:
     """fp32 inputs (the interpreter tests) get exact fp32 products, not TF32."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -233,11 +256,10 @@ def _forward(q, k, v):
     o = torch.empty((B, H, Tq, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B * H, Tq), device=q.device, dtype=torch.float32)
     block_d = max(16, triton.next_power_of_2(D))
-    meta = dict(_blocks(block_d), DOT_PRECISION=_dot_precision(q.dtype))
     sm_scale = D ** -0.5
-    _attention_fwd_kernel[(triton.cdiv(Tq, meta["BLOCK_M"]), B * H)](
+    _attention_fwd_kernel[lambda tile: (triton.cdiv(Tq, tile["BLOCK_M"]), B * H)](
         q, k, v, o, lse, H, Tq, Tk, D, sm_scale * LOG2E, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        BLOCK_D=block_d, num_stages=2, **meta)
+        BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype))
     return o, lse
 
 
@@ -246,7 +268,6 @@ def _backward(do, q, k, v, o, lse):
     Tk = k.shape[2]
     do = do.contiguous()
     block_d = max(16, triton.next_power_of_2(D))
-    meta = dict(_blocks(block_d), DOT_PRECISION=_dot_precision(q.dtype))
     delta = torch.empty((B * H, Tq), device=q.device, dtype=torch.float32)
     _attention_bwd_preprocess_kernel[(triton.cdiv(B * H * Tq, 64),)](o, do, delta, B * H * Tq, D,
                                                                      BLOCK_M=64, BLOCK_D=block_d)
@@ -255,10 +276,11 @@ def _backward(do, q, k, v, o, lse):
     dv = torch.empty_like(dk)
     sm_scale = D ** -0.5
     args = (H, Tq, Tk, D, sm_scale, sm_scale * LOG2E, *q.stride(), *k.stride(), *v.stride())
-    _attention_bwd_dkdv_kernel[(triton.cdiv(Tk, meta["BLOCK_N"]), B * H)](
-        q, k, v, do, lse, delta, dk, dv, *args, BLOCK_D=block_d, num_stages=2, **meta)
-    _attention_bwd_dq_kernel[(triton.cdiv(Tq, meta["BLOCK_M"]), B * H)](
-        q, k, v, do, lse, delta, dq, *args, BLOCK_D=block_d, num_stages=2, **meta)
+    meta = dict(BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype))
+    _attention_bwd_dkdv_kernel[lambda tile: (triton.cdiv(Tk, tile["BLOCK_N"]), B * H)](
+        q, k, v, do, lse, delta, dk, dv, *args, **meta)
+    _attention_bwd_dq_kernel[lambda tile: (triton.cdiv(Tq, tile["BLOCK_M"]), B * H)](
+        q, k, v, do, lse, delta, dq, *args, **meta)
     return dq, dk, dv
 
 
@@ -282,6 +304,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     kernel and never holds the (Tq, Tk) scores, which at SDXL's 4096 tokens are ~11.7 GB a step for the math.
     """
     q, k, v = autocast_inputs(q, k, v)
-    if not use_triton(q, k, v) or q.shape[-1] > MAX_HEAD_DIM:
+    key = shape_key(*q.shape, k.shape[2], q.dtype)  # B, H, Tq, D, Tk, dtype
+    if q.shape[-1] > MAX_HEAD_DIM or not use_triton(q, k, v, op="attention", key=key):
         return F.scaled_dot_product_attention(q, k, v)
     return FlashAttentionFunction.apply(q, k, v)

@@ -4,9 +4,17 @@
 compute capability >= 8.0 take the Triton kernels and everything else takes the reference.
 `triton` forces the kernels even for CPU tensors (the interpreter tests: `TRITON_INTERPRET=1`).
 This is the only place below cli.py that reads the environment.
+
+`auto` never picks a kernel that lost on this GPU: `dispatch_table.json` beside this file lists, per device
+name, op and shape key, the path a GPU session measured to be faster there ("triton" or "reference", with both
+times). Shapes and devices it does not list take the kernel. Only measurements go in it
+(`benchmarks/dispatch_table.py` writes it on a GPU); it is absent until one has run.
 """
+import functools
+import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -14,7 +22,11 @@ ENV_VAR = "GESSO_KERNELS"
 MODES = ("auto", "triton", "reference")
 MIN_CAPABILITY = (8, 0)  # bf16 tensor cores and the Triton features these kernels assume
 
+TABLE = Path(__file__).with_name("dispatch_table.json")
+CHOICES = ("triton", "reference")
+
 _noticed: set = set()  # (GPU index, minimum) pairs already announced
+_recording: list = []  # sets collecting (op, key) of every dispatch decision, innermost last (see `recorded`)
 
 
 def kernel_mode() -> str:
@@ -36,8 +48,62 @@ def _capable(device: torch.device, minimum: tuple = MIN_CAPABILITY) -> bool:
     return False
 
 
-def use_triton(*tensors: torch.Tensor, min_capability: tuple = MIN_CAPABILITY) -> bool:
-    """True when the call with these tensors should run the Triton kernel (on a GPU of min_capability)."""
+def shape_key(*parts) -> str:
+    """`shape_key(4096, 640, 640, 16, torch.bfloat16)` -> "4096-640-640-16-bfloat16": one table row's name."""
+    return "-".join(str(p).removeprefix("torch.") for p in parts)
+
+
+def load_table() -> dict:
+    """{device name: {"measured": {...}, "ops": {op: {shape key: {"use": "triton" | "reference", ...}}}}};
+    {} without a table file."""
+    return _read_table(TABLE)
+
+
+@functools.cache
+def _read_table(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        devices = json.loads(path.read_text())["devices"]
+        for device in devices.values():
+            for op, rows in device["ops"].items():
+                for key, row in rows.items():
+                    if row["use"] not in CHOICES:
+                        raise ValueError(f"{op} {key}: use={row['use']!r}")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: not a dispatch table ({e})") from None
+    return devices
+
+
+@functools.cache
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def table_choice(device: torch.device, op: str, key: str) -> str | None:
+    """The path the table names for `op` at `key` on this GPU, or None where it has no entry."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    rows = load_table().get(_device_name(index), {}).get("ops", {}).get(op, {})
+    return rows[key]["use"] if key in rows else None
+
+
+class recorded:
+    """`with recorded() as seen:` collects (op, shape key) of every table-keyed dispatch inside the block."""
+
+    def __enter__(self) -> set:
+        _recording.append(set())
+        return _recording[-1]
+
+    def __exit__(self, *exc):
+        _recording.pop()
+
+
+def use_triton(*tensors: torch.Tensor, min_capability: tuple = MIN_CAPABILITY, op: str | None = None,
+               key: str | None = None) -> bool:
+    """True when the call with these tensors should run the Triton kernel (on a GPU of min_capability, and not
+    where the dispatch table measured `op` at shape `key` slower than the reference on this GPU)."""
+    if op is not None and _recording:
+        _recording[-1].add((op, key))
     mode = kernel_mode()
     if mode != "auto":
         return mode == "triton"
@@ -45,7 +111,9 @@ def use_triton(*tensors: torch.Tensor, min_capability: tuple = MIN_CAPABILITY) -
     if len(devices) != 1:
         return False
     (device,) = devices
-    return device.type == "cuda" and _capable(device, min_capability)
+    if device.type != "cuda" or not _capable(device, min_capability):
+        return False
+    return op is None or table_choice(device, op, key) != "reference"
 
 
 def autocast_inputs(x: torch.Tensor, *others):

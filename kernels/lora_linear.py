@@ -11,7 +11,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from gesso.kernels.dispatch import MIN_CAPABILITY, autocast_inputs, use_triton
+from gesso.kernels.dispatch import MIN_CAPABILITY, autocast_inputs, shape_key, use_triton
+from gesso.kernels.tuning import autotuned, config, fits
 
 FP8_DTYPES = (torch.float8_e4m3fn,)
 FP8_MIN_CAPABILITY = (8, 9)
@@ -77,6 +78,19 @@ def _keep_mask(seed, offs_m, offs_k, K, dropout_p):
     return tl.rand(seed, offs_m[:, None] * K + offs_k[None, :]) >= dropout_p
 
 
+# (BLOCK_M, output tile BLOCK_N, reduction step BLOCK_K): Hopper/Ada tiles first, then short-row ones (77 tokens)
+FWD_CONFIGS = [config(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64), config(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
+               config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
+               config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), config(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64)]
+# the dx pass tiles (rows, input columns) and reduces over the outputs: the same shapes with N and K swapped
+DX_CONFIGS = [config(c.num_warps, c.num_stages, BLOCK_M=c.kwargs["BLOCK_M"], BLOCK_K=c.kwargs["BLOCK_N"], BLOCK_N=64)
+              for c in FWD_CONFIGS]
+INTERPRETER_CONFIG = config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
+DOWN_BLOCKS = dict(BLOCK_M=64, BLOCK_K=64)  # d_down: fixed, its split of M over programs is sized from these
+
+
+@autotuned(FWD_CONFIGS, INTERPRETER_CONFIG, key=["M", "N", "K", "R"],
+           prune=lambda configs, args, **kw: fits(configs, {"BLOCK_M": args["M"], "BLOCK_N": args["N"]}))
 @triton.jit
 def _lora_linear_fwd_kernel(
     # pointers
@@ -136,6 +150,8 @@ def _lora_linear_fwd_kernel(
                  xa, mask=mask_m[:, None] & mask_r[None, :])
 
 
+@autotuned(DX_CONFIGS, INTERPRETER_CONFIG, key=["M", "N", "K", "R"],
+           prune=lambda configs, args, **kw: fits(configs, {"BLOCK_M": args["M"], "BLOCK_K": args["K"]}))
 @triton.jit
 def _lora_linear_bwd_dx_kernel(
     # pointers
@@ -244,11 +260,9 @@ def _dropout_keep_kernel(
              mask=(offs_m < M)[:, None] & (offs_k < K)[None, :])
 
 
-def _blocks(r: int, dtype) -> dict:
-    """Fixed tiles (no autotune yet); fp32 inputs (the interpreter tests) get exact fp32 products, not TF32."""
-    block_r = max(16, triton.next_power_of_2(r))
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_R=block_r, num_warps=8 if block_r >= 64 else 4,
-                DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+def _meta(r: int, dtype) -> dict:
+    """The constexprs the tuner does not choose; fp32 inputs (the interpreter tests) get exact fp32 products, not TF32."""
+    return dict(BLOCK_R=max(16, triton.next_power_of_2(r)), DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
 
 
 def _scale_mode(weight, weight_scale) -> int:
@@ -282,14 +296,14 @@ def _forward(x2, weight, weight_scale, bias, down, up, lora_scale, dropout_p, se
     y = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
     xa = torch.empty((M, R), device=x2.device, dtype=x2.dtype)
     w_scale = weight_scale.float().reshape(-1).contiguous() if mode else y
-    meta = _blocks(R, x2.dtype)
-    grid = (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
+    meta = _meta(R, x2.dtype)
+    grid = lambda tile: (triton.cdiv(M, tile["BLOCK_M"]), triton.cdiv(N, tile["BLOCK_N"]))  # noqa: E731
     _lora_linear_fwd_kernel[grid](
         x2, weight, w_scale, bias if bias is not None else y, down, up, y, xa,
         M, N, K, R, lora_scale, dropout_p, seed,
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), down.stride(0), down.stride(1),
         up.stride(0), up.stride(1), y.stride(0), y.stride(1), xa.stride(0), xa.stride(1),
-        HAS_BIAS=bias is not None, W_SCALE=mode, HAS_DROPOUT=dropout_p > 0.0, num_stages=3, **meta)
+        HAS_BIAS=bias is not None, W_SCALE=mode, HAS_DROPOUT=dropout_p > 0.0, **meta)
     return y, xa
 
 
@@ -300,25 +314,25 @@ def _backward(dy, x2, weight, weight_scale, down, up, xa, lora_scale, dropout_p,
     dx = torch.empty_like(x2)
     dyb = torch.empty((M, R), device=x2.device, dtype=dy.dtype)
     w_scale = weight_scale.float().reshape(-1).contiguous() if mode else dx
-    meta = _blocks(R, x2.dtype)
-    grid = (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_K"]))
+    meta = _meta(R, x2.dtype)
+    grid = lambda tile: (triton.cdiv(M, tile["BLOCK_M"]), triton.cdiv(K, tile["BLOCK_K"]))  # noqa: E731
     _lora_linear_bwd_dx_kernel[grid](
         dy, weight, w_scale, down, up, dx, dyb,
         M, N, K, R, lora_scale, dropout_p, seed,
         dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), down.stride(0), down.stride(1),
         up.stride(0), up.stride(1), dx.stride(0), dx.stride(1), dyb.stride(0), dyb.stride(1),
-        W_SCALE=mode, HAS_DROPOUT=dropout_p > 0.0, num_stages=3, **meta)
+        W_SCALE=mode, HAS_DROPOUT=dropout_p > 0.0, **meta)
     # d_down reduces over all M rows: split M so that enough programs run, then sum the partials.
-    k_blocks = triton.cdiv(K, meta["BLOCK_K"])
-    split = max(1, min(triton.cdiv(M, 4 * meta["BLOCK_M"]), triton.cdiv(264, k_blocks)))
-    rows_per_split = triton.cdiv(triton.cdiv(M, split), meta["BLOCK_M"]) * meta["BLOCK_M"]
+    block_m, block_k = DOWN_BLOCKS["BLOCK_M"], DOWN_BLOCKS["BLOCK_K"]
+    k_blocks = triton.cdiv(K, block_k)
+    split = max(1, min(triton.cdiv(M, 4 * block_m), triton.cdiv(264, k_blocks)))
+    rows_per_split = triton.cdiv(triton.cdiv(M, split), block_m) * block_m
     split = triton.cdiv(M, rows_per_split)
     part = torch.empty((split, R, K), device=x2.device, dtype=torch.float32)
     _lora_linear_bwd_down_kernel[(k_blocks, split)](
         dyb, x2, part, M, K, R, rows_per_split, dropout_p, seed,
         dyb.stride(0), dyb.stride(1), x2.stride(0), x2.stride(1), part.stride(0), part.stride(1), part.stride(2),
-        HAS_DROPOUT=dropout_p > 0.0, BLOCK_M=meta["BLOCK_M"], BLOCK_K=meta["BLOCK_K"], BLOCK_R=meta["BLOCK_R"],
-        DOT_PRECISION=meta["DOT_PRECISION"], num_warps=meta["num_warps"], num_stages=3)
+        HAS_DROPOUT=dropout_p > 0.0, **DOWN_BLOCKS, **meta, num_warps=8 if meta["BLOCK_R"] >= 64 else 4, num_stages=3)
     d_down = part.sum(0) * lora_scale
     d_up = torch.matmul(dy.t(), xa).float() * lora_scale  # (N, R): skinny, cuBLAS does it well
     return dx, d_down, d_up
@@ -369,7 +383,8 @@ def lora_linear(x, weight, bias, down, up, scale: float, *, weight_scale=None,
     x, bias, down, up = autocast_inputs(x, bias, down, up)
     # fp8 e4m3 tiles convert in hardware from sm_89 (Ada, Hopper); older GPUs dequantise in the reference
     min_capability = FP8_MIN_CAPABILITY if weight.dtype in FP8_DTYPES else MIN_CAPABILITY
-    if not use_triton(x, weight, down, up, min_capability=min_capability):
+    key = shape_key(x.numel() // x.shape[-1], weight.shape[0], x.shape[-1], down.shape[0], x.dtype, weight.dtype)
+    if not use_triton(x, weight, down, up, min_capability=min_capability, op="lora_linear", key=key):
         return lora_linear_ref(x, weight, bias, down, up, scale, weight_scale=weight_scale, dropout_p=dropout_p)
     assert not weight.requires_grad, "the Triton path never computes dW: freeze the base weight (requires_grad_(False))"
     if dropout_seed is None:

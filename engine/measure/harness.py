@@ -4,6 +4,8 @@ GPU: triton.testing.do_bench (median of its 20/50/80% quantiles, L2 flushed betw
 torch.cuda.max_memory_allocated. CPU (smoke test only): median wall time of a few calls, no peak
 memory. Every row names the device, versions, git revision and date; throughput comes from the
 explicit FLOP or byte formula passed in by the benchmark, beside the device's datasheet ceiling.
+The GPU session's quick stage uses `matmul_peak_tflops` (the bf16 rate measured on the card, its MFU
+denominator) and `time_steps` (median seconds and peaks of any step function: the diffusers peer, a graph).
 """
 import datetime
 import platform
@@ -111,3 +113,42 @@ def row(op: str, case: str, impl: str, dtype, ms: float, peak_bytes, flops=None,
     if bytes_moved is not None:
         out.update(gbs=round(bytes_moved / ms / 1e6, 1), gbs_ceiling=gbs_peak)
     return out
+
+
+def matmul_peak_tflops(device: torch.device, n: int = 8192) -> float | None:
+    """Measured dense bf16 matmul rate of this GPU (n x n x n, median of triton.testing.do_bench): the MFU
+    denominator the GPU session uses, since a card's sustained rate sits below its datasheet's. None on a CPU."""
+    if device.type != "cuda":
+        return None
+    import triton.testing
+
+    g = torch.Generator(device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=g)  # random, not zeros: zeros run faster
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=g)
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=300, quantiles=[0.5])
+    ms = ms[0] if isinstance(ms, list) else ms
+    del a, b
+    return 2 * n**3 / ms / 1e9
+
+
+def time_steps(step, steps: int, warmup: int, device: torch.device) -> tuple:
+    """(median seconds, peak allocated GiB, peak reserved GiB) of `step()` over `steps` calls after `warmup`, each
+    synchronised before and after; peaks over the timed calls only (None on a CPU)."""
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    if device.type != "cuda":
+        return statistics.median(times), None, None
+    return (statistics.median(times), torch.cuda.max_memory_allocated(device) / 2**30,
+            torch.cuda.max_memory_reserved(device) / 2**30)

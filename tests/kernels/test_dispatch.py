@@ -1,7 +1,12 @@
+import json
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from gesso.kernels import dispatch
+from gesso.kernels.attention import attention
+from gesso.kernels.lora_linear import lora_linear
 
 
 @pytest.mark.parametrize("mode,expected", [("triton", True), ("reference", False), ("auto", False)])
@@ -35,3 +40,53 @@ def test_old_gpus_fall_back_with_one_notice(monkeypatch, capsys):
     assert dispatch._capable(torch.device("cuda", 1)) is True
     assert dispatch._capable(torch.device("cuda", 1), (8, 9)) is False  # fp8 weights want sm_89
     assert "8.6 < 8.9" in capsys.readouterr().err
+
+
+def _cuda_operand():
+    """Something with a CUDA device, for the dispatch's device checks only: no GPU is touched."""
+    return SimpleNamespace(device=torch.device("cuda", 0))
+
+
+def _table(tmp_path, monkeypatch, devices) -> None:
+    path = tmp_path / "dispatch_table.json"
+    path.write_text(json.dumps({"devices": devices}))
+    monkeypatch.setattr(dispatch, "TABLE", path)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    monkeypatch.setattr(dispatch, "_device_name", lambda index: "NVIDIA H200")
+
+
+def test_table_sends_a_slower_shape_to_the_reference(tmp_path, monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    x, w, b, down, up = (torch.randn(2, 77, 96), torch.randn(80, 96), None, torch.randn(8, 96), torch.randn(80, 8))
+    with dispatch.recorded() as seen, dispatch.forced("reference"):
+        lora_linear(x, w, b, down, up, 1.0)
+        attention(torch.randn(1, 2, 50, 40), torch.randn(1, 2, 77, 40), torch.randn(1, 2, 77, 40))
+    lin_key, attn_key = "154-80-96-8-float32-float32", "1-2-50-40-77-float32"
+    assert seen == {("lora_linear", lin_key), ("attention", attn_key)}
+    row = {"use": "reference", "triton_ms": 0.2, "reference_ms": 0.1}
+    _table(tmp_path, monkeypatch, {"NVIDIA H200": {"ops": {"lora_linear": {lin_key: row}}},
+                                   "NVIDIA H100 80GB HBM3": {"ops": {"attention": {attn_key: row}}}})
+    gpu = _cuda_operand()
+    assert dispatch.use_triton(gpu, op="lora_linear", key=lin_key) is False  # measured slower here: reference
+    assert dispatch.use_triton(gpu, op="lora_linear", key="4096-640-640-16-bfloat16-bfloat16") is True  # unmeasured
+    assert dispatch.use_triton(gpu, op="attention", key=attn_key) is True  # measured on another GPU only
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    assert dispatch.use_triton(gpu, op="lora_linear", key=lin_key) is True  # a forced mode overrides the table
+
+
+def test_a_malformed_table_names_its_file(tmp_path, monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    _table(tmp_path, monkeypatch, {"NVIDIA H200": {"ops": {"attention": {"1-2-3-64-3-bfloat16": {"use": "cuda"}}}}})
+    with pytest.raises(ValueError, match="dispatch_table.json: not a dispatch table"):
+        dispatch.use_triton(_cuda_operand(), op="attention", key="1-2-3-64-3-bfloat16")
+
+
+def test_committed_table_holds_only_measured_choices():
+    # the table is written by a GPU session from its timings: each entry carries both and picks the faster
+    for device, measured in dispatch.load_table().items():
+        assert measured["measured"]["date"] and measured["measured"]["torch"], device
+        for op, rows in measured["ops"].items():
+            for key, row in rows.items():
+                assert row["triton_ms"] > 0 and row["reference_ms"] > 0, (device, op, key)
+                faster = "reference" if row["reference_ms"] < row["triton_ms"] else "triton"
+                assert row["use"] == faster, (device, op, key, row)
