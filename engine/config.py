@@ -15,6 +15,7 @@ import torch
 
 from gesso.engine.optim import build_optimizer, optimizer_options
 from gesso.errors import ConfigError
+from gesso.models.loaders import looks_like_path
 
 
 @dataclass(frozen=True)
@@ -335,7 +336,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     subsets = _subsets(str(path), cfg.dataset.subsets, path.parent)
     cache_dir = str((path.parent / cfg.dataset.cache_dir).resolve()) if cfg.dataset.cache_dir else ""
     model = cfg.model
-    if model.checkpoint and (path.parent / model.checkpoint).exists():  # else a Hub repo id, resolved by the loader
+    if model.checkpoint and ((path.parent / model.checkpoint).exists() or looks_like_path(model.checkpoint)):  # else a Hub id
         model = dataclasses.replace(model, checkpoint=str((path.parent / model.checkpoint).resolve()))
     data = dataclasses.replace(cfg.dataset, path=str(dataset), subsets=subsets, cache_dir=cache_dir)
     return dataclasses.replace(cfg, model=model, dataset=data)

@@ -103,7 +103,8 @@ def set_lora(pipe: Pipeline, tags: list[prompts.LoraTag]) -> None:
     path = None
     if tags:
         if pipe.lora_dir is None:
-            raise RenderError(f"<lora:{tags[0].name}:...>: pass --lora-dir, the folder with {tags[0].name}.safetensors")
+            raise RenderError(f"<lora:{tags[0].name}:...>: no LoRA folder given; pass --lora-dir, the folder with "
+                              f"{tags[0].name}.safetensors")
         path = pipe.lora_dir / f"{tags[0].name}.safetensors"
     if pipe.attached and pipe.attached[0] != path:
         pipe.attached[1].remove()

@@ -25,7 +25,8 @@ def tagged_lora_files(prompt: str, lora_dir: str | Path | None) -> list[Path]:
     """The files the prompt's <lora:name:w> tags name, as name.safetensors in `lora_dir`; each must exist."""
     tags = extract_lora_tags(prompt)[1]
     if tags and lora_dir is None:
-        raise RenderError(f"<lora:{tags[0].name}:...>: pass lora_dir (--lora-dir), the folder with {tags[0].name}.safetensors")
+        raise RenderError(f"<lora:{tags[0].name}:...>: no LoRA folder given; pass lora_dir (--lora-dir), the folder "
+                          f"with {tags[0].name}.safetensors")
     files = [Path(lora_dir) / f"{t.name}.safetensors" for t in tags]
     missing = [f for f in files if not f.is_file()]
     if missing:
