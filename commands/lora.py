@@ -9,7 +9,8 @@ import sys
 from gesso.engine.lora import tools as lora_tools
 
 MODEL_HELP = ("architecture the LoRA is for: a built-in name (sdxl, sd15, sd21, tiny-sdxl, ...) or a checkpoint "
-              "(default: from the file's ss_base_model_version, else from its key names)")
+              "(default: the model the file's ss_sd_model_name names, else its ss_base_model_version or "
+              "modelspec.architecture, else its key names)")
 
 
 def add_parsers(subparsers) -> None:

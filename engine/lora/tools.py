@@ -38,15 +38,41 @@ class Resized:
     retained: float  # ||resized update||_F / ||update||_F
 
 
+# modelspec.architecture prefixes (kohya's sai_model_spec) -> the full-size config of that family
+ARCHITECTURES = (("stable-diffusion-xl-v1", models.configs.SDXL_BASE), ("stable-diffusion-v2", models.configs.SD21),
+                 ("stable-diffusion-v1", models.configs.SD15))
+PASS_MODEL = "pass --model (model=...) with the architecture it was trained on"
+
+
+def named_model(metadata: dict[str, str]) -> ModelConfig | None:
+    """The config of the model ss_sd_model_name names: a built-in (the demo's tiny-sdxl) or a checkpoint file here."""
+    name = metadata.get("ss_sd_model_name", "")
+    if name in models.configs.REGISTRY:
+        return models.configs.get(name)
+    if name and Path(name).is_file():
+        try:
+            return models.open_checkpoint(name).config  # its header only
+        except CheckpointError:
+            return None
+    return None  # kohya records the file name of a checkpoint on the trainer's machine
+
+
 def model_config(path: str | Path, model: str | Path | None = None) -> ModelConfig:
-    """The ModelConfig a LoRA file is read against: `model` (a built-in name or a checkpoint), else the file's
-    ss_base_model_version, else its key names."""
+    """The ModelConfig a LoRA file is read against: `model` (a built-in name or a checkpoint), else the model its
+    ss_sd_model_name names, else its ss_base_model_version or modelspec.architecture, else its key names."""
     if model:
         if str(model) in models.configs.REGISTRY:
             return models.configs.get(str(model))
         return models.open_checkpoint(model).config
     keys, metadata = read_lora_header(path)
+    named = named_model(metadata)
+    if named is not None:
+        return named
     version = metadata.get("ss_base_model_version", "")
+    architecture = metadata.get("modelspec.architecture", "")
+    for prefix, cfg in ARCHITECTURES:
+        if architecture.startswith(prefix):
+            return cfg
     joined = " ".join(keys)
     if version.startswith("sdxl_") or any(s in joined for s in ("lora_te2_", "text_encoder_2.", "input_blocks", "add_embedding")):
         return models.configs.SDXL_BASE
@@ -54,13 +80,18 @@ def model_config(path: str | Path, model: str | Path | None = None) -> ModelConf
         return models.configs.SD21
     if version.startswith("sd_v1") or any(s in joined for s in ("down_blocks_0_attentions", "down_blocks.0.attentions")):
         return models.configs.SD15
-    raise LoRAFileError(f"{path}: cannot tell which model this LoRA is for; name it (model=..., --model)")
+    raise LoRAFileError(f"{path}: cannot tell which model this LoRA is for from its metadata or key names; {PASS_MODEL}")
 
 
 def read_placed(path: str | Path, model: str | Path | None = None) -> tuple[LoRA, ModelConfig]:
     """Every module of a LoRA file of any layout, each on a weight of the model; the model's config."""
     cfg = model_config(path, model)
-    return lora_convert.require_placed(path, lora_convert.read(path, cfg)), cfg
+    try:
+        return lora_convert.require_placed(path, lora_convert.read(path, cfg)), cfg
+    except LoRAFileError as e:
+        if model:
+            raise
+        raise LoRAFileError(f"{e} (read as {cfg.name}, guessed from the file); {PASS_MODEL}") from None
 
 
 def module_count(path: str | Path) -> int:
@@ -83,7 +114,9 @@ def convert_lora(src: str | Path, dst: str | Path, to: str = "kohya", model: str
     if to == "kohya":
         save_lora(dst, lora_convert.to_kohya(lo), lora_convert.kohya_metadata(lo, cfg.family, dst.stem))
     else:
-        write_atomic(dst, lambda tmp: save_file(lora_convert.to_diffusers(lo, cfg), tmp, metadata={"format": "pt"}))
+        # the model's name goes along, so that the tools and `sample` still find the architecture (diffusers ignores it)
+        meta = {"format": "pt"} | {k: lo.metadata[k] for k in ("ss_sd_model_name",) if k in lo.metadata}
+        write_atomic(dst, lambda tmp: save_file(lora_convert.to_diffusers(lo, cfg), tmp, metadata=meta))
     return dst
 
 
