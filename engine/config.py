@@ -14,7 +14,8 @@ from typing import Any, Callable
 import torch
 
 from gesso.engine.optim import build_optimizer, optimizer_options
-from gesso.errors import ConfigError
+from gesso.engine.sampling.options import split_options
+from gesso.errors import ConfigError, PromptError
 from gesso.models.loaders import looks_like_path
 
 
@@ -242,6 +243,11 @@ def _check_ranges(cfg: Config, source: str) -> None:
     for keys, ok, rule in RELATIONS:
         if not ok(cfg):
             raise ConfigError(f"{source}: {keys}: {rule}")
+    for i, prompt in enumerate(cfg.sample.prompts):  # kohya's --w/--h/--s/... options, before an epoch is spent
+        try:
+            split_options(prompt)
+        except PromptError as e:
+            raise ConfigError(f"{source}: sample.prompts[{i}]: {e}") from None
     _check_optimizer_args(cfg.train, source)
 
 
