@@ -118,7 +118,7 @@ def load_dataset(cfg: Config) -> Dataset:
     return dataset
 
 
-def prepare_run(cfg: Config, device: torch.device):
+def prepare_run(cfg: Config, device: torch.device, progress: bool = False):
     """Model with LoRA injected into the UNet (and the text encoders when trained), the dataset, and its latents
     cached, and its text encodings too unless the text encoders are trained (then captions are encoded per batch).
 
@@ -135,7 +135,8 @@ def prepare_run(cfg: Config, device: torch.device):
     for encoder in sd.text_encoders:
         encoder.to(device)
     train_te = cfg.network.train_text_encoders
-    cache = prepare_cache(sd, tokenizers, dataset, device, cfg.dataset.cache_dir or None, train_text_encoders=train_te)
+    cache = prepare_cache(sd, tokenizers, dataset, device, cfg.dataset.cache_dir or None, train_text_encoders=train_te,
+                          progress=progress)
     cache.release_encoders()  # the VAE (and the text encoders when text is cached) leave the GPU
     network = unet_network(sd.unet, cfg)  # LoRA weights are made in fp32 whatever the base's precision
     if train_te:
@@ -217,7 +218,7 @@ def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | Non
     state = _load_resume(resume, cfg) if resume else None
     device = pick_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
-    sd, model_cfg, network, cache = prepare_run(cfg, device)
+    sd, model_cfg, network, cache = prepare_run(cfg, device, progress)
     unet, tc = sd.unet, cfg.train
     unet.gradient_checkpointing = tc.gradient_checkpointing
     # The frozen UNet is stored in mixed_precision's dtype and computes in it, without autocast: autocast would
@@ -283,7 +284,8 @@ def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | Non
             if every and epoch % every == 0 or epoch == plan.epochs:
                 saver.state_if_asked(opt, sched, scaler, pos)
             if cfg.sample.prompts and cfg.sample.every_n_epochs and epoch % cfg.sample.every_n_epochs == 0:
-                for path in render_previews(sd, cache.tokenizers, cfg, output_dir / "samples", epoch, device):
+                saved = output_dir / f"{cfg.output.name}-{epoch:06d}.safetensors" if every and epoch % every == 0 else None
+                for path in render_previews(sd, cache.tokenizers, cfg, output_dir / "samples", epoch, device, saved, pos.step, bar, log):
                     events.saved("preview", path, pos.step, epoch)
     except StopTraining:
         events.stopping = True

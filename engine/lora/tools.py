@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from gesso import models
 from gesso.engine.io import write_atomic
@@ -132,8 +133,9 @@ def parse_lora_arg(arg: str) -> tuple[Path, float]:
 
 
 def write_safetensors(path: str | Path, entries: dict[str, TensorRef], metadata: dict[str, str],
-                      transform=lambda key, t: t) -> None:
-    """A safetensors file from lazy tensors, each loaded, passed through transform(key, tensor) and written in turn."""
+                      transform=lambda key, t: t, progress: bool = False) -> None:
+    """A safetensors file from lazy tensors, each loaded, passed through transform(key, tensor) and written in turn;
+    `progress`: a bar over the tensors written."""
     header, offset = {}, 0
     for key in sorted(entries):
         ref = entries[key]
@@ -146,7 +148,7 @@ def write_safetensors(path: str | Path, entries: dict[str, TensorRef], metadata:
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write(len(raw).to_bytes(8, "little") + raw)
-            for key in sorted(entries):
+            for key in tqdm(sorted(entries), desc=f"writing {Path(path).name}", unit="tensor", disable=not progress):
                 ref = entries[key]
                 t = transform(key, ref.load()).to(ref.dtype).reshape(ref.shape).contiguous()
                 f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -168,9 +170,9 @@ def weighted(lora) -> tuple[Path, float]:
         raise LoRAFileError(f"{path}: weight {weight!r} is not a number") from None
 
 
-def merge_lora(checkpoint: str | Path, loras: list, out: str | Path) -> dict[str, int]:
+def merge_lora(checkpoint: str | Path, loras: list, out: str | Path, progress: bool = True) -> dict[str, int]:
     """Write `checkpoint` with every LoRA (a path, or a (path, weight) pair) baked in, as .safetensors at `out`;
-    returns modules merged per file.
+    returns modules merged per file. progress: a bar over the checkpoint's tensors as they are written.
 
     The source must be one file (safetensors or .ckpt): the result has its keys, dtypes and metadata.
     """
@@ -205,7 +207,7 @@ def merge_lora(checkpoint: str | Path, loras: list, out: str | Path) -> dict[str
 
     meta = dict(ckpt.metadata)
     meta["gesso_merged_loras"] = json.dumps([{"file": Path(p).name, "weight": w} for p, w in loras])
-    write_safetensors(out, ckpt.tensors, meta, add)
+    write_safetensors(out, ckpt.tensors, meta, add, progress)
     return counts
 
 
@@ -228,7 +230,7 @@ def kept_rank(s: torch.Tensor, rank: int | None, energy: float | None) -> int:
     return int((fraction < energy - 1e-12).sum().item()) + 1
 
 
-def resize(lo: LoRA, rank: int | None = None, energy: float | None = None) -> tuple[LoRA, list[Resized]]:
+def resize(lo: LoRA, rank: int | None = None, energy: float | None = None, progress: bool = False) -> tuple[LoRA, list[Resized]]:
     """Each module cut to `rank` (or to the fewest ranks keeping `energy` of its Frobenius norm).
 
     Every module gets the same alpha (the largest new rank) with alpha / rank folded into its up weight:
@@ -239,7 +241,8 @@ def resize(lo: LoRA, rank: int | None = None, energy: float | None = None) -> tu
         raise ValueError("give exactly one of rank and energy")
     if rank is not None and rank < 1 or energy is not None and not 0 < energy <= 1:
         raise ValueError(f"rank must be >= 1 and energy in (0, 1], got rank={rank} energy={energy}")
-    factors = {name: svd_factors(m) for name, m in sorted(lo.modules.items())}
+    modules = tqdm(sorted(lo.modules.items()), desc="resizing (SVD)", unit="module", disable=not progress)
+    factors = {name: svd_factors(m) for name, m in modules}
     kept = {name: kept_rank(s, rank, energy) for name, (_, s, _) in factors.items()}
     alpha = float(max(kept.values()))
     modules, report = {}, []
@@ -263,13 +266,13 @@ def summary(report: list[Resized]) -> str:
 
 
 def resize_lora(src: str | Path, dst: str | Path, rank: int | None = None, energy: float | None = None,
-                model: str | Path | None = None) -> list[Resized]:
+                model: str | Path | None = None, progress: bool = True) -> list[Resized]:
     """Write `src` with each module cut to `rank`, or to the fewest ranks keeping `energy` of its Frobenius norm,
-    in the kohya layout at `dst`; returns what each module keeps."""
+    in the kohya layout at `dst`; returns what each module keeps. progress: a bar over the modules."""
     src, dst = Path(src), Path(dst)
     lo, cfg = read_placed(src, model)
     try:
-        resized, report = resize(lo, rank=rank, energy=energy)
+        resized, report = resize(lo, rank=rank, energy=energy, progress=progress)
     except ValueError as e:
         raise LoRAFileError(f"{src}: {e}") from None
     save_lora(dst, lora_convert.to_kohya(resized), lora_convert.kohya_metadata(resized, cfg.family, dst.stem))
