@@ -33,6 +33,8 @@ def add_parsers(subparsers) -> None:
                               description=f"Train a LoRA from a TOML config. {CONFIG_HELP}")
     p.add_argument("config", help="path to the TOML config (see examples/demo.toml)")
     p.add_argument("--output-dir", help="where the LoRA files and metrics.jsonl go (default: output.dir, else output/<output.name>)")
+    p.add_argument("--dataset-config", metavar="FILE", help="a kohya dataset TOML ([general], [[datasets]], "
+                                                            "[[datasets.subsets]]) in place of the config's dataset folders")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key; repeatable")
     p.add_argument("--resume", metavar="DIR", help="go on from the state.pt an earlier (interrupted) run left in DIR; "
                                                    "the output goes to DIR unless --output-dir says otherwise")
@@ -42,7 +44,7 @@ def add_parsers(subparsers) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, args.set, args.dataset_config)
     output_dir = Path(args.output_dir or args.resume or cfg.output.dir or Path("output") / cfg.output.name)
     stop = StopOnSignal()
     with stop.installed():

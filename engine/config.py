@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+from gesso.engine.kohya import apply_dataset_config
 from gesso.engine.optim import build_optimizer, optimizer_options
 from gesso.engine.sampling.options import split_options
 from gesso.errors import ConfigError, PromptError
@@ -31,7 +32,7 @@ class DatasetSection:
     path: str = ""  # folder of images with same-named .txt captions; N_name sub-folders repeat N times
     trigger: str = ""  # prepended to every caption that lacks it
     repeats: int = 0  # times each image is seen per epoch; 0: N from N_name folder names, else 1
-    subsets: list = field(default_factory=list)  # more folders: [[dataset.subsets]] path, repeats, trigger
+    subsets: list = field(default_factory=list)  # more folders: [[dataset.subsets]] path, repeats, trigger, class_tokens
     resolution: int = 1024  # buckets hold about resolution^2 pixels (multiple of 64)
     bucketing: bool = True  # aspect-ratio buckets; false: square resolution x resolution crops
     min_bucket_side: int = 256
@@ -259,7 +260,7 @@ def _coerce(where: str, value: Any, typ: type) -> Any:
     return value
 
 
-SUBSET_KEYS = {"path": str, "repeats": int, "trigger": str}
+SUBSET_KEYS = {"path": str, "repeats": int, "trigger": str, "class_tokens": str}
 
 
 def _subsets(source: str, raw: list, base: Path) -> list[dict]:
@@ -315,14 +316,17 @@ def build_config(data: dict[str, Any], source: str = "config") -> Config:
         sections[f.name] = f.default_factory(**values)
     unknown = set(data) - {f.name for f in fields(Config)}
     if unknown:
-        raise ConfigError(f"{source}: unknown section [{sorted(unknown)[0]}] (known: {', '.join(f.name for f in fields(Config))})")
+        first = sorted(unknown)[0]
+        hint = "; a kohya dataset config: pass it as --dataset-config FILE" if first in ("datasets", "general") else ""
+        raise ConfigError(f"{source}: unknown section [{first}] (known: {', '.join(f.name for f in fields(Config))}){hint}")
     cfg = Config(**sections)
     _check_ranges(cfg, source)
     return cfg
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read a TOML config, apply `section.key=value` overrides, resolve and check paths."""
+def load_config(path: str | Path, overrides: list[str] = (), dataset_config: str | Path | None = None) -> Config:
+    """Read a TOML config, apply `section.key=value` overrides, resolve and check paths. dataset_config: a kohya
+    dataset TOML whose subsets replace dataset.path and dataset.subsets (engine/kohya.py), before the overrides."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
@@ -330,6 +334,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raise ConfigError(f"{path}: no such config file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    if dataset_config:
+        data = apply_dataset_config(data, dataset_config)
     for item in overrides:
         section, key, value = _parse_override(item)
         data.setdefault(section, {})[key] = value

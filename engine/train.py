@@ -100,7 +100,7 @@ def load_model(cfg: Config, dtype: torch.dtype = torch.float32):
 
 def load_dataset(cfg: Config) -> Dataset:
     d = cfg.dataset
-    subsets = [Subset(s["path"], s.get("repeats", 0), s.get("trigger", d.trigger)) for s in d.subsets]
+    subsets = [Subset(**{"trigger": d.trigger, **s}) for s in d.subsets]
     if d.path:
         subsets.insert(0, Subset(d.path, d.repeats, d.trigger))
     options = DatasetOptions(resolution=d.resolution, bucketing=d.bucketing, min_bucket_side=d.min_bucket_side,

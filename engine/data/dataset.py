@@ -34,6 +34,7 @@ class Subset:
     path: str | Path
     repeats: int = 0  # 0: N from an `N_name` folder name, else 1
     trigger: str = ""  # prepended to each caption that lacks it
+    class_tokens: str = ""  # the caption of an image without a caption file (kohya's class_tokens); "": the N_name name
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ def _folders(subset: Subset, ignored: list[tuple[Path, str]]) -> list[tuple[Path
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {root}")
     n, name = _parse_name(root)
-    out = [(root, subset.repeats or n or 1, name)]
+    out = [(root, subset.repeats or n or 1, subset.class_tokens or name)]
     for child in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         n, name = _parse_name(child)
         if n is None:
