@@ -29,6 +29,8 @@ setup(
         # diffusers and transformers are the references the parity tests compare against; peft is what
         # diffusers' load_lora_weights needs to load our LoRA files in the format tests.
         "test": ["pytest", "pytest-benchmark", "diffusers>=0.30", "peft"],
+        # the viewer for <output>/tensorboard (tensorboardX above only writes the files): `tensorboard --logdir ...`
+        "tensorboard": ["tensorboard"],
     },
     entry_points={"console_scripts": ["gesso=gesso.cli:main"]},
 )

@@ -63,7 +63,7 @@ def next_steps(cfg, output_dir: Path, epoch_files: bool) -> list[str]:
     lines = []
     previews = sorted((output_dir / "samples").glob("*.png"))
     if previews:
-        lines.append(f"previews: {len(previews)} images in {output_dir / 'samples'}")
+        lines.append(f"previews: {len(previews)} image{'s' * (len(previews) != 1)} in {output_dir / 'samples'}")
     prompt = cfg.sample.prompts[0] if cfg.sample.prompts else cfg.dataset.trigger or "a photo"
     axes = "--x epoch --y strength=0.25,0.5,0.75,1" if epoch_files else "--x strength=0,0.5,1 --y seed=1,2"
     seed = f" --model-seed {cfg.model.seed}" if not cfg.model.checkpoint and cfg.model.seed else ""
