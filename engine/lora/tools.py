@@ -58,28 +58,36 @@ def named_model(metadata: dict[str, str]) -> ModelConfig | None:
     return None  # kohya records the file name of a checkpoint on the trainer's machine
 
 
+def metadata_config(metadata: dict[str, str]) -> ModelConfig | None:
+    """The model a LoRA's metadata names: ss_sd_model_name, else modelspec.architecture, else ss_base_model_version."""
+    named = named_model(metadata)
+    if named is not None:
+        return named
+    architecture, version = metadata.get("modelspec.architecture", ""), metadata.get("ss_base_model_version", "")
+    for prefix, cfg in ARCHITECTURES:
+        if architecture.startswith(prefix):
+            return cfg
+    for prefix, cfg in (("sdxl_", models.configs.SDXL_BASE), ("sd_v2", models.configs.SD21), ("sd_v1", models.configs.SD15)):
+        if version.startswith(prefix):
+            return cfg
+    return None
+
+
 def model_config(path: str | Path, model: str | Path | None = None) -> ModelConfig:
     """The ModelConfig a LoRA file is read against: `model` (a built-in name or a checkpoint), else the model its
-    ss_sd_model_name names, else its ss_base_model_version or modelspec.architecture, else its key names."""
+    metadata names (metadata_config), else its key names."""
     if model:
         if str(model) in models.configs.REGISTRY:
             return models.configs.get(str(model))
         return models.open_checkpoint(model).config
     keys, metadata = read_lora_header(path)
-    named = named_model(metadata)
-    if named is not None:
-        return named
-    version = metadata.get("ss_base_model_version", "")
-    architecture = metadata.get("modelspec.architecture", "")
-    for prefix, cfg in ARCHITECTURES:
-        if architecture.startswith(prefix):
-            return cfg
+    cfg = metadata_config(metadata)
+    if cfg is not None:
+        return cfg
     joined = " ".join(keys)
-    if version.startswith("sdxl_") or any(s in joined for s in ("lora_te2_", "text_encoder_2.", "input_blocks", "add_embedding")):
+    if any(s in joined for s in ("lora_te2_", "text_encoder_2.", "input_blocks", "add_embedding")):
         return models.configs.SDXL_BASE
-    if version.startswith("sd_v2"):
-        return models.configs.SD21
-    if version.startswith("sd_v1") or any(s in joined for s in ("down_blocks_0_attentions", "down_blocks.0.attentions")):
+    if any(s in joined for s in ("down_blocks_0_attentions", "down_blocks.0.attentions")):
         return models.configs.SD15
     raise LoRAFileError(f"{path}: cannot tell which model this LoRA is for from its metadata or key names; {PASS_MODEL}")
 
@@ -188,6 +196,9 @@ def merge_lora(checkpoint: str | Path, loras: list, out: str | Path, progress: b
     by_key: dict[str, list[tuple[lora_convert.Target, Module, float]]] = {}
     counts = {}
     for path, weight in loras:
+        named = metadata_config(read_lora_header(path)[1])
+        if named is not None and named.family != ckpt.family:  # else a shape error far from the cause
+            raise LoRAFileError(f"{path}: a LoRA for {named.family} (its metadata), but {ckpt.path} is {ckpt.family}")
         lo = lora_convert.require_placed(path, lora_convert.read(path, ckpt.config))
         for name, m in lo.modules.items():
             target = lo.layout.targets[name]

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from formats_testutil import export, tiny
 from safetensors.torch import save_file
 
 from gesso import cli
@@ -77,3 +78,10 @@ def test_without_a_model_it_cannot_place_the_message_says_pass_model(demo_lora, 
     save_file({"lora_unet_middle_block_1_proj_in.lora_down.weight": torch.zeros(1, 2)}, tmp_path / "bare.safetensors")
     with pytest.raises(LoRAFileError, match="cannot tell which model .*; pass --model"):
         lora_tools.model_config(tmp_path / "bare.safetensors")
+
+
+def test_merge_names_a_lora_made_for_another_family(demo_lora, tmp_path):
+    path, _ = demo_lora
+    export(tiny("tiny-sd15"), tmp_path / "sd15.safetensors")
+    with pytest.raises(LoRAFileError, match="demo.safetensors: a LoRA for sdxl \\(its metadata\\), but .*sd15.safetensors is sd15"):
+        lora_tools.merge_lora(tmp_path / "sd15.safetensors", [path], tmp_path / "o.safetensors")
