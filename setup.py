@@ -32,6 +32,8 @@ setup(
         "test": ["pytest", "pytest-benchmark", "diffusers>=0.30", "peft", "onnxruntime", "onnx"],
         # `gesso caption --captioner tagger`: WD taggers ship model.onnx; BLIP needs only transformers
         "caption": ["onnxruntime"],
+        # the viewer for <output>/tensorboard (tensorboardX above only writes the files): `tensorboard --logdir ...`
+        "tensorboard": ["tensorboard"],
     },
     entry_points={"console_scripts": ["gesso=gesso.cli:main"]},
 )

@@ -9,7 +9,8 @@ import sys
 from gesso.engine.lora import tools as lora_tools
 
 MODEL_HELP = ("architecture the LoRA is for: a built-in name (sdxl, sd15, sd21, tiny-sdxl, ...) or a checkpoint "
-              "(default: from the file's ss_base_model_version, else from its key names)")
+              "(default: the model the file's ss_sd_model_name names, else its ss_base_model_version or "
+              "modelspec.architecture, else its key names)")
 
 
 def add_parsers(subparsers) -> None:
@@ -56,7 +57,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         return 2
     *specs, out = args.loras
     loras = [lora_tools.parse_lora_arg(s) for s in specs]
-    counts = lora_tools.merge_lora(args.checkpoint, loras, out)
+    counts = lora_tools.merge_lora(args.checkpoint, loras, out, progress=True)
     for (path, weight), n in zip(loras, counts.values()):
         print(f"merged {path} x {weight:g}: {n} modules")
     print(f"saved {out}")
@@ -64,7 +65,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_resize(args: argparse.Namespace) -> int:
-    report = lora_tools.resize_lora(args.input, args.output, rank=args.rank, energy=args.energy, model=args.model)
+    report = lora_tools.resize_lora(args.input, args.output, rank=args.rank, energy=args.energy, model=args.model,
+                                   progress=True)
     if args.verbose:
         for r in report:
             print(f"{r.name}: rank {r.rank_before} -> {r.rank_after}, retained {r.retained:.4f}")

@@ -61,7 +61,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _pipeline(args, lora_dir: Path | None, lora_files: list[Path]) -> render.Pipeline:
-    return single.open_pipeline(args.model, lora_files, lora_dir, args.device, args.dtype, args.vae_dtype, args.model_seed)
+    return single.open_pipeline(args.model, lora_files, lora_dir, args.device, args.dtype, args.vae_dtype, args.model_seed,
+                                progress=True)
 
 
 def _settings(args, pipe: render.Pipeline) -> render.Settings:

@@ -10,6 +10,8 @@ Ctrl-C (SIGINT) and SIGTERM (a scheduler, a cloud pre-emption) stop a run withou
   save it asked for); the next abandons the save, and the state.pt saved before stays intact (writes are atomic).
 """
 import argparse
+import importlib.util
+import shlex
 import signal
 import sys
 import threading
@@ -31,6 +33,8 @@ def add_parsers(subparsers) -> None:
                               description=f"Train a LoRA from a TOML config. {CONFIG_HELP}")
     p.add_argument("config", help="path to the TOML config (see examples/demo.toml)")
     p.add_argument("--output-dir", help="where the LoRA files and metrics.jsonl go (default: output.dir, else output/<output.name>)")
+    p.add_argument("--dataset-config", metavar="FILE", help="a kohya dataset TOML ([general], [[datasets]], "
+                                                            "[[datasets.subsets]]) in place of the config's dataset folders")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key; repeatable")
     p.add_argument("--resume", metavar="DIR", help="go on from the state.pt an earlier (interrupted) run left in DIR; "
                                                    "the output goes to DIR unless --output-dir says otherwise")
@@ -40,7 +44,7 @@ def add_parsers(subparsers) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, args.set, args.dataset_config)
     output_dir = Path(args.output_dir or args.resume or cfg.output.dir or Path("output") / cfg.output.name)
     stop = StopOnSignal()
     with stop.installed():
@@ -50,7 +54,25 @@ def cmd_train(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 128 + stop.signum
     print(f"saved {result.final} ({len(result.epoch_files)} epoch files, metrics in {output_dir / 'metrics.jsonl'})")
+    print("\n".join(next_steps(cfg, output_dir, bool(result.epoch_files))))
     return 0
+
+
+def next_steps(cfg, output_dir: Path, epoch_files: bool) -> list[str]:
+    """What the run left besides the LoRA files, and the commands that look at it."""
+    lines = []
+    previews = sorted((output_dir / "samples").glob("*.png"))
+    if previews:
+        lines.append(f"previews: {len(previews)} image{'s' * (len(previews) != 1)} in {output_dir / 'samples'}")
+    prompt = cfg.sample.prompts[0] if cfg.sample.prompts else cfg.dataset.trigger or "a photo"
+    axes = "--x epoch --y strength=0.25,0.5,0.75,1" if epoch_files else "--x strength=0,0.5,1 --y seed=1,2"
+    seed = f" --model-seed {cfg.model.seed}" if not cfg.model.checkpoint and cfg.model.seed else ""
+    lines.append(f"compare epochs and strengths: python cli.py grid --run {shlex.quote(str(output_dir))} "
+                 f"--prompt {shlex.quote(prompt)} {axes} --steps {cfg.sample.steps}{seed}")
+    if cfg.output.tensorboard:
+        viewer = "" if importlib.util.find_spec("tensorboard") else " (install the viewer first: pip install -e \".[tensorboard]\")"
+        lines.append(f"loss curves and previews: tensorboard --logdir {shlex.quote(str(output_dir / 'tensorboard'))}{viewer}")
+    return lines
 
 
 class StopOnSignal:

@@ -13,8 +13,11 @@ from typing import Any, Callable
 
 import torch
 
+from gesso.engine.kohya import apply_dataset_config
 from gesso.engine.optim import build_optimizer, optimizer_options
-from gesso.errors import ConfigError
+from gesso.engine.sampling.options import split_options
+from gesso.errors import ConfigError, PromptError
+from gesso.models.loaders import looks_like_path
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,7 @@ class DatasetSection:
     path: str = ""  # folder of images with same-named .txt captions; N_name sub-folders repeat N times
     trigger: str = ""  # prepended to every caption that lacks it
     repeats: int = 0  # times each image is seen per epoch; 0: N from N_name folder names, else 1
-    subsets: list = field(default_factory=list)  # more folders: [[dataset.subsets]] path, repeats, trigger
+    subsets: list = field(default_factory=list)  # more folders: [[dataset.subsets]] path, repeats, trigger, class_tokens
     resolution: int = 1024  # buckets hold about resolution^2 pixels (multiple of 64)
     bucketing: bool = True  # aspect-ratio buckets; false: square resolution x resolution crops
     min_bucket_side: int = 256
@@ -253,6 +256,11 @@ def _check_ranges(cfg: Config, source: str) -> None:
     for keys, ok, rule in RELATIONS:
         if not ok(cfg):
             raise ConfigError(f"{source}: {keys}: {rule}")
+    for i, prompt in enumerate(cfg.sample.prompts):  # kohya's --w/--h/--s/... options, before an epoch is spent
+        try:
+            split_options(prompt)
+        except PromptError as e:
+            raise ConfigError(f"{source}: sample.prompts[{i}]: {e}") from None
     _check_optimizer_args(cfg.train, source)
 
 
@@ -264,7 +272,8 @@ def _coerce(where: str, value: Any, typ: type) -> Any:
     return value
 
 
-SUBSET_KEYS = {"path": str, "repeats": int, "trigger": str, "is_reg": bool, "alpha_mask": bool, "mask_dir": str}
+SUBSET_KEYS = {"path": str, "repeats": int, "trigger": str, "class_tokens": str, "is_reg": bool, "alpha_mask": bool,
+               "mask_dir": str}
 
 
 def _subsets(source: str, raw: list, base: Path) -> list[dict]:
@@ -328,14 +337,17 @@ def build_config(data: dict[str, Any], source: str = "config") -> Config:
         sections[f.name] = f.default_factory(**values)
     unknown = set(data) - {f.name for f in fields(Config)}
     if unknown:
-        raise ConfigError(f"{source}: unknown section [{sorted(unknown)[0]}] (known: {', '.join(f.name for f in fields(Config))})")
+        first = sorted(unknown)[0]
+        hint = "; a kohya dataset config: pass it as --dataset-config FILE" if first in ("datasets", "general") else ""
+        raise ConfigError(f"{source}: unknown section [{first}] (known: {', '.join(f.name for f in fields(Config))}){hint}")
     cfg = Config(**sections)
     _check_ranges(cfg, source)
     return cfg
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read a TOML config, apply `section.key=value` overrides, resolve and check paths."""
+def load_config(path: str | Path, overrides: list[str] = (), dataset_config: str | Path | None = None) -> Config:
+    """Read a TOML config, apply `section.key=value` overrides, resolve and check paths. dataset_config: a kohya
+    dataset TOML whose subsets replace dataset.path and dataset.subsets (engine/kohya.py), before the overrides."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
@@ -343,6 +355,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raise ConfigError(f"{path}: no such config file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    if dataset_config:
+        data = apply_dataset_config(data, dataset_config)
     for item in overrides:
         section, key, value = _parse_override(item)
         data.setdefault(section, {})[key] = value
@@ -354,7 +368,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     subsets = _subsets(str(path), cfg.dataset.subsets, path.parent)
     cache_dir = str((path.parent / cfg.dataset.cache_dir).resolve()) if cfg.dataset.cache_dir else ""
     model = cfg.model
-    if model.checkpoint and (path.parent / model.checkpoint).exists():  # else a Hub repo id, resolved by the loader
+    if model.checkpoint and ((path.parent / model.checkpoint).exists() or looks_like_path(model.checkpoint)):  # else a Hub id
         model = dataclasses.replace(model, checkpoint=str((path.parent / model.checkpoint).resolve()))
     data = dataclasses.replace(cfg.dataset, path=str(dataset), subsets=subsets, cache_dir=cache_dir, mask_dir=mask_dir)
     return dataclasses.replace(cfg, model=model, dataset=data)

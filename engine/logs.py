@@ -1,9 +1,11 @@
-"""Run logs: metrics.jsonl (one JSON object per optimizer step) and TensorBoard scalars (loss, lr, it/s, peak memory).
+"""Run logs: metrics.jsonl (one JSON object per optimizer step), TensorBoard scalars (loss, lr, it/s, peak memory)
+and the preview images (tag preview/NN, at the step they were rendered after).
 
 metrics.jsonl is the record: a row that cannot be written ends the run with an OutputError. TensorBoard is a
 view of the same numbers, so a TensorBoard folder that cannot be written is one warning and the run goes on.
 """
 import contextlib
+import io
 import json
 import logging
 import os
@@ -70,6 +72,11 @@ class RunLog:
                 scalars["peak_memory_gib"] = peak_memory_gib
             self.board.add(record["step"], scalars)
 
+    def image(self, tag: str, image, step: int) -> None:
+        """A preview (a PIL image) for TensorBoard's Images tab; metrics.jsonl records no images."""
+        if self.board:
+            self.board.add_image(tag, image, step)
+
     def close(self) -> None:
         # every row was flushed in step(): closing can only fail on a row step() has already reported
         with contextlib.suppress(OSError):
@@ -101,9 +108,18 @@ class Board:
             self._failed(e)
 
     def add(self, step: int, scalars: dict[str, float]) -> None:
+        self._write(step, self.summary(value=[self.summary.Value(tag=k, simple_value=v) for k, v in scalars.items()]))
+
+    def add_image(self, tag: str, image, step: int) -> None:
+        """The image as a PNG in an image summary, as TensorBoard reads it (height, width, 3 channels for RGB)."""
+        png = io.BytesIO()
+        image.convert("RGB").save(png, format="PNG")
+        picture = self.summary.Image(height=image.height, width=image.width, colorspace=3, encoded_image_string=png.getvalue())
+        self._write(step, self.summary(value=[self.summary.Value(tag=tag, image=picture)]))
+
+    def _write(self, step: int, summary) -> None:
         if self.writer is None:
             return
-        summary = self.summary(value=[self.summary.Value(tag=k, simple_value=v) for k, v in scalars.items()])
         try:
             self.writer.write_event(self.event(wall_time=time.time(), step=step, summary=summary))
             self.writer.flush()
@@ -112,7 +128,7 @@ class Board:
 
     def close(self) -> None:
         if self.writer is not None:
-            with contextlib.suppress(OSError):  # every event was flushed in add()
+            with contextlib.suppress(OSError):  # every event was flushed in _write()
                 self.writer.close()
 
     def _failed(self, e: OSError) -> None:

@@ -104,8 +104,7 @@ def load_model(cfg: Config, dtype: torch.dtype = torch.float32):
 def load_dataset(cfg: Config) -> Dataset:
     d = cfg.dataset
     # a regularization subset's captions are the class prompt: the dataset's trigger only where the subset names it
-    subsets = [Subset(s["path"], s.get("repeats", 0), s.get("trigger", "" if s.get("is_reg") else d.trigger),
-                      s.get("is_reg", False), s.get("alpha_mask", d.alpha_mask), s.get("mask_dir", "")) for s in d.subsets]
+    subsets = [Subset(**{"trigger": "" if s.get("is_reg") else d.trigger, "alpha_mask": d.alpha_mask, **s}) for s in d.subsets]
     if d.path:
         subsets.insert(0, Subset(d.path, d.repeats, d.trigger, alpha_mask=d.alpha_mask, mask_dir=d.mask_dir))
     options = DatasetOptions(resolution=d.resolution, bucketing=d.bucketing, min_bucket_side=d.min_bucket_side,
@@ -123,7 +122,7 @@ def load_dataset(cfg: Config) -> Dataset:
     return dataset
 
 
-def prepare_run(cfg: Config, device: torch.device):
+def prepare_run(cfg: Config, device: torch.device, progress: bool = False):
     """Model with LoRA injected into the UNet (and the text encoders when trained), the dataset, and its latents
     cached, and its text encodings too unless the text encoders are trained (then captions are encoded per batch).
 
@@ -140,7 +139,8 @@ def prepare_run(cfg: Config, device: torch.device):
     for encoder in sd.text_encoders:
         encoder.to(device)
     train_te = cfg.network.train_text_encoders
-    cache = prepare_cache(sd, tokenizers, dataset, device, cfg.dataset.cache_dir or None, train_text_encoders=train_te)
+    cache = prepare_cache(sd, tokenizers, dataset, device, cfg.dataset.cache_dir or None, train_text_encoders=train_te,
+                          progress=progress)
     cache.release_encoders()  # the VAE (and the text encoders when text is cached) leave the GPU
     network = unet_network(sd.unet, cfg)  # LoRA weights are made in fp32 whatever the base's precision
     if train_te:
@@ -222,7 +222,7 @@ def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | Non
     state = _load_resume(resume, cfg) if resume else None
     device = pick_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
-    sd, model_cfg, network, cache = prepare_run(cfg, device)
+    sd, model_cfg, network, cache = prepare_run(cfg, device, progress)
     unet, tc = sd.unet, cfg.train
     unet.gradient_checkpointing = tc.gradient_checkpointing
     # The frozen UNet is stored in mixed_precision's dtype and computes in it, without autocast: autocast would
@@ -288,7 +288,8 @@ def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | Non
             if every and epoch % every == 0 or epoch == plan.epochs:
                 saver.state_if_asked(opt, sched, scaler, pos)
             if cfg.sample.prompts and cfg.sample.every_n_epochs and epoch % cfg.sample.every_n_epochs == 0:
-                for path in render_previews(sd, cache.tokenizers, cfg, output_dir / "samples", epoch, device):
+                saved = output_dir / f"{cfg.output.name}-{epoch:06d}.safetensors" if every and epoch % every == 0 else None
+                for path in render_previews(sd, cache.tokenizers, cfg, output_dir / "samples", epoch, device, saved, pos.step, bar, log):
                     events.saved("preview", path, pos.step, epoch)
     except StopTraining:
         events.stopping = True

@@ -17,11 +17,12 @@ from gesso.models.diffusers_format import diffusers_to_original
 from gesso.models.files import CheckpointError, TensorRef, file_refs, sharded_refs
 from gesso.models.sd import StableDiffusion
 
-__all__ = ["CheckpointError", "Checkpoint", "resolve", "open_checkpoint", "load_model"]
+__all__ = ["CheckpointError", "Checkpoint", "looks_like_path", "resolve", "open_checkpoint", "load_model"]
 
 COMPONENT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
                    "text_encoder": "model", "text_encoder_2": "model"}
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
 
 
 @dataclass
@@ -38,21 +39,30 @@ class Checkpoint:
         return self.comparison.config
 
 
+def looks_like_path(source) -> bool:
+    """A checkpoint name meant as a local path: it has a file extension, a separator a Hub id cannot have, or a
+    first part that is a local folder. `owner/name` alone (no extension) is a Hub repo id."""
+    text = str(source)
+    if Path(text).suffix.lower() in CHECKPOINT_EXTENSIONS or text.startswith((".", "/", "~")) or "\\" in text:
+        return True
+    return not REPO_ID.match(text) or Path(text.split("/")[0]).expanduser().is_dir()
+
+
 def resolve(source, cache_dir=None) -> Path:
     """A local file or folder as given; otherwise a Hub repo id looked up in the local cache only."""
     path = Path(source).expanduser()
     if path.exists():
         return path
-    if not REPO_ID.match(str(source)):
-        raise CheckpointError(f"{source}: no such file or folder")
+    if looks_like_path(source):
+        raise CheckpointError(f"no such file: {path.resolve()}")
     from huggingface_hub import snapshot_download  # here, not at the top: it reads HF_HUB_CACHE and HF_HUB_OFFLINE when imported
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(str(source), cache_dir=cache_dir, local_files_only=True))
     except LocalEntryNotFoundError:
-        raise CheckpointError(f"{source}: not a local path, and not in the Hugging Face cache (download it first, "
-                              f"e.g. `huggingface-cli download {source}`)") from None
+        raise CheckpointError(f"{source}: not a local path, and not in the Hugging Face cache; download it first "
+                              f"with `hf download {source}`") from None
 
 
 def _component_refs(folder: Path, name: str) -> dict[str, TensorRef]:

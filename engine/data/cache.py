@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from gesso import models
 from gesso.engine.data.dataset import Dataset, Item, Sample, load_pixels
@@ -260,7 +261,8 @@ def _folder(cache_dir: str | Path | None, item: Item) -> Path:
     return Path(cache_dir) if cache_dir is not None else item.root / ".gesso_cache"
 
 
-def _cache_latents(sd, dataset: Dataset, cache_dir, vae_id: str, store: _Store, stats: CacheStats, batch_size: int):
+def _cache_latents(sd, dataset: Dataset, cache_dir, vae_id: str, store: _Store, stats: CacheStats, batch_size: int,
+                   progress: bool = False):
     items, flip = dataset.items, dataset.options.flip
     latents: list[torch.Tensor | None] = [None] * len(items)
     flipped: list[torch.Tensor | None] = [None] * len(items)
@@ -278,6 +280,7 @@ def _cache_latents(sd, dataset: Dataset, cache_dir, vae_id: str, store: _Store, 
         else:
             missing.append(i)
     broken = set()
+    bar = tqdm(total=len(missing), desc="caching latents", unit="image", leave=False, disable=not (progress and missing))
     for _, group in groupby(sorted(missing, key=lambda i: items[i].bucket), key=lambda i: items[i].bucket):
         group = list(group)
         for start in range(0, len(group), batch_size):
@@ -291,6 +294,7 @@ def _cache_latents(sd, dataset: Dataset, cache_dir, vae_id: str, store: _Store, 
                     log.warning("skipped %s: %s", items[i].path, e)
                     dataset.skipped.append((items[i].path, str(e)))
                     broken.add(i)
+            bar.update(len(group[start : start + batch_size]))
             if not chunk:
                 continue
             batch = torch.stack(pixels)  # (b, 3, H, W)
@@ -307,6 +311,7 @@ def _cache_latents(sd, dataset: Dataset, cache_dir, vae_id: str, store: _Store, 
                     continue
                 latents[i], flipped[i] = tensors["latents"], tensors.get("flipped")
                 store.save(paths[i], tensors, str(items[i].path))
+    bar.close()
     keep = [i for i in range(len(items)) if i not in broken]
     dataset.items = [items[i] for i in keep]
     return [latents[i] for i in keep], [flipped[i] for i in keep], [masks[i] for i in keep]
@@ -319,7 +324,8 @@ def _load_mask(item: Item, latent_shape: tuple[int, ...]) -> torch.Tensor | None
     return load_mask(item.mask, item.mask_digest == ALPHA, item.resized, item.crop, item.bucket, factor)
 
 
-def _cache_text(sd, tokenizers, dataset: Dataset, cache_dir, text_id: str, store: _Store, stats: CacheStats, batch_size: int):
+def _cache_text(sd, tokenizers, dataset: Dataset, cache_dir, text_id: str, store: _Store, stats: CacheStats, batch_size: int,
+                progress: bool = False):
     roots = {"": dataset.items[0]} | {it.caption: it for it in reversed(dataset.items)}  # first item holding each caption
     chunks = {c: models.tokenize(tokenizers, [c])[0].shape[1] // CHUNK for c in roots}  # 0.2 ms a caption
     text, paths, missing = {}, {}, []
@@ -331,6 +337,7 @@ def _cache_text(sd, tokenizers, dataset: Dataset, cache_dir, text_id: str, store
             stats.texts_loaded += 1
         else:
             missing.append(caption)
+    bar = tqdm(total=len(missing), desc="caching text", unit="caption", leave=False, disable=not (progress and missing))
     by_length = sorted(missing, key=lambda c: chunks[c])  # one padded length per encoder call: each caption keeps its own
     for _, group in groupby(by_length, key=lambda c: chunks[c]):
         group = list(group)
@@ -343,22 +350,25 @@ def _cache_text(sd, tokenizers, dataset: Dataset, cache_dir, text_id: str, store
                 tensors = {"context": text[c][0]} | ({} if pooled is None else {"pooled": text[c][1]})
                 store.save(paths[c], tensors, c)
             stats.texts_encoded += len(captions)
+            bar.update(len(captions))
+    bar.close()
     return text
 
 
 def prepare_cache(sd, tokenizers, dataset: Dataset, device: torch.device, cache_dir: str | Path | None = None,
-                  model_id: str = "", train_text_encoders: bool = False, encode_batch_size: int = 4) -> Cache:
+                  model_id: str = "", train_text_encoders: bool = False, encode_batch_size: int = 4,
+                  progress: bool = False) -> Cache:
     """Load or encode the latents (and, unless captions change per step, the text) of every item.
 
     cache_dir: None puts each subset's cache in `<subset>/.gesso_cache`. model_id: when given, it names the
     model in the keys instead of the weights' fingerprints. Items whose file broke since the scan, or whose
-    latents are not finite, are dropped; TrainError when none is left.
+    latents are not finite, are dropped; TrainError when none is left. progress: a bar while encoding.
     """
     stats = CacheStats()
     store = _Store(stats)
     vae_id = f"{model_id}:vae" if model_id else fingerprint(sd.vae)
     scanned = len(dataset.skipped)
-    latents, flipped, masks = _cache_latents(sd, dataset, cache_dir, vae_id, store, stats, encode_batch_size)
+    latents, flipped, masks = _cache_latents(sd, dataset, cache_dir, vae_id, store, stats, encode_batch_size, progress)
     if not dataset.items:
         path, why = dataset.skipped[scanned]
         raise TrainError(f"dataset: every image was skipped while caching, the first {path}: {why}")
@@ -369,6 +379,6 @@ def prepare_cache(sd, tokenizers, dataset: Dataset, device: torch.device, cache_
     elif dataset.items:
         tokenizer_id = [[type(t).__name__, len(t), t.pad_token_id] for t in tokenizers]
         text_id = f"{model_id}:text" if model_id else [fingerprint(e) for e in sd.text_encoders]
-        text = _cache_text(sd, tokenizers, dataset, cache_dir, json.dumps([text_id, tokenizer_id]), store, stats, 16)
+        text = _cache_text(sd, tokenizers, dataset, cache_dir, json.dumps([text_id, tokenizer_id]), store, stats, 16, progress)
     return Cache(sd, tokenizers, dataset, torch.device(device), latents, flipped, text, masks, train_text_encoders, stats)
 

@@ -45,6 +45,7 @@ class Subset:
     is_reg: bool = False  # regularization images (kohya's is_reg)
     alpha_mask: bool = False  # masked loss from each image's alpha channel (kohya's alpha_mask)
     mask_dir: str | Path = ""  # masked loss from same-named mask images in this folder (kohya's conditioning_data_dir)
+    class_tokens: str = ""  # the caption of an image without a caption file (kohya's class_tokens); "": the N_name name
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,7 @@ def _folders(subset: Subset, ignored: list[tuple[Path, str]]) -> list[tuple[Path
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {root}")
     n, name = _parse_name(root)
-    out = [(root, subset.repeats or n or 1, name)]
+    out = [(root, subset.repeats or n or 1, subset.class_tokens or name)]
     for child in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         n, name = _parse_name(child)
         if n is None:

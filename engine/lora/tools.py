@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from gesso import models
 from gesso.engine.io import write_atomic
@@ -38,29 +39,68 @@ class Resized:
     retained: float  # ||resized update||_F / ||update||_F
 
 
+# modelspec.architecture prefixes (kohya's sai_model_spec) -> the full-size config of that family
+ARCHITECTURES = (("stable-diffusion-xl-v1", models.configs.SDXL_BASE), ("stable-diffusion-v2", models.configs.SD21),
+                 ("stable-diffusion-v1", models.configs.SD15))
+PASS_MODEL = "pass --model (model=...) with the architecture it was trained on"
+
+
+def named_model(metadata: dict[str, str]) -> ModelConfig | None:
+    """The config of the model ss_sd_model_name names: a built-in (the demo's tiny-sdxl) or a checkpoint file here."""
+    name = metadata.get("ss_sd_model_name", "")
+    if name in models.configs.REGISTRY:
+        return models.configs.get(name)
+    if name and Path(name).is_file():
+        try:
+            return models.open_checkpoint(name).config  # its header only
+        except CheckpointError:
+            return None
+    return None  # kohya records the file name of a checkpoint on the trainer's machine
+
+
+def metadata_config(metadata: dict[str, str]) -> ModelConfig | None:
+    """The model a LoRA's metadata names: ss_sd_model_name, else modelspec.architecture, else ss_base_model_version."""
+    named = named_model(metadata)
+    if named is not None:
+        return named
+    architecture, version = metadata.get("modelspec.architecture", ""), metadata.get("ss_base_model_version", "")
+    for prefix, cfg in ARCHITECTURES:
+        if architecture.startswith(prefix):
+            return cfg
+    for prefix, cfg in (("sdxl_", models.configs.SDXL_BASE), ("sd_v2", models.configs.SD21), ("sd_v1", models.configs.SD15)):
+        if version.startswith(prefix):
+            return cfg
+    return None
+
+
 def model_config(path: str | Path, model: str | Path | None = None) -> ModelConfig:
-    """The ModelConfig a LoRA file is read against: `model` (a built-in name or a checkpoint), else the file's
-    ss_base_model_version, else its key names."""
+    """The ModelConfig a LoRA file is read against: `model` (a built-in name or a checkpoint), else the model its
+    metadata names (metadata_config), else its key names."""
     if model:
         if str(model) in models.configs.REGISTRY:
             return models.configs.get(str(model))
         return models.open_checkpoint(model).config
     keys, metadata = read_lora_header(path)
-    version = metadata.get("ss_base_model_version", "")
+    cfg = metadata_config(metadata)
+    if cfg is not None:
+        return cfg
     joined = " ".join(keys)
-    if version.startswith("sdxl_") or any(s in joined for s in ("lora_te2_", "text_encoder_2.", "input_blocks", "add_embedding")):
+    if any(s in joined for s in ("lora_te2_", "text_encoder_2.", "input_blocks", "add_embedding")):
         return models.configs.SDXL_BASE
-    if version.startswith("sd_v2"):
-        return models.configs.SD21
-    if version.startswith("sd_v1") or any(s in joined for s in ("down_blocks_0_attentions", "down_blocks.0.attentions")):
+    if any(s in joined for s in ("down_blocks_0_attentions", "down_blocks.0.attentions")):
         return models.configs.SD15
-    raise LoRAFileError(f"{path}: cannot tell which model this LoRA is for; name it (model=..., --model)")
+    raise LoRAFileError(f"{path}: cannot tell which model this LoRA is for from its metadata or key names; {PASS_MODEL}")
 
 
 def read_placed(path: str | Path, model: str | Path | None = None) -> tuple[LoRA, ModelConfig]:
     """Every module of a LoRA file of any layout, each on a weight of the model; the model's config."""
     cfg = model_config(path, model)
-    return lora_convert.require_placed(path, lora_convert.read(path, cfg)), cfg
+    try:
+        return lora_convert.require_placed(path, lora_convert.read(path, cfg)), cfg
+    except LoRAFileError as e:
+        if model:
+            raise
+        raise LoRAFileError(f"{e} (read as {cfg.name}, guessed from the file); {PASS_MODEL}") from None
 
 
 def module_count(path: str | Path) -> int:
@@ -83,7 +123,9 @@ def convert_lora(src: str | Path, dst: str | Path, to: str = "kohya", model: str
     if to == "kohya":
         save_lora(dst, lora_convert.to_kohya(lo), lora_convert.kohya_metadata(lo, cfg.family, dst.stem))
     else:
-        write_atomic(dst, lambda tmp: save_file(lora_convert.to_diffusers(lo, cfg), tmp, metadata={"format": "pt"}))
+        # the model's name goes along, so that the tools and `sample` still find the architecture (diffusers ignores it)
+        meta = {"format": "pt"} | {k: lo.metadata[k] for k in ("ss_sd_model_name",) if k in lo.metadata}
+        write_atomic(dst, lambda tmp: save_file(lora_convert.to_diffusers(lo, cfg), tmp, metadata=meta))
     return dst
 
 
@@ -99,8 +141,9 @@ def parse_lora_arg(arg: str) -> tuple[Path, float]:
 
 
 def write_safetensors(path: str | Path, entries: dict[str, TensorRef], metadata: dict[str, str],
-                      transform=lambda key, t: t) -> None:
-    """A safetensors file from lazy tensors, each loaded, passed through transform(key, tensor) and written in turn."""
+                      transform=lambda key, t: t, progress: bool = False) -> None:
+    """A safetensors file from lazy tensors, each loaded, passed through transform(key, tensor) and written in turn;
+    `progress`: a bar over the tensors written."""
     header, offset = {}, 0
     for key in sorted(entries):
         ref = entries[key]
@@ -113,7 +156,7 @@ def write_safetensors(path: str | Path, entries: dict[str, TensorRef], metadata:
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write(len(raw).to_bytes(8, "little") + raw)
-            for key in sorted(entries):
+            for key in tqdm(sorted(entries), desc=f"writing {Path(path).name}", unit="tensor", disable=not progress):
                 ref = entries[key]
                 t = transform(key, ref.load()).to(ref.dtype).reshape(ref.shape).contiguous()
                 f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -135,9 +178,9 @@ def weighted(lora) -> tuple[Path, float]:
         raise LoRAFileError(f"{path}: weight {weight!r} is not a number") from None
 
 
-def merge_lora(checkpoint: str | Path, loras: list, out: str | Path) -> dict[str, int]:
+def merge_lora(checkpoint: str | Path, loras: list, out: str | Path, progress: bool = True) -> dict[str, int]:
     """Write `checkpoint` with every LoRA (a path, or a (path, weight) pair) baked in, as .safetensors at `out`;
-    returns modules merged per file.
+    returns modules merged per file. progress: a bar over the checkpoint's tensors as they are written.
 
     The source must be one file (safetensors or .ckpt): the result has its keys, dtypes and metadata.
     """
@@ -153,6 +196,9 @@ def merge_lora(checkpoint: str | Path, loras: list, out: str | Path) -> dict[str
     by_key: dict[str, list[tuple[lora_convert.Target, Module, float]]] = {}
     counts = {}
     for path, weight in loras:
+        named = metadata_config(read_lora_header(path)[1])
+        if named is not None and named.family != ckpt.family:  # else a shape error far from the cause
+            raise LoRAFileError(f"{path}: a LoRA for {named.family} (its metadata), but {ckpt.path} is {ckpt.family}")
         lo = lora_convert.require_placed(path, lora_convert.read(path, ckpt.config))
         for name, m in lo.modules.items():
             target = lo.layout.targets[name]
@@ -172,7 +218,7 @@ def merge_lora(checkpoint: str | Path, loras: list, out: str | Path) -> dict[str
 
     meta = dict(ckpt.metadata)
     meta["gesso_merged_loras"] = json.dumps([{"file": Path(p).name, "weight": w} for p, w in loras])
-    write_safetensors(out, ckpt.tensors, meta, add)
+    write_safetensors(out, ckpt.tensors, meta, add, progress)
     return counts
 
 
@@ -195,7 +241,7 @@ def kept_rank(s: torch.Tensor, rank: int | None, energy: float | None) -> int:
     return int((fraction < energy - 1e-12).sum().item()) + 1
 
 
-def resize(lo: LoRA, rank: int | None = None, energy: float | None = None) -> tuple[LoRA, list[Resized]]:
+def resize(lo: LoRA, rank: int | None = None, energy: float | None = None, progress: bool = False) -> tuple[LoRA, list[Resized]]:
     """Each module cut to `rank` (or to the fewest ranks keeping `energy` of its Frobenius norm).
 
     Every module gets the same alpha (the largest new rank) with alpha / rank folded into its up weight:
@@ -206,7 +252,8 @@ def resize(lo: LoRA, rank: int | None = None, energy: float | None = None) -> tu
         raise ValueError("give exactly one of rank and energy")
     if rank is not None and rank < 1 or energy is not None and not 0 < energy <= 1:
         raise ValueError(f"rank must be >= 1 and energy in (0, 1], got rank={rank} energy={energy}")
-    factors = {name: svd_factors(m) for name, m in sorted(lo.modules.items())}
+    modules = tqdm(sorted(lo.modules.items()), desc="resizing (SVD)", unit="module", disable=not progress)
+    factors = {name: svd_factors(m) for name, m in modules}
     kept = {name: kept_rank(s, rank, energy) for name, (_, s, _) in factors.items()}
     alpha = float(max(kept.values()))
     modules, report = {}, []
@@ -230,13 +277,13 @@ def summary(report: list[Resized]) -> str:
 
 
 def resize_lora(src: str | Path, dst: str | Path, rank: int | None = None, energy: float | None = None,
-                model: str | Path | None = None) -> list[Resized]:
+                model: str | Path | None = None, progress: bool = True) -> list[Resized]:
     """Write `src` with each module cut to `rank`, or to the fewest ranks keeping `energy` of its Frobenius norm,
-    in the kohya layout at `dst`; returns what each module keeps."""
+    in the kohya layout at `dst`; returns what each module keeps. progress: a bar over the modules."""
     src, dst = Path(src), Path(dst)
     lo, cfg = read_placed(src, model)
     try:
-        resized, report = resize(lo, rank=rank, energy=energy)
+        resized, report = resize(lo, rank=rank, energy=energy, progress=progress)
     except ValueError as e:
         raise LoRAFileError(f"{src}: {e}") from None
     save_lora(dst, lora_convert.to_kohya(resized), lora_convert.kohya_metadata(resized, cfg.family, dst.stem))

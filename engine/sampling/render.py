@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 from safetensors import safe_open
+from tqdm import tqdm
 
 from gesso import models
 from gesso.engine import diffusion
@@ -55,6 +56,7 @@ class Pipeline:
     vae_dtype: torch.dtype = torch.float32
     attached: tuple[Path, lora.LoRANetwork] | None = None
     text_cache: dict = field(default_factory=dict)
+    progress: bool = False  # a bar over each image's sampling steps (`sample`, `grid`); training's previews have their own
 
     @property
     def device(self) -> torch.device:
@@ -103,7 +105,8 @@ def set_lora(pipe: Pipeline, tags: list[prompts.LoraTag]) -> None:
     path = None
     if tags:
         if pipe.lora_dir is None:
-            raise RenderError(f"<lora:{tags[0].name}:...>: pass --lora-dir, the folder with {tags[0].name}.safetensors")
+            raise RenderError(f"<lora:{tags[0].name}:...>: no LoRA folder given; pass --lora-dir, the folder with "
+                              f"{tags[0].name}.safetensors")
         path = pipe.lora_dir / f"{tags[0].name}.safetensors"
     if pipe.attached and pipe.attached[0] != path:
         pipe.attached[1].remove()
@@ -125,8 +128,13 @@ def encode_pair(pipe: Pipeline, text: str, negative: str, emphasis: str):
     return pipe.text_cache[key]
 
 
+def size_multiple(pipe: Pipeline) -> int:
+    """Image sides the UNet takes: the VAE's 8 times one halving per level below the first."""
+    return 8 * 2 ** (len(pipe.sd.cfg.unet.channel_mult) - 1)
+
+
 def check_size(pipe: Pipeline, s: Settings) -> None:
-    multiple = 8 * 2 ** (len(pipe.sd.cfg.unet.channel_mult) - 1)
+    multiple = size_multiple(pipe)
     if s.width % multiple or s.height % multiple:
         raise RenderError(f"size {s.width}x{s.height}: width and height must be multiples of {multiple} for {pipe.model_name}")
 
@@ -166,7 +174,12 @@ def generate(pipe: Pipeline, s: Settings, batch_size: int = 1, init_latents: tor
             return init_latents.float()
         schedule = schedule.tail(steps)
         x = sampling.noised_latent(init_latents.float().to(device), noise, schedule)
-    x = sampler.run(sampling.epsilon_denoiser(eps), x, schedule, lambda: sampling.image_noise(generators, shape, device))
+    with tqdm(total=len(schedule.timesteps), desc="sampling", unit="step", leave=False, disable=not pipe.progress) as bar:
+        def counted(x_in: torch.Tensor, t: float) -> torch.Tensor:
+            bar.update()
+            return eps(x_in, t)
+
+        x = sampler.run(sampling.epsilon_denoiser(counted), x, schedule, lambda: sampling.image_noise(generators, shape, device))
     return sampling.final_latent(x, schedule)
 
 
@@ -310,7 +323,7 @@ def render_grid(pipe: Pipeline, base: Settings, x: Axis, y: Axis, out_dir: Path,
     images: list[list] = [[None] * len(x.values) for _ in y.values]
     paths = []
     index = next_index(out_dir)
-    for i, j in order:
+    for i, j in tqdm(order, desc="grid", unit="image", disable=not pipe.progress):
         s = settings[i][j]
         (image, text), = render(pipe, s)
         images[i][j] = image

@@ -15,6 +15,7 @@ from gesso import models
 from gesso.engine.lora.files import read_lora_header
 from gesso.engine.sampling import render
 from gesso.engine.sampling import samplers as sampling
+from gesso.engine.sampling.options import fit_side, split_options
 from gesso.engine.sampling.prompt import extract_lora_tags
 from gesso.errors import RenderError
 
@@ -25,7 +26,8 @@ def tagged_lora_files(prompt: str, lora_dir: str | Path | None) -> list[Path]:
     """The files the prompt's <lora:name:w> tags name, as name.safetensors in `lora_dir`; each must exist."""
     tags = extract_lora_tags(prompt)[1]
     if tags and lora_dir is None:
-        raise RenderError(f"<lora:{tags[0].name}:...>: pass lora_dir (--lora-dir), the folder with {tags[0].name}.safetensors")
+        raise RenderError(f"<lora:{tags[0].name}:...>: no LoRA folder given; pass lora_dir (--lora-dir), the folder "
+                          f"with {tags[0].name}.safetensors")
     files = [Path(lora_dir) / f"{t.name}.safetensors" for t in tags]
     missing = [f for f in files if not f.is_file()]
     if missing:
@@ -45,19 +47,28 @@ def model_for(model: str | Path | None, lora_files: list[Path]) -> str:
 
 
 def open_pipeline(model: str | Path | None, lora_files: list[Path], lora_dir: str | Path | None = None, device: str = "auto",
-                  dtype: str = "fp32", vae_dtype: str = "fp32", model_seed: int = 0) -> render.Pipeline:
-    """The model ready to sample; `device` auto is cuda when there is one."""
+                  dtype: str = "fp32", vae_dtype: str = "fp32", model_seed: int = 0, progress: bool = False) -> render.Pipeline:
+    """The model ready to sample; `device` auto is cuda when there is one; `progress`: bars over the sampling steps."""
     for name, value in (("dtype", dtype), ("vae dtype", vae_dtype)):
         if value not in render.DTYPES:
             raise RenderError(f"{name} {value!r}: choose one of {', '.join(render.DTYPES)}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    return render.load_pipeline(model_for(model, lora_files), model_seed, device, dtype, vae_dtype, lora_dir)
+    return replace(render.load_pipeline(model_for(model, lora_files), model_seed, device, dtype, vae_dtype, lora_dir),
+                   progress=progress)
 
 
 def settings_for(pipe: render.Pipeline, prompt: str, negative_prompt: str = "", steps: int = 28,
                  sampler: str = "dpmpp_2m_karras", cfg_scale: float = 6.0, seed: int = 0, width: int | None = None,
                  height: int | None = None, emphasis: str = "a1111") -> render.Settings:
-    """The settings of the first image; size defaults to the model's native size, a negative seed to a random one."""
+    """The settings of the first image; size defaults to the model's native size, a negative seed to a random one.
+    kohya's options after the prompt text (`--w 832 --h 1216 --s 28 --l 6 --d 42 --n ...`) win over the arguments."""
+    prompt, o = split_options(prompt)
+    multiple = render.size_multiple(pipe)
+    negative_prompt = negative_prompt if o.negative_prompt is None else o.negative_prompt
+    steps, sampler, seed = o.steps or steps, o.sampler or sampler, seed if o.seed is None else o.seed
+    cfg_scale = cfg_scale if o.cfg_scale is None else o.cfg_scale
+    width = fit_side(o.width, multiple) if o.width is not None else width
+    height = fit_side(o.height, multiple) if o.height is not None else height
     if sampler not in sampling.SAMPLERS:
         raise RenderError(f"sampler {sampler!r}: known: {', '.join(sampling.SAMPLERS)}")
     if steps < 1:
@@ -106,17 +117,20 @@ def sample(prompt: str, model: str | Path | None = None, *, negative_prompt: str
            steps: int = 28, sampler: str = "dpmpp_2m_karras", cfg_scale: float = 6.0, seed: int = 0,
            width: int | None = None, height: int | None = None, batch_size: int = 1,
            init_image: str | Path | Image.Image | None = None, denoise: float = 0.75, emphasis: str = "a1111",
-           device: str = "auto", dtype: str = "fp32", vae_dtype: str = "fp32", model_seed: int = 0) -> list[Image.Image]:
+           device: str = "auto", dtype: str = "fp32", vae_dtype: str = "fp32", model_seed: int = 0,
+           progress: bool = True) -> list[Image.Image]:
     """`batch_size` images of `prompt` (AUTOMATIC1111 syntax, <lora:name:w> tags read from `lora_dir`) for seeds
     seed, seed + 1, ...; img2img from `init_image` at `denoise` strength when given.
 
     `model`: a built-in name (random init from `model_seed`), a checkpoint file or diffusers folder, or None for the
     tagged LoRA files' ss_sd_model_name. A negative seed draws a random one; each image's infotext records it.
+    kohya's options after the prompt (`--w 832 --h 1216 --s 28 --l 6 --d 42 --n ...`) win over the arguments.
+    progress: a bar over the sampling steps on stderr (a host showing its own turns it off).
 
         images = sample("gssdemo, a red circle", "tiny-sdxl", steps=4, width=64, height=64, seed=7)
         print(images[0].size, images[0].info["parameters"])  # (64, 64) and the infotext, `Seed: 7` included
     """
     init = None if init_image is None else open_image(init_image)
-    pipe = open_pipeline(model, tagged_lora_files(prompt, lora_dir), lora_dir, device, dtype, vae_dtype, model_seed)
+    pipe = open_pipeline(model, tagged_lora_files(prompt, lora_dir), lora_dir, device, dtype, vae_dtype, model_seed, progress)
     s = settings_for(pipe, prompt, negative_prompt, steps, sampler, cfg_scale, seed, width, height, emphasis)
     return render_batch(pipe, s if init is None else img2img(s, denoise), batch_size, init)

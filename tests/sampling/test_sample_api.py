@@ -82,8 +82,8 @@ def test_init_image_as_path_or_image_gives_the_same_picture(tmp_path):
     (dict(model="tiny-sdxl", init_image="{tmp}/missing.png"), RenderError, "missing.png: no such image file"),
     (dict(model="tiny-sdxl", init_image="{tmp}/not_an_image.png"), RenderError, "not_an_image.png: not a readable image"),
     (dict(prompt=PROMPT + " <lora:absent:1>", lora_dir="{tmp}"), RenderError, "absent.safetensors: no such LoRA file"),
-    (dict(prompt=PROMPT + " <lora:demo:1>"), RenderError, "<lora:demo:...>: pass lora_dir"),
-    (dict(model="{tmp}/nockpt.safetensors"), RenderError, "nockpt.safetensors: no such file"),
+    (dict(prompt=PROMPT + " <lora:demo:1>"), RenderError, "<lora:demo:...>: no LoRA folder given; pass lora_dir"),
+    (dict(model="{tmp}/nockpt.safetensors"), RenderError, "no such file: {tmp}/nockpt.safetensors"),
     (dict(model=None), RenderError, "pass model"),  # no LoRA file to take it from
     (dict(model="tiny-sdxl", width=65), RenderError, "size 65x96: width and height must be multiples of 32"),
     (dict(model="tiny-sdxl", sampler="heun_pp"), RenderError, "sampler 'heun_pp'"),
