@@ -50,6 +50,9 @@ class NetworkSection:
     conv_rank: int = 0  # LoCon: also the res-block, down- and upsampler convs (3x3 at this rank); 0 = off
     conv_alpha: float = 1.0
     train_text_encoders: bool = False  # LoRA on the text encoders too (lora_te1_/lora_te2_, SD 1.x lora_te_); no text cache
+    type: str = "lora"  # lora, or a LyCORIS adapter: dora, loha, lokr (engine/lora/lycoris.py)
+    lokr_factor: int = 0  # LoKr: split each dimension at this factor (LyCORIS `factor`); 0 = the most balanced split
+    dora_wd_on_output: bool = False  # DoRA: norm per output row (LyCORIS wd_on_output); off = per input column, as A1111 reads
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,7 @@ CHOICES = {
     ("train", "lr_scheduler"): ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear"),
     ("train", "mixed_precision"): ("no", "bf16", "fp16"),
     ("loss", "prediction"): ("epsilon", "v_prediction"),
+    ("network", "type"): ("lora", "dora", "loha", "lokr"),
     ("loss", "loss_type"): ("l2", "huber"),
     ("sample", "sampler"): ("euler", "euler_a", "dpmpp_2m_karras", "ddim"),
     ("output", "save_dtype"): ("fp16", "bf16", "fp32"),
@@ -167,6 +171,7 @@ RANGES = {
     ("network", "alpha"): POSITIVE,
     ("network", "conv_rank"): (_within(0, math.inf), "must be 0 (off) or more"),
     ("network", "conv_alpha"): POSITIVE,
+    ("network", "lokr_factor"): (_within(0, math.inf), "must be 0 (the most balanced split) or more"),
     ("train", "epochs"): AT_LEAST_1,
     ("train", "batch_size"): AT_LEAST_1,
     ("train", "gradient_accumulation_steps"): AT_LEAST_1,
@@ -201,6 +206,8 @@ RELATIONS = [
     ("dataset.min_bucket_side, dataset.max_bucket_side", lambda c: c.dataset.min_bucket_side <= c.dataset.max_bucket_side,
      "min must not exceed max"),
     ("sample.prompts", lambda c: all(isinstance(p, str) for p in c.sample.prompts), "must be a list of strings"),
+    ("network.type, network.train_text_encoders", lambda c: c.network.type == "lora" or not c.network.train_text_encoders,
+     "DoRA, LoHa and LoKr train the UNet only; text-encoder training is LoRA"),
 ]
 
 
