@@ -61,8 +61,9 @@ def algo_of(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def rank_of(tensors: dict[str, torch.Tensor]) -> int | None:
-    """The inner size alpha divides by, or None for a LoKr module with no factorised pair (scale 1)."""
-    for key, dim in (("lora_down.weight", 0), ("hada_w1_b", 0), ("lokr_w1_a", 1), ("lokr_w2_a", 1)):
+    """The inner size alpha divides by, or None for a LoKr module with no factorised pair (scale 1); a LoKr with both
+    halves factorised divides by w2's, as ComfyUI (lokr.py) and AUTOMATIC1111 (network_lokr.py) read it."""
+    for key, dim in (("lora_down.weight", 0), ("hada_w1_b", 0), ("lokr_w2_a", 1), ("lokr_w1_a", 1)):
         if key in tensors:
             return tensors[key].shape[dim]
     return None
