@@ -28,7 +28,7 @@ setup(
     extras_require={
         # diffusers and transformers are the references the parity tests compare against; peft is what
         # diffusers' load_lora_weights needs to load our LoRA files in the format tests.
-        "test": ["pytest", "pytest-benchmark", "diffusers>=0.30", "peft", "lycoris-lora>=3.0"],
+        "test": ["pytest", "pytest-benchmark", "diffusers>=0.30", "peft", "lycoris-lora>=4.1"],
     },
     entry_points={"console_scripts": ["gesso=gesso.cli:main"]},
 )
