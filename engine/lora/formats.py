@@ -218,8 +218,7 @@ def lycoris_module(path, got: dict, shape: tuple[int, ...]) -> lycoris.Adapter:
     lycoris.check(path, got["source"], tensors, shape)
     for key, t in tensors.items():
         require_finite(path, got["source"], key, t)
-    rank = lycoris.rank_of(tensors)
-    alpha = float(got["alpha"]) if "alpha" in got and rank is not None else float(rank or 1)
+    alpha = float(got["alpha"]) if "alpha" in got else float(lycoris.rank_of(tensors) or 1)  # no alpha: scale 1
     return lycoris.Adapter(tensors, alpha)
 
 
