@@ -8,7 +8,8 @@ Each adapter adds a weight delta ΔW to a frozen Linear or Conv2d, built from it
 s = alpha / rank, rank being the inner size of the factorised pair (LoKr with no pair: s = 1), as ComfyUI
 (comfy/weight_adapter/) and AUTOMATIC1111 (extensions-builtin/Lora/network_*.py) compute it. At strength k a module
 adds k·ΔW, DoRA included (k·(W' - W)), as both apply it.
-The forward is base(x) + op(x, ΔW), LyCORIS's weight-rebuild forward: one extra matmul (or conv) per module.
+The forward is base(x) + op(x, ΔW), LyCORIS's weight-rebuild forward: one extra matmul (or conv) per module;
+a DoRA Linear at strength 1 (training) runs through the fused LoRA kernel instead (`dora_linear`).
 """
 import math
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gesso.errors import LoRAFileError
+from gesso.kernels.lora_linear import lora_linear
 
 ALGOS = ("dora", "loha", "lokr")
 KEYS = {  # file key suffix -> attribute of the module holding it
@@ -206,10 +208,35 @@ class LycorisModule(nn.Module):
         return self.multiplier * delta_weight(self.tensors(), self.alpha, tuple(w.shape), base)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, delta = self.base, self.delta().to(x.dtype)
-        if isinstance(b, nn.Linear) or delta.dim() == 2:
+        b = self.base
+        if self.algo == "dora" and self.multiplier == 1.0 and self.lora_down.dim() == 2:
+            return dora_linear(x, b, self.tensors(), self.alpha)
+        delta = self.delta().to(x.dtype)
+        if delta.dim() == 2:
             return b(x) + F.linear(x, delta)
         return b(x) + F.conv2d(x, delta, None, b.stride, b.padding, b.dilation, b.groups)
+
+
+def dora_linear(x: torch.Tensor, base: nn.Module, t: dict[str, torch.Tensor], alpha: float) -> torch.Tensor:
+    """A DoRA Linear at strength 1 through the fused LoRA kernel, never building W + s·up@down.
+
+    W' = (W + sBA) diag(c) on the input axis gives y = lora_linear(x ∘ c, W, b, A, B, s); on the output axis
+    W' = diag(c)(W + sBA) gives y = c ∘ lora_linear(x, W, 0, A, B, s) + b; c = m / ‖W + sBA‖, whose squared norms
+    expand into ‖W‖² + 2s·(A∘(BᵀW)) + s²·(A∘(BᵀB)A) summed per column (per row: the same with W, A, B transposed),
+    products of rank r: O(out·in·r) like one token's LoRA path, and no (out, in) temporary beyond W itself.
+    """
+    down, up, m = t["lora_down.weight"], t["lora_up.weight"], t["dora_scale"]  # (r, in), (out, r), (1, in) or (out, 1)
+    s = alpha / down.shape[0]
+    w = base_weight(base)  # (out, in) fp32
+    ws = getattr(base, "weight_scale", None)
+    if m.shape[0] == 1:
+        norm_sq = w.square().sum(0) + 2 * s * (down * (up.T @ w)).sum(0) + s * s * (down * ((up.T @ up) @ down)).sum(0)
+        c = m.reshape(-1) / (norm_sq.clamp_min(0).sqrt() + torch.finfo(torch.float32).eps)  # (in,)
+        return lora_linear(x * c.to(x.dtype), base.weight, base.bias, down.to(x.dtype), up.to(x.dtype), s, weight_scale=ws)
+    norm_sq = w.square().sum(1) + 2 * s * (up * (w @ down.T)).sum(1) + s * s * (up * (up @ (down @ down.T))).sum(1)
+    c = m.reshape(-1) / (norm_sq.clamp_min(0).sqrt() + torch.finfo(torch.float32).eps)  # (out,)
+    y = lora_linear(x, base.weight, None, down.to(x.dtype), up.to(x.dtype), s, weight_scale=ws) * c.to(x.dtype)
+    return y if base.bias is None else y + base.bias.to(x.dtype)
 
 
 def fresh_tensors(base: nn.Module, algo: str, rank: int, options: Options) -> dict[str, torch.Tensor]:

@@ -133,3 +133,24 @@ def test_module_forward_adds_its_delta_and_starts_unchanged(algo, make):
     assert rel(m(x).detach(), want.detach()) < 1e-5
     m(x).square().sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.tensors().values())
+
+
+@pytest.mark.parametrize("on_output", [False, True], ids=["in-axis", "out-axis"])
+def test_dora_linear_through_the_lora_kernel_equals_the_rebuilt_weight(on_output):
+    # training's path (engine/lora/lycoris.py dora_linear): the magnitude rescale folded around kernels/lora_linear.py
+    torch.manual_seed(8)
+    base = nn.Linear(45, 33).requires_grad_(False)
+    m = lycoris.new_module(base, "dora", 4, 3.0, lycoris.Options(dora_on_output=on_output))
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for p in m.tensors().values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    x = torch.randn(5, 45, requires_grad=True)
+    params = [x, *m.tensors().values()]
+    got = m(x)
+    got_grads = torch.autograd.grad(got.square().sum(), params)
+    w = base.weight + lycoris.delta_weight(m.tensors(), 3.0, tuple(base.weight.shape), base.weight)
+    want = nn.functional.linear(x, w, base.bias)
+    want_grads = torch.autograd.grad(want.square().sum(), params)
+    assert rel(got, want) < 1e-5
+    assert all(rel(a, b) < 1e-5 for a, b in zip(got_grads, want_grads))
