@@ -3,7 +3,8 @@
 Read: kohya/AUTOMATIC1111 (`lora_unet_*`, `lora_te1_*`, `lora_te2_*`, `lora_te_*` with `.lora_down/.lora_up/.alpha`,
 UNet modules in the original or the diffusers spelling, LoCon convs), diffusers/PEFT (`unet.down_blocks...lora_A.weight`,
 `...lora.down.weight`, the old `processor.to_q_lora.down.weight`, `text_encoder(_2).`, PEFT's `lora_adapter_metadata`
-alphas) and ComfyUI-saved files (`diffusion_model.<original path>.lora_up.weight`). Every module lands on one weight
+alphas) and ComfyUI-saved files (`diffusion_model.<original path>.lora_up.weight`); LyCORIS's DoRA (`dora_scale`), LoHa
+(`hada_*`) and LoKr (`lokr_*`) modules under any of those names become `lycoris.Adapter`s. Every module lands on one weight
 of the single-file checkpoint (`Target`); OpenCLIP's q/k/v land on row slices of the fused `in_proj_weight`.
 """
 import json

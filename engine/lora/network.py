@@ -252,8 +252,9 @@ def inject_text_encoders(sd: nn.Module, rank: int, alpha: float) -> LoRANetwork:
 
 
 def load_network(unet, path: str | Path, prefix: str = "lora_unet_", multiplier: float = 1.0):
-    """Inject the UNet modules of a LoRA file (kohya, diffusers/PEFT or ComfyUI layout, LoCon included) into `unet`
-    with the file's ranks, alphas and weights; the network's kohya names are those kohya writes for this UNet.
+    """Inject the UNet modules of a LoRA file (kohya, diffusers/PEFT or ComfyUI layout, LoCon included; LyCORIS's DoRA,
+    LoHa and LoKr as `lycoris.LycorisModule`) into `unet` with the file's ranks, alphas and weights; the network's kohya
+    names are those kohya writes for this UNet.
 
     A key that names nothing in this UNet is an error naming it, so a file for another architecture never
     half-loads. Text-encoder modules are not applied here (`lora_tools.merge_lora` applies them); `prefix` is kept
