@@ -101,8 +101,9 @@ def inspect_lora(path: Path, refs: dict, metadata: dict, out) -> int:
     print(f"{path}", file=out)
     algos = Counter("dora" if m + ".dora_scale" in refs else "loha" if m + ".hada_w1_a" in refs else
                     "lokr" if any(m + "." + s in refs for s in ("lokr_w1", "lokr_w1_a")) else "lora" for m in modules)
-    print(f"  format: LoRA, {len(modules)} modules ({', '.join(f'{a} {n}' for a, n in sorted(algos.items()))}), "
-          f"{len(refs)} tensors, {_size(path)}", file=out)
+    print(f"  format: LoRA, {len(modules)} modules, {len(refs)} tensors, {_size(path)}", file=out)
+    if set(algos) != {"lora"}:  # LyCORIS's modules (engine/lora/lycoris.py), by the tensors each holds
+        print(f"  adapters: {', '.join(f'{a} {n}' for a, n in sorted(algos.items()))}", file=out)
     print(f"  rank: {dict(sorted(ranks.items()))}  alpha: {dict(sorted(alphas.items())) or 'none (scale 1)'}", file=out)
     groups = Counter(re.match(r"(lora_unet|lora_te\d?|[^.]+)", m)[1] for m in modules)
     kinds = Counter(re.sub(r".*?(attn\d_to_\w+|ff_net_\d_proj|ff_net_2|proj_in|proj_out|self_attn_\w+|mlp_\w+|"

@@ -183,7 +183,7 @@ def test_inspect_names_the_adapter_and_matches_the_model(files, algo, capsys):
     _, tmp = files
     assert inspect_main(tmp / f"{algo}.safetensors") == 0
     out = capsys.readouterr().out
-    assert re.search(rf"modules \({algo} \d+\)", out) and "module names: all match the engine's sdxl model" in out
+    assert re.search(rf"adapters: {algo} \d+\n", out) and "module names: all match the engine's sdxl model" in out
     assert "ss_network_module = lycoris.kohya" in out
 
 
@@ -219,3 +219,18 @@ def test_diffusers_does_not_accept_kohya_dora_and_applies_its_lora_part_only(tmp
     lora_part.remove()
     load_network(sd.unet, tmp_path / "dora.safetensors")
     assert rel_err(engine_out(sd, inputs), theirs) > 1e-2
+
+
+@pytest.mark.parametrize("algo", lycoris.ALGOS)
+def test_convert_keeps_them_in_the_kohya_layout_and_refuses_diffusers(files, algo, capsys):
+    _, tmp = files
+    src, out = tmp / f"{algo}.safetensors", tmp / f"converted-{algo}.safetensors"
+    assert cli.main(["convert", str(src), str(out), "--to", "kohya", "--dtype", "fp16", "--model", "tiny-sdxl"]) == 0
+    before, (after, meta) = read_lora(src)[0], read_lora(out)
+    assert before.keys() == after.keys() and all(torch.equal(before[k].half(), after[k]) for k in before)
+    assert meta["ss_network_module"] == "lycoris.kohya"
+    capsys.readouterr()
+    refused = tmp / f"diffusers-{algo}.safetensors"
+    assert cli.main(["convert", str(src), str(refused), "--to", "diffusers", "--model", "tiny-sdxl"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and f"a {algo} module" in err and not refused.exists()
