@@ -57,9 +57,10 @@ def factorization(dim: int, factor: int = 0) -> tuple[int, int]:
 
 
 def algo_of(tensors: dict[str, torch.Tensor]) -> str:
-    if "dora_scale" in tensors:
-        return "dora"
-    return "loha" if "hada_w1_a" in tensors else "lokr"
+    """dora (LoRA with `dora_scale`), loha or lokr; a LoHa or LoKr may carry a `dora_scale` too (LyCORIS's dora_wd on them)."""
+    if any(k.startswith("hada_") for k in tensors):
+        return "loha"
+    return "lokr" if any(k.startswith("lokr_") for k in tensors) else "dora"
 
 
 def rank_of(tensors: dict[str, torch.Tensor]) -> int | None:
@@ -98,23 +99,26 @@ def dora_magnitude(weight: torch.Tensor, on_output: bool) -> torch.Tensor:
 
 def delta_weight(tensors: dict[str, torch.Tensor], alpha: float, shape: tuple[int, ...],
                  base: torch.Tensor | None = None) -> torch.Tensor:
-    """ΔW (fp32, `shape`) of one module at strength 1; DoRA needs the base weight it rescales."""
+    """ΔW (fp32, `shape`) of one module at strength 1; with a `dora_scale`, the base weight it rescales is needed."""
     t, rank = tensors, rank_of(tensors)
     scale = 1.0 if rank is None else alpha / rank
     algo = algo_of(t)
     if algo == "dora":
-        if base is None:
-            raise ValueError("DoRA's delta depends on the base weight; pass it")
-        w = base.float().reshape(shape)
-        lora = scale * (t["lora_up.weight"].float().flatten(1) @ t["lora_down.weight"].float().flatten(1)).reshape(shape)
-        return dora_weight(w + lora, t["dora_scale"]) - w
-    if algo == "loha":
+        delta = scale * (t["lora_up.weight"].float().flatten(1) @ t["lora_down.weight"].float().flatten(1)).reshape(shape)
+    elif algo == "loha":
         w1 = t["hada_w1_a"].float() @ t["hada_w1_b"].float().flatten(1)
         w2 = t["hada_w2_a"].float() @ t["hada_w2_b"].float().flatten(1)
-        return (scale * w1 * w2).reshape(shape)
-    w1, w2 = lokr_parts(t)
-    w2 = w2.reshape(w2.shape[0], -1, *shape[2:])  # (b, d, *k)
-    return (scale * torch.kron(w1.reshape(*w1.shape, *[1] * (len(shape) - 2)), w2)).reshape(shape)
+        delta = (scale * w1 * w2).reshape(shape)
+    else:
+        w1, w2 = lokr_parts(t)
+        w2 = w2.reshape(w2.shape[0], -1, *shape[2:])  # (b, d, *k)
+        delta = (scale * torch.kron(w1.reshape(*w1.shape, *[1] * (len(shape) - 2)), w2)).reshape(shape)
+    if "dora_scale" not in t:
+        return delta
+    if base is None:
+        raise ValueError("a DoRA delta depends on the base weight; pass it")
+    w = base.float().reshape(shape)
+    return dora_weight(w + delta, t["dora_scale"]) - w
 
 
 def check(path, source: str, tensors: dict[str, torch.Tensor], shape: tuple[int, ...]) -> None:
@@ -124,7 +128,7 @@ def check(path, source: str, tensors: dict[str, torch.Tensor], shape: tuple[int,
         raise LoRAFileError(f"{path}: {source} is a Tucker-decomposed module ({tucker[0]}), which Gesso does not read")
     out, fan_in = shape[0], math.prod(shape[1:])
     algo, t = algo_of(tensors), tensors
-    need = {"dora": ("lora_down.weight", "lora_up.weight"), "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
+    need = {"dora": ("lora_down.weight", "lora_up.weight", "dora_scale"), "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
             "lokr": ()}[algo]
     missing = [k for k in need if k not in t]
     if algo == "lokr":
@@ -132,19 +136,22 @@ def check(path, source: str, tensors: dict[str, torch.Tensor], shape: tuple[int,
         missing += [k.replace("_a", "_b") for k in ("lokr_w1_a", "lokr_w2_a") if k in t and k.replace("_a", "_b") not in t]
     if missing:
         raise LoRAFileError(f"{path}: {algo} module {source} lacks {missing[0]}")
+    m = t.get("dora_scale")
+    fits = m is None or (m.numel() in (out, shape[1]) and m.shape[0] in (out, 1))
     if algo == "dora":
         r = t["lora_down.weight"].shape[0]
-        m = t["dora_scale"]
-        fits = (t["lora_down.weight"].numel() == r * fan_in and t["lora_up.weight"].numel() == out * r
-                and m.numel() in (out, shape[1]) and m.shape[0] in (out, 1))
+        fits = fits and t["lora_down.weight"].numel() == r * fan_in and t["lora_up.weight"].numel() == out * r
     elif algo == "loha":
         r = t["hada_w1_b"].shape[0]
-        fits = all(t[k].numel() == n for k, n in (("hada_w1_a", out * r), ("hada_w2_a", out * r),
-                                                   ("hada_w1_b", r * fan_in), ("hada_w2_b", r * fan_in)))
+        fits = fits and all(t[k].numel() == n for k, n in (("hada_w1_a", out * r), ("hada_w2_a", out * r),
+                                                             ("hada_w1_b", r * fan_in), ("hada_w2_b", r * fan_in)))
         fits = fits and t["hada_w1_a"].shape[0] == out and t["hada_w2_b"].shape[0] == r
     else:
-        w1, w2 = lokr_parts(t)
-        fits = w1.dim() == 2 and w1.shape[0] * w2.shape[0] == out and w1.shape[1] * w2[0].numel() == fan_in
+        try:
+            w1, w2 = lokr_parts(t)
+        except RuntimeError:  # a factorised half whose inner sizes differ
+            w1 = w2 = torch.zeros(0, 0)
+        fits = fits and w1.dim() == 2 and w1.shape[0] * w2.shape[0] == out and w1.shape[1] * w2[0:1].numel() == fan_in
     if not fits:
         got = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(t.items()))
         raise LoRAFileError(f"{path}: {algo} module {source} has {got}; the model's weight is {shape}")
@@ -204,7 +211,7 @@ class LycorisModule(nn.Module):
 
     def delta(self) -> torch.Tensor:
         w = self.base.weight
-        base = base_weight(self.base) if self.algo == "dora" else None
+        base = base_weight(self.base) if "dora_scale" in self.keys else None
         return self.multiplier * delta_weight(self.tensors(), self.alpha, tuple(w.shape), base)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

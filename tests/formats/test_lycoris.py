@@ -154,3 +154,17 @@ def test_dora_linear_through_the_lora_kernel_equals_the_rebuilt_weight(on_output
     want_grads = torch.autograd.grad(want.square().sum(), params)
     assert rel(got, want) < 1e-5
     assert all(rel(a, b) < 1e-5 for a, b in zip(got_grads, want_grads))
+
+
+@pytest.mark.parametrize("make", [BASES[1], BASES[2]])
+@pytest.mark.parametrize("cls, kwargs", [(LohaModule, {}), (LokrModule, {"factor": 4})], ids=["loha", "lokr"])
+def test_loha_and_lokr_with_dora_scale_equal_lycoris(make, cls, kwargs):
+    # files trained with LyCORIS's dora_wd on LoHa/LoKr carry a dora_scale beside their own tensors; read, not trained here
+    torch.manual_seed(10)
+    base = make()
+    ref = cls("m", base, 1.0, 2, 3.0, weight_decompose=True, wd_on_out=False, **kwargs)
+    tensors = randomised(ref, seed=11)
+    w = base.weight.detach()
+    want = ref.apply_weight_decompose(w + ref.get_weight(tuple(w.shape))) - w
+    got = lycoris.delta_weight(tensors, float(ref.alpha), tuple(w.shape), w)
+    assert lycoris.algo_of(tensors) == cls.__name__[:4].lower() and rel(got, want) < 1e-5
