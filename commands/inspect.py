@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gesso.engine.lora import lycoris
 from gesso.models.configs import SD15, SDXL_BASE
 from gesso.models.detect import detect_family, expected_shapes, is_lora, is_optional
 from gesso.models.files import CheckpointError, file_refs
@@ -24,7 +25,8 @@ COMPONENTS = {
     "sd2": UNET_VAE | {"text_encoder (OpenCLIP H)": "cond_stage_model."},
 }
 SHOWN = 10  # keys listed per problem kind
-LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".lora_A.weight", ".lora_B.weight")
+LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".lora_A.weight", ".lora_B.weight",
+                 *("." + s for s in lycoris.SUFFIXES if s not in ("lora_down.weight", "lora_up.weight", "alpha")))
 
 
 def _size(path: Path) -> str:
@@ -92,10 +94,16 @@ def inspect_lora(path: Path, refs: dict, metadata: dict, out) -> int:
     modules = sorted({k[: -len(s)] for k in refs for s in LORA_SUFFIXES if k.endswith(s)})
     down = {k.removesuffix(".lora_down.weight"): r for k, r in refs.items() if k.endswith(".lora_down.weight")}
     down |= {k.removesuffix(".lora_A.weight"): r for k, r in refs.items() if k.endswith(".lora_A.weight")}
+    down |= {k.removesuffix(".hada_w1_b"): r for k, r in refs.items() if k.endswith(".hada_w1_b")}
     ranks = Counter(r.shape[0] for r in down.values())
+    ranks.update(r.shape[1] for k, r in refs.items() if k.endswith(".lokr_w2_a"))  # LoKr's factorised half
     alphas = Counter(round(float(refs[m + ".alpha"].load()), 6) for m in modules if m + ".alpha" in refs)
     print(f"{path}", file=out)
+    algos = Counter("dora" if m + ".dora_scale" in refs else "loha" if m + ".hada_w1_a" in refs else
+                    "lokr" if any(m + "." + s in refs for s in ("lokr_w1", "lokr_w1_a")) else "lora" for m in modules)
     print(f"  format: LoRA, {len(modules)} modules, {len(refs)} tensors, {_size(path)}", file=out)
+    if set(algos) != {"lora"}:  # LyCORIS's modules (engine/lora/lycoris.py), by the tensors each holds
+        print(f"  adapters: {', '.join(f'{a} {n}' for a, n in sorted(algos.items()))}", file=out)
     print(f"  rank: {dict(sorted(ranks.items()))}  alpha: {dict(sorted(alphas.items())) or 'none (scale 1)'}", file=out)
     groups = Counter(re.match(r"(lora_unet|lora_te\d?|[^.]+)", m)[1] for m in modules)
     kinds = Counter(re.sub(r".*?(attn\d_to_\w+|ff_net_\d_proj|ff_net_2|proj_in|proj_out|self_attn_\w+|mlp_\w+|"

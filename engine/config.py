@@ -55,6 +55,9 @@ class NetworkSection:
     conv_rank: int = 0  # LoCon: also the res-block, down- and upsampler convs (3x3 at this rank); 0 = off
     conv_alpha: float = 1.0
     train_text_encoders: bool = False  # LoRA on the text encoders too (lora_te1_/lora_te2_, SD 1.x lora_te_); no text cache
+    type: str = "lora"  # lora, or a LyCORIS adapter: dora, loha, lokr (engine/lora/lycoris.py)
+    lokr_factor: int = 0  # LoKr: split each dimension at this factor (LyCORIS `factor`); 0 = the most balanced split
+    dora_wd_on_output: bool = False  # DoRA: norm per output row (LyCORIS wd_on_output); off = per input column, as A1111 reads
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,7 @@ CHOICES = {
     ("train", "lr_scheduler"): ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear"),
     ("train", "mixed_precision"): ("no", "bf16", "fp16"),
     ("loss", "prediction"): ("epsilon", "v_prediction"),
+    ("network", "type"): ("lora", "dora", "loha", "lokr"),
     ("loss", "loss_type"): ("l2", "huber"),
     ("sample", "sampler"): ("euler", "euler_a", "dpmpp_2m_karras", "ddim"),
     ("output", "save_dtype"): ("fp16", "bf16", "fp32"),
@@ -174,6 +178,7 @@ RANGES = {
     ("network", "alpha"): POSITIVE,
     ("network", "conv_rank"): (_within(0, math.inf), "must be 0 (off) or more"),
     ("network", "conv_alpha"): POSITIVE,
+    ("network", "lokr_factor"): (_within(0, math.inf), "must be 0 (the most balanced split) or more"),
     ("train", "epochs"): AT_LEAST_1,
     ("train", "batch_size"): AT_LEAST_1,
     ("train", "gradient_accumulation_steps"): AT_LEAST_1,
@@ -212,6 +217,8 @@ RELATIONS = [
     ("loss.masked, dataset.alpha_mask, dataset.mask_dir", lambda c: c.loss.masked == _has_mask_source(c.dataset),
      "loss.masked = true needs a mask source (alpha_mask = true or a mask_dir, on the dataset or a subset), and a "
      "mask source needs loss.masked = true"),
+    ("network.type, network.train_text_encoders", lambda c: c.network.type == "lora" or not c.network.train_text_encoders,
+     "DoRA, LoHa and LoKr train the UNet only; text-encoder training is LoRA"),
 ]
 
 

@@ -43,8 +43,7 @@ class Saver:
 
     def state(self, optimizer, scheduler, scaler, pos: Position) -> None:
         # the live weights, not a copy: save_state makes the one copy the file needs
-        live = {f"{name}.lora_{part}.weight": getattr(m, f"lora_{part}") for name, m in self.network.modules.items()
-                for part in ("down", "up")}
+        live = self.network.named_tensors()
         require_finite(live, self.dir / STATE_FILE, pos.step)
         path = save_state(self.dir, self.network, optimizer, scheduler, scaler, pos, self.files, network_shape(self.cfg))
         self.events.saved("state", path, pos.step, pos.epoch)
@@ -58,7 +57,8 @@ class Saver:
 def network_shape(cfg: Config) -> dict:
     n = cfg.network
     shape = {"rank": n.rank, "alpha": n.alpha, "conv_rank": n.conv_rank, "conv_alpha": n.conv_alpha}
-    return shape | ({"train_text_encoders": True} if n.train_text_encoders else {})  # states saved before the option still match
+    shape |= {"train_text_encoders": True} if n.train_text_encoders else {}  # states saved before the option still match
+    return shape | ({"type": n.type} if n.type != "lora" else {})
 
 
 def require_finite(tensors: dict[str, torch.Tensor], path: Path, step: int) -> None:

@@ -106,16 +106,15 @@ def load_state(folder: Path) -> dict:
 def restore_network(network, state: dict) -> None:
     """The LoRA weights of a loaded state into `network`, after checking that every tensor is there with its shape."""
     saved = state["lora"]
-    for name, m in network.modules.items():
-        for key, param in ((f"{name}.lora_down.weight", m.lora_down), (f"{name}.lora_up.weight", m.lora_up)):
-            if key not in saved:
-                raise TrainError(f"{STATE_FILE}: lora has no {key}: the state belongs to another network")
-            if saved[key].shape != param.shape:
-                raise TrainError(f"{STATE_FILE}: lora {key} has shape {tuple(saved[key].shape)}, "
-                                 f"the network needs {tuple(param.shape)}")
-    for name, m in network.modules.items():
-        m.lora_down.data.copy_(saved[f"{name}.lora_down.weight"])
-        m.lora_up.data.copy_(saved[f"{name}.lora_up.weight"])
+    live = network.named_tensors()
+    for key, param in live.items():
+        if key not in saved:
+            raise TrainError(f"{STATE_FILE}: lora has no {key}: the state belongs to another network")
+        if saved[key].shape != param.shape:
+            raise TrainError(f"{STATE_FILE}: lora {key} has shape {tuple(saved[key].shape)}, "
+                             f"the network needs {tuple(param.shape)}")
+    for key, param in live.items():
+        param.data.copy_(saved[key])
 
 
 def restore(state: dict, network, optimizer, scheduler, scaler, generator: torch.Generator) -> Position:

@@ -15,7 +15,7 @@ from gesso.engine.data.cache import Cache, prepare_cache
 from gesso.engine.data.dataset import Dataset, DatasetOptions, Subset, build_dataset
 from gesso.engine.events import Events, StopTraining
 from gesso.engine.logs import RunLog
-from gesso.engine.lora import names
+from gesso.engine.lora import lycoris, names
 from gesso.engine.lora import network as lora
 from gesso.engine.lora.metadata import training_metadata
 from gesso.engine.optim import build_optimizer
@@ -177,7 +177,7 @@ def inject_network(unet, cfg: Config) -> lora.LoRANetwork:
     kohya = names.unet_kohya_names(unet, paths)
     rank = {kohya[p]: n.conv_rank if p in conv3x3 else n.rank for p in paths}
     alpha = {kohya[p]: n.conv_alpha if p in conv3x3 else n.alpha for p in paths}
-    return lora.inject(unet, paths, "lora_unet_", rank, alpha, names=kohya)
+    return lora.inject(unet, paths, "lora_unet_", rank, alpha, names=kohya, algo=n.type, options=lycoris.Options.of(n))
 
 
 @torch.no_grad()
@@ -350,9 +350,9 @@ def param_groups(network: lora.LoRANetwork, tc) -> list[dict]:
     # so the order must be the same in the process that resumes
     te = [n for n in network.modules if n.startswith("lora_te")]
     unet = [n for n in network.modules if not n.startswith("lora_te")]
-    groups = [{"params": [p for n in unet for p in (network.modules[n].lora_down, network.modules[n].lora_up)]}]
+    groups = [{"params": [p for n in unet for p in network.modules[n].tensors().values()]}]
     if te:
-        groups.append({"params": [p for n in te for p in (network.modules[n].lora_down, network.modules[n].lora_up)],
+        groups.append({"params": [p for n in te for p in network.modules[n].tensors().values()],
                        "lr": tc.text_encoder_lr or tc.learning_rate})
     return groups
 

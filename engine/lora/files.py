@@ -1,4 +1,5 @@
-"""Kohya-layout LoRA files: `<module>.lora_down.weight`, `<module>.lora_up.weight`, `<module>.alpha`.
+"""Kohya-layout LoRA files: `<module>.lora_down.weight`, `<module>.lora_up.weight`, `<module>.alpha` (LyCORIS's
+DoRA, LoHa and LoKr modules add or swap in their own suffixes, engine/lora/lycoris.py).
 
 This is the layout ComfyUI, AUTOMATIC1111/Forge and diffusers all read. Metadata values are strings;
 JSON-valued ones (`ss_tag_frequency`, `ss_dataset_dirs`, ...) are valid JSON, and the `sshs_*` hashes are
@@ -14,7 +15,8 @@ from safetensors.torch import save
 from gesso.engine.io import write_bytes_atomic
 from gesso.errors import LoRAFileError
 
-SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale", ".hada_w1_a", ".hada_w1_b", ".hada_w2_a",
+            ".hada_w2_b", ".lokr_w1", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2", ".lokr_w2_a", ".lokr_w2_b")  # LoRA, then LyCORIS's
 
 
 def weights_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:

@@ -3,7 +3,8 @@
 Read: kohya/AUTOMATIC1111 (`lora_unet_*`, `lora_te1_*`, `lora_te2_*`, `lora_te_*` with `.lora_down/.lora_up/.alpha`,
 UNet modules in the original or the diffusers spelling, LoCon convs), diffusers/PEFT (`unet.down_blocks...lora_A.weight`,
 `...lora.down.weight`, the old `processor.to_q_lora.down.weight`, `text_encoder(_2).`, PEFT's `lora_adapter_metadata`
-alphas) and ComfyUI-saved files (`diffusion_model.<original path>.lora_up.weight`). Every module lands on one weight
+alphas) and ComfyUI-saved files (`diffusion_model.<original path>.lora_up.weight`); LyCORIS's DoRA (`dora_scale`), LoHa
+(`hada_*`) and LoKr (`lokr_*`) modules under any of those names become `lycoris.Adapter`s. Every module lands on one weight
 of the single-file checkpoint (`Target`); OpenCLIP's q/k/v land on row slices of the fused `in_proj_weight`.
 """
 import json
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gesso.engine.lora import names
+from gesso.engine.lora import lycoris, names
 from gesso.engine.lora.files import LoRAFileError, read_lora
 from gesso.engine.lora.metadata import BASE_MODEL_VERSION, MODELSPEC_ARCHITECTURE
 from gesso.models.configs import CLIPTextConfig, ModelConfig, UNetConfig
@@ -23,7 +24,7 @@ PARTS = (  # file key suffix -> part, longest first so `_lora.down.weight` never
     (".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_A.weight", "down"), (".lora_B.weight", "up"),
     (".lora.down.weight", "down"), (".lora.up.weight", "up"), ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),
     (".alpha", "alpha"),
-)
+) + tuple(("." + key, key) for key in (*lycoris.KEYS, *lycoris.TUCKER) if not key.startswith("lora_"))
 TEXT_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
 OPENCLIP_LINEARS = {"self_attn.out_proj": "attn.out_proj", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
 
@@ -48,9 +49,12 @@ class Module:
     def rank(self) -> int:
         return self.down.shape[0]
 
-    def delta(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """alpha / rank * up @ down in fp32, shaped like the weight it adds to."""
+    def delta(self, shape: tuple[int, ...], base: torch.Tensor | None = None) -> torch.Tensor:
+        """alpha / rank * up @ down in fp32, shaped like the weight it adds to (`base` is for DoRA's sake; unused)."""
         return (self.alpha / self.rank) * (self.up.flatten(1).float() @ self.down.flatten(1).float()).reshape(shape)
+
+    def to(self, dtype: torch.dtype) -> "Module":
+        return Module(self.down.to(dtype), self.up.to(dtype), self.alpha)
 
 
 @dataclass
@@ -65,7 +69,7 @@ class Layout:
 
 @dataclass
 class LoRA:
-    modules: dict[str, Module]  # kohya name -> module
+    modules: dict[str, "Module | lycoris.Adapter"]  # kohya name -> module
     metadata: dict[str, str]
     layout: Layout
     unplaced: list[str] = field(default_factory=list)  # file keys that name nothing in this model
@@ -131,7 +135,7 @@ def layout(cfg: ModelConfig | UNetConfig) -> Layout:
 
 
 def split_key(key: str) -> tuple[str, str] | None:
-    """(module, part) of a file key, or None for a tensor no reader here understands (DoRA scales, LoHa, ...)."""
+    """(module, part) of a file key (LyCORIS parts by their own suffix), or None for a tensor no reader here understands."""
     for suffix, part in PARTS:
         if key.endswith(suffix):
             return key[: -len(suffix)], part
@@ -193,6 +197,9 @@ def read(path, cfg: ModelConfig | UNetConfig) -> LoRA:
         got[split[1]] = t
     modules = {}
     for name, got in sorted(parts.items()):
+        if any(part in got for part in (*lycoris.KEYS, *lycoris.TUCKER)):
+            modules[name] = lycoris_module(path, got, lay.targets[name].shape)
+            continue
         if "down" not in got or "up" not in got:
             raise LoRAFileError(f"{path}: module {got['source']} lacks its {'up' if 'down' in got else 'down'} weight")
         down, up = got["down"], got["up"]
@@ -203,6 +210,17 @@ def read(path, cfg: ModelConfig | UNetConfig) -> LoRA:
             require_finite(path, got["source"], part, t)
         modules[name] = m
     return LoRA(modules, metadata, lay, sorted(unplaced), sorted(text_keys))
+
+
+def lycoris_module(path, got: dict, shape: tuple[int, ...]) -> lycoris.Adapter:
+    """A LyCORIS module's parts as an Adapter, checked against the weight's shape and for NaN/Inf; no alpha: scale 1."""
+    tensors = {key: got[part] for key, part in (("lora_down.weight", "down"), ("lora_up.weight", "up")) if part in got}
+    tensors |= {key: got[key] for key in (*lycoris.KEYS, *lycoris.TUCKER) if key in got}
+    lycoris.check(path, got["source"], tensors, shape)
+    for key, t in tensors.items():
+        require_finite(path, got["source"], key, t)
+    alpha = float(got["alpha"]) if "alpha" in got else float(lycoris.rank_of(tensors) or 1)  # no alpha: scale 1
+    return lycoris.Adapter(tensors, alpha)
 
 
 def require_finite(path, source: str, part: str, t: torch.Tensor) -> None:
@@ -238,6 +256,11 @@ def require_placed(path, lo: LoRA) -> LoRA:
 def to_kohya(lo: LoRA, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     out = {}
     for name, m in sorted(lo.modules.items()):
+        if isinstance(m, lycoris.Adapter):
+            t = m.tensors if dtype is None else m.to(dtype).tensors
+            out |= {f"{name}.{key}": v.contiguous() for key, v in t.items()}
+            out[f"{name}.alpha"] = torch.tensor(m.alpha, dtype=dtype or next(iter(t.values())).dtype)
+            continue
         dt = dtype or m.down.dtype
         out[f"{name}.lora_down.weight"] = m.down.to(dt).contiguous()
         out[f"{name}.lora_up.weight"] = m.up.to(dt).contiguous()
@@ -251,11 +274,13 @@ def kohya_metadata(lo: LoRA, family: str, title: str) -> dict[str, str]:
     ranks = {m.rank for m in lo.modules.values()}
     alphas = {m.alpha for m in lo.modules.values()}
     meta = {k: v for k, v in lo.metadata.items() if k.startswith(("ss_", "modelspec."))}
+    algos = sorted({m.algo for m in lo.modules.values() if isinstance(m, lycoris.Adapter)})
     defaults = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "lycoris.kohya" if algos else "networks.lora",
         "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
         "ss_network_alpha": f"{alphas.pop():g}" if len(alphas) == 1 else "Dynamic",
         "ss_base_model_version": BASE_MODEL_VERSION.get(family, ""),
+        **({"ss_network_args": json.dumps(lycoris.network_args(algos[0]))} if len(algos) == 1 else {}),
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": MODELSPEC_ARCHITECTURE.get(family, ""),
         "modelspec.title": title,
@@ -273,6 +298,8 @@ def to_diffusers(lo: LoRA, cfg: ModelConfig | UNetConfig) -> dict[str, torch.Ten
     component_of = {prefix: component for component, prefix in lay.te_prefixes.items()}
     out = {}
     for name, m in sorted(lo.modules.items()):
+        if isinstance(m, lycoris.Adapter):
+            raise LoRAFileError(f"{name}: a {m.algo} module has no diffusers/PEFT layout here; keep the kohya/LyCORIS layout")
         target = lay.targets[name]
         if target.unet_path is not None:
             module = "unet." + to_diffusers_path[target.unet_path]

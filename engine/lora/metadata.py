@@ -9,6 +9,7 @@ from collections import Counter
 
 from gesso.engine.config import Config
 from gesso.engine.data.dataset import Dataset, Item
+from gesso.engine.lora import lycoris
 
 BASE_MODEL_VERSION = {"sdxl": "sdxl_base_v1-0", "sd15": "sd_v1", "sd2": "sd_v2"}
 MODELSPEC_ARCHITECTURE = {"sdxl": "stable-diffusion-xl-v1-base/lora", "sd15": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2/lora"}
@@ -28,12 +29,16 @@ def training_metadata(cfg: Config, family: str, dataset: Dataset, started_at: fl
     res = cfg.dataset.resolution
     items = dataset.items
     buckets = sorted({it.bucket for it in items})
+    n = cfg.network
+    if n.type == "lora":
+        module, args = "networks.lora", {"conv_dim": str(n.conv_rank), "conv_alpha": str(n.conv_alpha)} if n.conv_rank else {}
+    else:
+        module, args = "lycoris.kohya", lycoris.network_args(n.type, lycoris.Options.of(n), n.conv_rank, n.conv_alpha)
     meta = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": cfg.network.rank,
-        "ss_network_alpha": cfg.network.alpha,
-        "ss_network_args": json.dumps({"conv_dim": str(cfg.network.conv_rank), "conv_alpha": str(cfg.network.conv_alpha)}
-                                      if cfg.network.conv_rank else {}),
+        "ss_network_module": module,
+        "ss_network_dim": n.rank,
+        "ss_network_alpha": n.alpha,
+        "ss_network_args": json.dumps(args),
         "ss_base_model_version": BASE_MODEL_VERSION[family],
         "ss_v2": family == "sd2",
         "ss_sd_model_name": cfg.model.checkpoint or cfg.model.name,

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gesso.engine.lora import lycoris
 from gesso.engine.lora.formats import read, require_placed, text_layout, unet_modules
 from gesso.engine.lora.names import block_of, kohya_name
 from gesso.errors import LoRAFileError
@@ -35,6 +36,9 @@ class LoRALinear(nn.Module):
     @property
     def scale(self) -> float:
         return self.multiplier * self.alpha / self.rank
+
+    def tensors(self) -> dict[str, nn.Parameter]:
+        return {"lora_down.weight": self.lora_down, "lora_up.weight": self.lora_up}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         down, up = self.lora_down.to(x.dtype), self.lora_up.to(x.dtype)
@@ -59,6 +63,8 @@ class LoRAConv2d(nn.Module):
     @property
     def scale(self) -> float:
         return self.multiplier * self.alpha / self.rank
+
+    tensors = LoRALinear.tensors
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.base
@@ -87,6 +93,8 @@ class LoRARows(nn.Module):
     @property
     def scale(self) -> float:
         return self.multiplier * self.alpha / self.rank
+
+    tensors = LoRALinear.tensors
 
     def delta(self) -> torch.Tensor:
         return self.scale * (self.lora_up @ self.lora_down)  # (w, w)
@@ -125,7 +133,7 @@ class LoRAInProj(nn.Module):
         return self.base.num_heads
 
 
-LORA_TYPES = (LoRALinear, LoRAConv2d, LoRAInProj)
+LORA_TYPES = (LoRALinear, LoRAConv2d, LoRAInProj, lycoris.LycorisModule)
 
 
 @dataclass
@@ -142,7 +150,11 @@ class LoRANetwork:
     block_weights: dict[str, float] = field(default_factory=dict)
 
     def parameters(self) -> list[nn.Parameter]:
-        return [p for m in self.modules.values() for p in (m.lora_down, m.lora_up)]
+        return [p for m in self.modules.values() for p in m.tensors().values()]
+
+    def named_tensors(self) -> dict[str, nn.Parameter]:
+        """Every trained tensor by its file key (`<kohya name>.lora_down.weight`, `.hada_w1_a`, `.dora_scale`, ...)."""
+        return {f"{name}.{key}": p for name, m in self.modules.items() for key, p in m.tensors().items()}
 
     def set_multiplier(self, multiplier: float) -> None:
         self.multiplier = multiplier
@@ -164,8 +176,8 @@ class LoRANetwork:
     def kohya_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         out = {}
         for name, m in sorted(self.modules.items()):
-            out[f"{name}.lora_down.weight"] = m.lora_down.detach().to("cpu", dtype).contiguous()
-            out[f"{name}.lora_up.weight"] = m.lora_up.detach().to("cpu", dtype).contiguous()
+            for key, p in m.tensors().items():
+                out[f"{name}.{key}"] = p.detach().to("cpu", dtype).contiguous()
             out[f"{name}.alpha"] = torch.tensor(m.alpha, dtype=dtype)
         return out
 
@@ -180,10 +192,11 @@ class LoRANetwork:
 
 
 def inject(root: nn.Module, paths: list[str], prefix: str, rank: int | dict[str, int], alpha: float | dict[str, float],
-           names: dict[str, str] | None = None) -> LoRANetwork:
+           names: dict[str, str] | None = None, algo: str = "lora", options: lycoris.Options = lycoris.Options()) -> LoRANetwork:
     """Swap each module at `paths` (relative to `root`) for its LoRA module; rank/alpha may be per kohya name.
 
     names: module path -> kohya name where it is not `kohya_name(prefix, path)` (SD 1.x: `unet_kohya_names`).
+    algo: "lora", or a LyCORIS adapter (`lycoris.ALGOS`) made with `options`.
     """
     modules, where = {}, {}
     for path in paths:
@@ -195,7 +208,10 @@ def inject(root: nn.Module, paths: list[str], prefix: str, rank: int | dict[str,
         name = names[path] if names else kohya_name(prefix, path)
         r = rank[name] if isinstance(rank, dict) else rank
         a = alpha[name] if isinstance(alpha, dict) else alpha
-        wrapper = LoRALinear(base, r, a) if isinstance(base, nn.Linear) else LoRAConv2d(base, r, a)
+        if algo != "lora":
+            wrapper = lycoris.new_module(base, algo, r, a, options)
+        else:
+            wrapper = LoRALinear(base, r, a) if isinstance(base, nn.Linear) else LoRAConv2d(base, r, a)
         setattr(parent, attr, wrapper)
         modules[name], where[name] = wrapper, (root, path, attr)
     return LoRANetwork(modules, where)
@@ -236,8 +252,9 @@ def inject_text_encoders(sd: nn.Module, rank: int, alpha: float) -> LoRANetwork:
 
 
 def load_network(unet, path: str | Path, prefix: str = "lora_unet_", multiplier: float = 1.0):
-    """Inject the UNet modules of a LoRA file (kohya, diffusers/PEFT or ComfyUI layout, LoCon included) into `unet`
-    with the file's ranks, alphas and weights; the network's kohya names are those kohya writes for this UNet.
+    """Inject the UNet modules of a LoRA file (kohya, diffusers/PEFT or ComfyUI layout, LoCon included; LyCORIS's DoRA,
+    LoHa and LoKr as `lycoris.LycorisModule`) into `unet` with the file's ranks, alphas and weights; the network's kohya
+    names are those kohya writes for this UNet.
 
     A key that names nothing in this UNet is an error naming it, so a file for another architecture never
     half-loads. Text-encoder modules are not applied here (`lora_tools.merge_lora` applies them); `prefix` is kept
@@ -249,12 +266,19 @@ def load_network(unet, path: str | Path, prefix: str = "lora_unet_", multiplier:
     placed = unet_modules(lo)
     if not placed:
         raise LoRAFileError(f"{path}: no UNet modules")
-    names = {unet_path: name for name, (unet_path, _) in placed.items()}
+    names = {unet_path: name for name, (unet_path, m) in placed.items() if not isinstance(m, lycoris.Adapter)}
     network = inject(unet, list(names), prefix, rank={n: m.rank for n, (_, m) in placed.items()},
                           alpha={n: m.alpha for n, (_, m) in placed.items()}, names=names)
     with torch.no_grad():
-        for name, (_, m) in placed.items():
-            network.modules[name].lora_down.copy_(m.down)
-            network.modules[name].lora_up.copy_(m.up)
+        for name, (unet_path, m) in placed.items():
+            if isinstance(m, lycoris.Adapter):  # the file's tensors are the module's; nothing to initialise
+                parent_path, _, attr = unet_path.rpartition(".")
+                parent = unet.get_submodule(parent_path)
+                network.modules[name] = lycoris.LycorisModule(getattr(parent, attr), m.tensors, m.alpha)
+                network.paths[name] = (unet, unet_path, attr)
+                setattr(parent, attr, network.modules[name])
+            else:
+                network.modules[name].lora_down.copy_(m.down)
+                network.modules[name].lora_up.copy_(m.up)
     network.set_multiplier(multiplier)
     return network

@@ -104,8 +104,8 @@ def read_placed(path: str | Path, model: str | Path | None = None) -> tuple[LoRA
 
 
 def module_count(path: str | Path) -> int:
-    """LoRA modules in a file of any layout, from its key names (one down weight per module)."""
-    return sum(1 for key in read_lora_header(path)[0] if (split := lora_convert.split_key(key)) and split[1] == "down")
+    """LoRA modules in a file of any layout, from its key names (LoRA: one down weight per module; LyCORIS: one name)."""
+    return len({split[0] for key in read_lora_header(path)[0] if (split := lora_convert.split_key(key)) and split[1] != "alpha"})
 
 
 def convert_lora(src: str | Path, dst: str | Path, to: str = "kohya", model: str | Path | None = None,
@@ -119,7 +119,7 @@ def convert_lora(src: str | Path, dst: str | Path, to: str = "kohya", model: str
         raise LoRAFileError(f"{dst}: dtype {dtype!r} unknown; choose one of {', '.join(DTYPES)}")
     lo, cfg = read_placed(src, model)
     if dtype:
-        lo.modules = {n: Module(m.down.to(DTYPES[dtype]), m.up.to(DTYPES[dtype]), m.alpha) for n, m in lo.modules.items()}
+        lo.modules = {n: m.to(DTYPES[dtype]) for n, m in lo.modules.items()}
     if to == "kohya":
         save_lora(dst, lora_convert.to_kohya(lo), lora_convert.kohya_metadata(lo, cfg.family, dst.stem))
     else:
@@ -213,7 +213,7 @@ def merge_lora(checkpoint: str | Path, loras: list, out: str | Path, progress: b
         w = t.float()
         for target, m, weight in by_key[key]:
             rows = slice(*target.rows) if target.rows else slice(None)
-            w[rows] += weight * m.delta(target.shape).reshape(w[rows].shape)
+            w[rows] += weight * m.delta(target.shape, w[rows]).reshape(w[rows].shape)  # DoRA rescales the weight it meets
         return w
 
     meta = dict(ckpt.metadata)
@@ -282,6 +282,9 @@ def resize_lora(src: str | Path, dst: str | Path, rank: int | None = None, energ
     in the kohya layout at `dst`; returns what each module keeps. progress: a bar over the modules."""
     src, dst = Path(src), Path(dst)
     lo, cfg = read_placed(src, model)
+    algos = sorted({m.algo for m in lo.modules.values() if not isinstance(m, Module)})
+    if algos:
+        raise LoRAFileError(f"{src}: resize cuts LoRA/LoCon ranks by SVD; this file holds {'/'.join(algos)} modules, which it cannot resize")
     try:
         resized, report = resize(lo, rank=rank, energy=energy, progress=progress)
     except ValueError as e:
