@@ -28,7 +28,8 @@ setup(
     extras_require={
         # diffusers and transformers are the references the parity tests compare against; peft is what
         # diffusers' load_lora_weights needs to load our LoRA files in the format tests.
-        # lycoris-lora is the reference for the LoHa/LoKr/DoRA deltas; onnx builds the tiny WD tagger graph the caption tests run on onnxruntime
+        # lycoris-lora is the reference for the LoHa/LoKr/DoRA deltas; onnx builds the tiny WD tagger graph that
+        # the caption tests run on onnxruntime.
         "test": ["pytest", "pytest-benchmark", "diffusers>=0.30", "peft", "onnxruntime", "onnx",
                  "lycoris-lora>=4.1"],
         # `gesso caption --captioner tagger`: WD taggers ship model.onnx; BLIP needs only transformers
