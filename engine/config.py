@@ -22,6 +22,7 @@ class ModelSection:
     name: str = "tiny-sdxl"  # built-in architecture: tiny-sdxl (random init), sdxl, sd15
     checkpoint: str = ""  # single file, diffusers folder or Hub repo id; empty: random init of `name`
     seed: int = 0  # seed of the random init when no checkpoint is given
+    prediction: str = "auto"  # auto (the checkpoint's v_pred marker key, else the architecture's), epsilon, v_prediction
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,9 @@ class TrainSection:
 
 @dataclass(frozen=True)
 class LossSection:
-    prediction: str = "epsilon"  # epsilon or v_prediction (SD 2.x 768-v)
+    prediction: str = "auto"  # older name of model.prediction, kept for old configs: auto follows model.prediction
+    zero_terminal_snr: bool = False  # rescale the betas to zero terminal SNR (on by itself for a checkpoint with a ztsnr key)
+    scale_v_pred_loss_like_noise_pred: bool = False  # weight the v loss by SNR / (SNR + 1), as kohya's option
     loss_type: str = "l2"  # l2 or huber (pseudo-Huber)
     huber_c: float = 0.1
     min_snr_gamma: float = 0.0  # 0 disables; 5 is the usual value
@@ -128,7 +131,8 @@ CHOICES = {
     ("train", "optimizer"): ("adamw", "adamw8bit", "prodigy", "adafactor"),
     ("train", "lr_scheduler"): ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear"),
     ("train", "mixed_precision"): ("no", "bf16", "fp16"),
-    ("loss", "prediction"): ("epsilon", "v_prediction"),
+    ("model", "prediction"): ("auto", "epsilon", "v_prediction"),
+    ("loss", "prediction"): ("auto", "epsilon", "v_prediction"),
     ("loss", "loss_type"): ("l2", "huber"),
     ("sample", "sampler"): ("euler", "euler_a", "dpmpp_2m_karras", "ddim"),
     ("output", "save_dtype"): ("fp16", "bf16", "fp32"),
@@ -201,6 +205,8 @@ RELATIONS = [
     ("dataset.min_bucket_side, dataset.max_bucket_side", lambda c: c.dataset.min_bucket_side <= c.dataset.max_bucket_side,
      "min must not exceed max"),
     ("sample.prompts", lambda c: all(isinstance(p, str) for p in c.sample.prompts), "must be a list of strings"),
+    ("model.prediction, loss.prediction", lambda c: "auto" in (c.model.prediction, c.loss.prediction)
+     or c.model.prediction == c.loss.prediction, "disagree; set model.prediction only"),
 ]
 
 

@@ -31,8 +31,10 @@ def draw(x0: torch.Tensor, opts: LossSection, alphas_cumprod: torch.Tensor, g: t
 
 
 def loss(pred: torch.Tensor, d: Draw, opts: LossSection, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of the per-sample loss, min-SNR-γ weighted when γ > 0."""
+    """Mean over the batch of the per-sample loss, min-SNR-γ weighted when γ > 0, v-loss scaled like ε when asked."""
     per_sample = diffusion.per_sample_loss(pred, d.target, opts.loss_type, opts.huber_c)
     if opts.min_snr_gamma:
         per_sample = per_sample * diffusion.min_snr_weight(d.t, alphas_cumprod, opts.min_snr_gamma, opts.prediction)
+    if opts.scale_v_pred_loss_like_noise_pred:
+        per_sample = per_sample * diffusion.v_like_noise_weight(d.t, alphas_cumprod)
     return per_sample.mean()

@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from gesso import models
-from gesso.engine import diffusion, fp8, objective, rundir
+from gesso.engine import diffusion, fp8, objective, prediction, rundir
 from gesso.engine.config import Config
 from gesso.engine.data.cache import Cache, prepare_cache
 from gesso.engine.data.dataset import Dataset, DatasetOptions, Subset, build_dataset
@@ -218,6 +218,8 @@ def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | Non
     device = pick_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     sd, model_cfg, network, cache = prepare_run(cfg, device)
+    cfg, model_cfg = prediction.resolve(cfg, model_cfg)
+    sd.cfg = model_cfg  # previews sample with the prediction the run trains
     unet, tc = sd.unet, cfg.train
     unet.gradient_checkpointing = tc.gradient_checkpointing
     # The frozen UNet is stored in mixed_precision's dtype and computes in it, without autocast: autocast would
@@ -232,7 +234,7 @@ def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | Non
     sched = build_schedule(tc.lr_scheduler, opt, plan.total_steps, tc.lr_warmup_steps, tc.lr_scheduler_num_cycles)
     update = UpdateWatch(opt, sched)
     scaler = torch.amp.GradScaler(device.type, enabled=tc.mixed_precision == "fp16")
-    ac = diffusion.scaled_linear_alphas_cumprod()
+    ac = diffusion.scaled_linear_alphas_cumprod(zero_terminal_snr=cfg.loss.zero_terminal_snr)
     g = torch.Generator().manual_seed(tc.seed)  # CPU generator: the same draws on any device
     pos = Position(1, 0, 0, g.get_state())
     events = Events(on_event, plan.total_steps, device)
