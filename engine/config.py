@@ -46,11 +46,15 @@ class DatasetSection:
 
 @dataclass(frozen=True)
 class NetworkSection:
+    type: str = "lora"  # lora, or embedding (textual inversion: new token vectors, UNet and text encoders frozen)
     rank: int = 16  # LoRA dim
     alpha: float = 16.0  # scale = alpha / rank
     conv_rank: int = 0  # LoCon: also the res-block, down- and upsampler convs (3x3 at this rank); 0 = off
     conv_alpha: float = 1.0
     train_text_encoders: bool = False  # LoRA on the text encoders too (lora_te1_/lora_te2_, SD 1.x lora_te_); no text cache
+    num_vectors: int = 1  # embedding: token vectors per text encoder
+    init_word: str = "*"  # embedding: the vectors start as this word's token embeddings
+    token: str = ""  # embedding: the caption word it learns; empty: dataset.trigger, else output.name
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,7 @@ class Config:
 
 
 CHOICES = {
+    ("network", "type"): ("lora", "embedding"),
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("train", "optimizer"): ("adamw", "adamw8bit", "prodigy", "adafactor"),
     ("train", "lr_scheduler"): ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear"),
@@ -171,6 +176,7 @@ RANGES = {
     ("network", "alpha"): POSITIVE,
     ("network", "conv_rank"): (_within(0, math.inf), "must be 0 (off) or more"),
     ("network", "conv_alpha"): POSITIVE,
+    ("network", "num_vectors"): (_within(1, 75), "must be within [1, 75] (one prompt chunk)"),
     ("train", "epochs"): AT_LEAST_1,
     ("train", "batch_size"): AT_LEAST_1,
     ("train", "gradient_accumulation_steps"): AT_LEAST_1,
@@ -205,6 +211,8 @@ RELATIONS = [
     ("dataset.min_bucket_side, dataset.max_bucket_side", lambda c: c.dataset.min_bucket_side <= c.dataset.max_bucket_side,
      "min must not exceed max"),
     ("sample.prompts", lambda c: all(isinstance(p, str) for p in c.sample.prompts), "must be a list of strings"),
+    ("network.type, network.train_text_encoders", lambda c: not (c.network.type == "embedding" and c.network.train_text_encoders),
+     "an embedding trains with the text encoders frozen; set train_text_encoders = false"),
     ("model.prediction, loss.prediction", lambda c: "auto" in (c.model.prediction, c.loss.prediction)
      or c.model.prediction == c.loss.prediction, "disagree; set model.prediction only"),
 ]

@@ -18,7 +18,7 @@ from PIL.PngImagePlugin import PngInfo
 from safetensors import safe_open
 
 from gesso import models
-from gesso.engine import diffusion
+from gesso.engine import diffusion, embedding
 from gesso.engine.io import write_atomic
 from gesso.engine.lora import network as lora
 from gesso.engine.lora.network import load_network
@@ -63,10 +63,11 @@ class Pipeline:
 
 def load_pipeline(model: str, model_seed: int = 0, device: str = "cpu", dtype: str = "fp32",
                   vae_dtype: str = "fp32", lora_dir: str | Path | None = None, prediction: str = "auto",
-                  zero_terminal_snr: bool | None = None) -> Pipeline:
+                  zero_terminal_snr: bool | None = None, embeddings_dir: str | Path | None = None) -> Pipeline:
     """`model`: a built-in name (random init from `model_seed`, as the demo trains on) or a checkpoint source
     (single file, diffusers folder, cached Hub id) for models.loaders; ready to sample. `prediction` ("auto": what
-    the checkpoint says, else "epsilon" or "v_prediction") and `zero_terminal_snr` (None: the checkpoint's) override."""
+    the checkpoint says, else "epsilon" or "v_prediction") and `zero_terminal_snr` (None: the checkpoint's) override.
+    `embeddings_dir`: textual-inversion files that prompts name as `embedding:name` or `name`."""
     if model in models.configs.REGISTRY:
         sd = models.build(model, seed=model_seed, device=device).to(DTYPES[dtype])
         name = model
@@ -86,7 +87,13 @@ def load_pipeline(model: str, model_seed: int = 0, device: str = "cpu", dtype: s
         raise RenderError(f"{name}: zero terminal SNR needs a v-prediction model (an ε-model cannot denoise pure noise)")
     sd.requires_grad_(False).eval()
     sd.vae.to(DTYPES[vae_dtype])
-    return Pipeline(sd, models.load_tokenizers(sd.cfg), name, Path(lora_dir) if lora_dir else None, DTYPES[vae_dtype])
+    tokenizers = models.load_tokenizers(sd.cfg)
+    if embeddings_dir:
+        try:
+            embedding.attach_folder(sd, tokenizers, embeddings_dir)
+        except embedding.EmbeddingFileError as e:
+            raise RenderError(str(e)) from None
+    return Pipeline(sd, tokenizers, name, Path(lora_dir) if lora_dir else None, DTYPES[vae_dtype])
 
 
 def attach_lora(unet: torch.nn.Module, path: Path) -> tuple[lora.LoRANetwork, list[str]]:
@@ -125,6 +132,7 @@ def set_lora(pipe: Pipeline, tags: list[prompts.LoraTag]) -> None:
 
 def encode_pair(pipe: Pipeline, text: str, negative: str, emphasis: str):
     """(context, y) for the prompt and the negative prompt, (2, ...) in that order, cached per text."""
+    text, negative = embedding.expand(pipe.sd, text), embedding.expand(pipe.sd, negative)  # embedding:name, name
     key = (text, negative, emphasis)
     if key not in pipe.text_cache:
         pipe.text_cache = {key: prompts.encode(pipe.sd, pipe.tokenizers, [text, negative], emphasis)}

@@ -58,14 +58,16 @@ def prediction_for(model: str, lora_files: list[Path], prediction: str = "auto")
 
 
 def open_pipeline(model: str | Path | None, lora_files: list[Path], lora_dir: str | Path | None = None, device: str = "auto",
-                  dtype: str = "fp32", vae_dtype: str = "fp32", model_seed: int = 0, prediction: str = "auto") -> render.Pipeline:
+                  dtype: str = "fp32", vae_dtype: str = "fp32", model_seed: int = 0, prediction: str = "auto",
+                  embeddings_dir: str | Path | None = None) -> render.Pipeline:
     """The model ready to sample; `device` auto is cuda when there is one; `prediction` as prediction_for decides."""
     for name, value in (("dtype", dtype), ("vae dtype", vae_dtype)):
         if value not in render.DTYPES:
             raise RenderError(f"{name} {value!r}: choose one of {', '.join(render.DTYPES)}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     model = model_for(model, lora_files)
-    return render.load_pipeline(model, model_seed, device, dtype, vae_dtype, lora_dir, *prediction_for(model, lora_files, prediction))
+    return render.load_pipeline(model, model_seed, device, dtype, vae_dtype, lora_dir, *prediction_for(model, lora_files, prediction),
+                                embeddings_dir=embeddings_dir)
 
 
 def settings_for(pipe: render.Pipeline, prompt: str, negative_prompt: str = "", steps: int = 28,
@@ -121,19 +123,20 @@ def sample(prompt: str, model: str | Path | None = None, *, negative_prompt: str
            width: int | None = None, height: int | None = None, batch_size: int = 1,
            init_image: str | Path | Image.Image | None = None, denoise: float = 0.75, emphasis: str = "a1111",
            device: str = "auto", dtype: str = "fp32", vae_dtype: str = "fp32", model_seed: int = 0,
-           prediction: str = "auto") -> list[Image.Image]:
+           prediction: str = "auto", embeddings_dir: str | Path | None = None) -> list[Image.Image]:
     """`batch_size` images of `prompt` (AUTOMATIC1111 syntax, <lora:name:w> tags read from `lora_dir`) for seeds
     seed, seed + 1, ...; img2img from `init_image` at `denoise` strength when given.
 
     `model`: a built-in name (random init from `model_seed`), a checkpoint file or diffusers folder, or None for the
     tagged LoRA files' ss_sd_model_name. A negative seed draws a random one; each image's infotext records it.
     `prediction`: "auto" (the checkpoint's marker keys, or for a built-in model the LoRA's metadata), "epsilon" or
-    "v_prediction".
+    "v_prediction". `embeddings_dir`: textual-inversion files, named in the prompt as `embedding:name` or `name`.
 
         images = sample("gssdemo, a red circle", "tiny-sdxl", steps=4, width=64, height=64, seed=7)
         print(images[0].size, images[0].info["parameters"])  # (64, 64) and the infotext, `Seed: 7` included
     """
     init = None if init_image is None else open_image(init_image)
-    pipe = open_pipeline(model, tagged_lora_files(prompt, lora_dir), lora_dir, device, dtype, vae_dtype, model_seed, prediction)
+    pipe = open_pipeline(model, tagged_lora_files(prompt, lora_dir), lora_dir, device, dtype, vae_dtype, model_seed, prediction,
+                         embeddings_dir)
     s = settings_for(pipe, prompt, negative_prompt, steps, sampler, cfg_scale, seed, width, height, emphasis)
     return render_batch(pipe, s if init is None else img2img(s, denoise), batch_size, init)
