@@ -51,7 +51,9 @@ def inspect_checkpoint(source, out) -> int:
     print(f"{ckpt.path}", file=out)
     print(f"  format: {ckpt.kind}, {len(ckpt.tensors)} tensors, {_size(ckpt.path)}", file=out)
     markers = [k for k in ("v_pred", "ztsnr") if k in ckpt.tensors]
-    prediction = "v (marker key v_pred)" if "v_pred" in markers else f"{cmp.config.prediction} (assumed)"
+    ztsnr = ", zero terminal SNR" if cmp.config.zero_terminal_snr else ""
+    source = f"marker keys {', '.join(markers)}" if markers else "scheduler config" if ckpt.kind == "diffusers" else "assumed"
+    prediction = f"{cmp.config.prediction}{ztsnr} ({source})"
     print(f"  architecture: {ckpt.family} (engine config {cmp.config.name!r}), prediction {prediction}", file=out)
     print(f"  {'component':32} {'tensors':>8} {'parameters':>15}  dtype", file=out)
     for name, prefix in COMPONENTS[ckpt.family].items():

@@ -46,6 +46,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="built-in name (tiny-sdxl, sdxl, sd15, ...) or checkpoint file/diffusers folder "
                                    "(default: the LoRA file's ss_sd_model_name)")
     p.add_argument("--model-seed", type=int, default=0, help="init seed of a built-in model (model.seed of the run; default 0)")
+    p.add_argument("--prediction", default="auto", choices=["auto", "epsilon", "v_prediction"],
+                   help="auto: the checkpoint's v_pred/ztsnr keys, or a built-in model's LoRA metadata")
+    p.add_argument("--embeddings-dir", help="folder of textual-inversion .safetensors, used as embedding:name or name")
     p.add_argument("--lora-dir", help="folder holding the <lora:name:...> files as name.safetensors")
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--sampler", default="dpmpp_2m_karras", choices=sorted(sampling.SAMPLERS))
@@ -62,7 +65,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _pipeline(args, lora_dir: Path | None, lora_files: list[Path]) -> render.Pipeline:
     return single.open_pipeline(args.model, lora_files, lora_dir, args.device, args.dtype, args.vae_dtype, args.model_seed,
-                                progress=True)
+                                args.prediction, args.embeddings_dir, progress=True)
 
 
 def _settings(args, pipe: render.Pipeline) -> render.Settings:

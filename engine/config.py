@@ -25,6 +25,7 @@ class ModelSection:
     name: str = "tiny-sdxl"  # built-in architecture: tiny-sdxl (random init), sdxl, sd15
     checkpoint: str = ""  # single file, diffusers folder or Hub repo id; empty: random init of `name`
     seed: int = 0  # seed of the random init when no checkpoint is given
+    prediction: str = "auto"  # auto (the checkpoint's v_pred marker key, else the architecture's), epsilon, v_prediction
 
 
 @dataclass(frozen=True)
@@ -50,14 +51,18 @@ class DatasetSection:
 
 @dataclass(frozen=True)
 class NetworkSection:
+    type: str = "lora"  # lora, or embedding (textual inversion: new token vectors, UNet and text encoders frozen)
     rank: int = 16  # LoRA dim
     alpha: float = 16.0  # scale = alpha / rank
     conv_rank: int = 0  # LoCon: also the res-block, down- and upsampler convs (3x3 at this rank); 0 = off
     conv_alpha: float = 1.0
     train_text_encoders: bool = False  # LoRA on the text encoders too (lora_te1_/lora_te2_, SD 1.x lora_te_); no text cache
-    type: str = "lora"  # lora, or a LyCORIS adapter: dora, loha, lokr (engine/lora/lycoris.py)
+    type: str = "lora"  # lora, a LyCORIS adapter (dora, loha, lokr: engine/lora/lycoris.py), or embedding
     lokr_factor: int = 0  # LoKr: split each dimension at this factor (LyCORIS `factor`); 0 = the most balanced split
     dora_wd_on_output: bool = False  # DoRA: norm per output row (LyCORIS wd_on_output); off = per input column, as A1111 reads
+    num_vectors: int = 1  # embedding: token vectors per text encoder
+    init_word: str = "*"  # embedding: the vectors start as this word's token embeddings
+    token: str = ""  # embedding: the caption word it learns; empty: dataset.trigger, else output.name
 
 
 @dataclass(frozen=True)
@@ -87,7 +92,9 @@ class TrainSection:
 
 @dataclass(frozen=True)
 class LossSection:
-    prediction: str = "epsilon"  # epsilon or v_prediction (SD 2.x 768-v)
+    prediction: str = "auto"  # older name of model.prediction, kept for old configs: auto follows model.prediction
+    zero_terminal_snr: bool = False  # rescale the betas to zero terminal SNR (on by itself for a checkpoint with a ztsnr key)
+    scale_v_pred_loss_like_noise_pred: bool = False  # weight the v loss by SNR / (SNR + 1), as kohya's option
     loss_type: str = "l2"  # l2 or huber (pseudo-Huber)
     huber_c: float = 0.1
     min_snr_gamma: float = 0.0  # 0 disables; 5 is the usual value
@@ -134,12 +141,14 @@ class Config:
 
 
 CHOICES = {
+    ("network", "type"): ("lora", "embedding"),
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("train", "optimizer"): ("adamw", "adamw8bit", "prodigy", "adafactor"),
     ("train", "lr_scheduler"): ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear"),
     ("train", "mixed_precision"): ("no", "bf16", "fp16"),
-    ("loss", "prediction"): ("epsilon", "v_prediction"),
-    ("network", "type"): ("lora", "dora", "loha", "lokr"),
+    ("model", "prediction"): ("auto", "epsilon", "v_prediction"),
+    ("loss", "prediction"): ("auto", "epsilon", "v_prediction"),
+    ("network", "type"): ("lora", "dora", "loha", "lokr", "embedding"),
     ("loss", "loss_type"): ("l2", "huber"),
     ("sample", "sampler"): ("euler", "euler_a", "dpmpp_2m_karras", "ddim"),
     ("output", "save_dtype"): ("fp16", "bf16", "fp32"),
@@ -179,6 +188,7 @@ RANGES = {
     ("network", "conv_rank"): (_within(0, math.inf), "must be 0 (off) or more"),
     ("network", "conv_alpha"): POSITIVE,
     ("network", "lokr_factor"): (_within(0, math.inf), "must be 0 (the most balanced split) or more"),
+    ("network", "num_vectors"): (_within(1, 75), "must be within [1, 75] (one prompt chunk)"),
     ("train", "epochs"): AT_LEAST_1,
     ("train", "batch_size"): AT_LEAST_1,
     ("train", "gradient_accumulation_steps"): AT_LEAST_1,
@@ -217,8 +227,12 @@ RELATIONS = [
     ("loss.masked, dataset.alpha_mask, dataset.mask_dir", lambda c: c.loss.masked == _has_mask_source(c.dataset),
      "loss.masked = true needs a mask source (alpha_mask = true or a mask_dir, on the dataset or a subset), and a "
      "mask source needs loss.masked = true"),
-    ("network.type, network.train_text_encoders", lambda c: c.network.type == "lora" or not c.network.train_text_encoders,
+    ("network.type, network.train_text_encoders", lambda c: c.network.type not in ("dora", "loha", "lokr") or not c.network.train_text_encoders,
      "DoRA, LoHa and LoKr train the UNet only; text-encoder training is LoRA"),
+    ("network.type, network.train_text_encoders", lambda c: not (c.network.type == "embedding" and c.network.train_text_encoders),
+     "an embedding trains with the text encoders frozen; set train_text_encoders = false"),
+    ("model.prediction, loss.prediction", lambda c: "auto" in (c.model.prediction, c.loss.prediction)
+     or c.model.prediction == c.loss.prediction, "disagree; set model.prediction only"),
 ]
 
 

@@ -1,11 +1,29 @@
-"""Diffusion maths for training: the DDPM noise schedule, forward noising and the epsilon loss."""
+"""Diffusion maths for training: the DDPM noise schedule (zero terminal SNR included), forward noising, targets and loss weights."""
 import torch
 import torch.nn.functional as F
 
 
-def scaled_linear_alphas_cumprod(steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
-    """ᾱ_t for betas = linspace(sqrt(b0), sqrt(b1), T)^2 (Rombach et al. 2022, LDM "scaled_linear"), float64."""
-    betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
+def scaled_linear_betas(steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+    """β_t = linspace(sqrt(b0), sqrt(b1), T)^2 (Rombach et al. 2022, LDM "scaled_linear"), float64."""
+    return torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Betas whose sqrt(ᾱ_t) is shifted to 0 at t = T and scaled back to its value at t = 0, so that the last
+    timestep is pure noise (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", alg. 1)."""
+    root = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    alphas_cumprod = root**2
+    return 1.0 - torch.cat([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
+
+
+def scaled_linear_alphas_cumprod(steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
+                                 zero_terminal_snr: bool = False) -> torch.Tensor:
+    """ᾱ_t of the scaled-linear betas, rescaled to zero terminal SNR (ᾱ_T = 0) when asked, float64."""
+    betas = scaled_linear_betas(steps, beta_start, beta_end)
+    if zero_terminal_snr:
+        betas = rescale_zero_terminal_snr(betas)
     return torch.cumprod(1.0 - betas, dim=0)
 
 
@@ -37,6 +55,14 @@ def min_snr_weight(t: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float, 
     (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy", eq. 9)."""
     s = snr(t, alphas_cumprod)
     return torch.clamp(s, max=gamma) / (s + 1 if prediction == "v_prediction" else s)
+
+
+def v_like_noise_weight(t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight SNR / (SNR + 1), SNR capped at 1000 as kohya caps it: the v-prediction loss rescaled to the
+    ε-prediction loss's weighting over timesteps (kohya's `scale_v_prediction_loss_like_noise_prediction`). In x0
+    terms |v - v̂|² weighs the error by SNR + 1 and |ε - ε̂|² by SNR (Salimans & Ho 2022, sec. 4): this is their ratio."""
+    s = snr(t, alphas_cumprod).clamp(max=1000.0)
+    return s / (s + 1)
 
 
 def offset_noise(shape: torch.Size, generator: torch.Generator, offset: float) -> torch.Tensor:

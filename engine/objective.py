@@ -32,11 +32,13 @@ def draw(x0: torch.Tensor, opts: LossSection, alphas_cumprod: torch.Tensor, g: t
 
 def loss(pred: torch.Tensor, d: Draw, opts: LossSection, alphas_cumprod: torch.Tensor,
          weight: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over the batch of the per-sample loss, min-SNR-γ weighted when γ > 0. weight: (B,) per-sample weights
+    """Mean over the batch of the per-sample loss, min-SNR-γ weighted when γ > 0, v-loss scaled like ε when asked. weight: (B,) per-sample weights
     (kohya's loss_weights: prior_loss_weight for regularization images); mask: (B, 1, h, w) per latent pixel."""
     per_sample = diffusion.per_sample_loss(pred, d.target, opts.loss_type, opts.huber_c, mask)
     if weight is not None:
         per_sample = per_sample * weight
     if opts.min_snr_gamma:
         per_sample = per_sample * diffusion.min_snr_weight(d.t, alphas_cumprod, opts.min_snr_gamma, opts.prediction)
+    if opts.scale_v_pred_loss_like_noise_pred:
+        per_sample = per_sample * diffusion.v_like_noise_weight(d.t, alphas_cumprod)
     return per_sample.mean()

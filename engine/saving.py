@@ -24,7 +24,8 @@ class Saver:
     def lora(self, path: Path, epoch: int, step: int) -> Path:
         tensors = self.network.kohya_state_dict(self.dtype)
         require_finite(tensors, path, step)
-        save_lora(path, tensors, at_save(self.meta, epoch, step))
+        write = getattr(self.network, "write", save_lora)  # an embedding network writes its own file layout
+        write(path, tensors, at_save(self.meta, epoch, step))
         return path
 
     def final(self, path: Path, epoch: int, step: int) -> Path:

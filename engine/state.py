@@ -106,6 +106,8 @@ def load_state(folder: Path) -> dict:
 def restore_network(network, state: dict) -> None:
     """The LoRA weights of a loaded state into `network`, after checking that every tensor is there with its shape."""
     saved = state["lora"]
+    if hasattr(network, "load_state"):  # a textual-inversion network checks and loads its own vectors
+        return network.load_state(saved, STATE_FILE)
     live = network.named_tensors()
     for key, param in live.items():
         if key not in saved:

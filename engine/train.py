@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from gesso import models
-from gesso.engine import diffusion, fp8, objective, rundir
+from gesso.engine import diffusion, fp8, objective, prediction, rundir, textual_inversion
 from gesso.engine.config import Config
 from gesso.engine.data.cache import Cache, prepare_cache
 from gesso.engine.data.dataset import Dataset, DatasetOptions, Subset, build_dataset
@@ -138,12 +138,16 @@ def prepare_run(cfg: Config, device: torch.device, progress: bool = False):
     sd.vae.to(device)
     for encoder in sd.text_encoders:
         encoder.to(device)
-    train_te = cfg.network.train_text_encoders
+    embedding = cfg.network.type == "embedding"  # new token vectors, trained through the frozen encoders
+    if embedding:
+        network = textual_inversion.inject(sd, tokenizers, cfg, [it.caption for it in dataset.items])
+    train_te = cfg.network.train_text_encoders or embedding  # either way captions are encoded per step
     cache = prepare_cache(sd, tokenizers, dataset, device, cfg.dataset.cache_dir or None, train_text_encoders=train_te,
                           progress=progress)
     cache.release_encoders()  # the VAE (and the text encoders when text is cached) leave the GPU
-    network = unet_network(sd.unet, cfg)  # LoRA weights are made in fp32 whatever the base's precision
-    if train_te:
+    if not embedding:
+        network = unet_network(sd.unet, cfg)  # LoRA weights are made in fp32 whatever the base's precision
+    if cfg.network.train_text_encoders:
         network = lora.combine(network, lora.inject_text_encoders(sd, cfg.network.rank, cfg.network.alpha))
     sd.unet.to(device)
     return sd, model_cfg, network, cache
@@ -223,6 +227,8 @@ def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | Non
     device = pick_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     sd, model_cfg, network, cache = prepare_run(cfg, device, progress)
+    cfg, model_cfg = prediction.resolve(cfg, model_cfg)
+    sd.cfg = model_cfg  # previews sample with the prediction the run trains
     unet, tc = sd.unet, cfg.train
     unet.gradient_checkpointing = tc.gradient_checkpointing
     # The frozen UNet is stored in mixed_precision's dtype and computes in it, without autocast: autocast would
@@ -237,7 +243,7 @@ def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | Non
     sched = build_schedule(tc.lr_scheduler, opt, plan.total_steps, tc.lr_warmup_steps, tc.lr_scheduler_num_cycles)
     update = UpdateWatch(opt, sched)
     scaler = torch.amp.GradScaler(device.type, enabled=tc.mixed_precision == "fp16")
-    ac = diffusion.scaled_linear_alphas_cumprod()
+    ac = diffusion.scaled_linear_alphas_cumprod(zero_terminal_snr=cfg.loss.zero_terminal_snr)
     g = torch.Generator().manual_seed(tc.seed)  # CPU generator: the same draws on any device
     pos = Position(1, 0, 0, g.get_state())
     events = Events(on_event, plan.total_steps, device)
@@ -346,6 +352,8 @@ def _show(bar: tqdm, event: dict) -> None:
 
 def param_groups(network: lora.LoRANetwork, tc) -> list[dict]:
     """UNet LoRA at learning_rate first (the group the logs report), text-encoder LoRA at text_encoder_lr (0: the same)."""
+    if isinstance(network, textual_inversion.EmbeddingNetwork):
+        return [{"params": network.parameters()}]
     # lists in the network's order, never sets: the optimizer's state_dict maps states to parameters by position,
     # so the order must be the same in the process that resumes
     te = [n for n in network.modules if n.startswith("lora_te")]

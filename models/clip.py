@@ -24,6 +24,15 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
     return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2)
 
 
+END_TOKEN = 49407
+
+
+def end_position(ids: torch.Tensor) -> torch.Tensor:
+    """(B,) index of each row's first end token. The checkpoints' code takes argmax(ids), the same while 49407 is the
+    largest id; textual-inversion tokens (ids 49408 and up) would win that argmax, so the end token is looked up."""
+    return (ids == END_TOKEN).int().argmax(dim=-1)
+
+
 class CLIPAttention(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -106,7 +115,7 @@ class CLIPTextEncoder(nn.Module):
     def forward(self, ids: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """ids (B, 77) -> (hidden states [embeddings, after layer 1, ..., after layer n], pooled (B, width)).
 
-        pooled = final_layer_norm(last)[argmax(ids)], the end-token position (49407 is the largest id).
+        pooled = final_layer_norm(last) at the first end token.
         """
         tm = self.transformer.text_model
         x = tm.embeddings(ids)  # (B, T, width)
@@ -114,7 +123,7 @@ class CLIPTextEncoder(nn.Module):
         for layer in tm.encoder.layers:
             x = layer(x)
             hidden.append(x)
-        pooled = tm.final_layer_norm(x)[torch.arange(ids.shape[0], device=ids.device), ids.argmax(dim=-1)]
+        pooled = tm.final_layer_norm(x)[torch.arange(ids.shape[0], device=ids.device), end_position(ids)]
         return hidden, pooled
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
@@ -174,7 +183,7 @@ class OpenCLIPTextEncoder(nn.Module):
     def forward(self, ids: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """ids (B, 77) -> (hidden states [embeddings, after block 1, ..., after block n], pooled (B, proj) or None).
 
-        pooled = ln_final(last)[argmax(ids)] @ text_projection, as SDXL's `FrozenOpenCLIPEmbedder2` computes it.
+        pooled = ln_final(last) at the first end token @ text_projection, as SDXL's `FrozenOpenCLIPEmbedder2` computes it.
         """
         m = self.model
         x = m.token_embedding(ids) + m.positional_embedding[: ids.shape[1]]  # (B, T, width)
@@ -184,7 +193,7 @@ class OpenCLIPTextEncoder(nn.Module):
             hidden.append(x)
         if not hasattr(m, "text_projection"):
             return hidden, None
-        pooled = m.ln_final(x)[torch.arange(ids.shape[0], device=ids.device), ids.argmax(dim=-1)]
+        pooled = m.ln_final(x)[torch.arange(ids.shape[0], device=ids.device), end_position(ids)]
         return hidden, pooled @ m.text_projection
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:

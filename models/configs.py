@@ -78,7 +78,8 @@ class ModelConfig:
     vae: VAEConfig
     text_encoders: tuple[CLIPTextConfig | OpenCLIPTextConfig, ...]
     latent_scale: float
-    prediction: str = "epsilon"
+    prediction: str = "epsilon"  # or "v_prediction" (diffusers' names)
+    zero_terminal_snr: bool = False  # trained on betas rescaled to ᾱ_T = 0 (engine/diffusion.py)
 
 
 SDXL_BASE = ModelConfig(
@@ -121,7 +122,7 @@ SD21 = ModelConfig(
     vae=VAEConfig(),
     text_encoders=(OpenCLIPTextConfig(width=1024, layers=24, heads=16, mlp_dim=4096, proj_dim=1024, final_norm=True),),
     latent_scale=0.18215,
-    prediction="v",
+    prediction="v_prediction",
 )
 
 # SDXL's topology at widths that train in seconds on a CPU: every GroupNorm width a multiple of 32.
@@ -179,7 +180,7 @@ TINY_SD2 = ModelConfig(
     vae=VAEConfig(ch=32),
     text_encoders=(OpenCLIPTextConfig(width=64, layers=3, heads=4, mlp_dim=256, proj_dim=64, final_norm=True),),
     latent_scale=0.18215,
-    prediction="v",
+    prediction="v_prediction",
 )
 
 REGISTRY: dict[str, ModelConfig] = {c.name: c for c in (SDXL_BASE, SD15, SD21, TINY_SDXL, TINY_SD15, TINY_SD2)}

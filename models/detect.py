@@ -1,7 +1,7 @@
 """Architecture detection from key names, and the comparison of a checkpoint's keys and shapes against the
 engine's own definitions. Marker keys follow diffusers' `infer_diffusers_model_type` and ComfyUI's
 `model_detection.py` (facts only)."""
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 
 import torch
@@ -58,6 +58,16 @@ def detect_family(keys, source: str) -> str:
         raise CheckpointError(f"{source}: a diffusers UNet weights file; pass the whole diffusers folder")
     first = sorted(keys)[:2]
     raise CheckpointError(f"{source}: not a Stable Diffusion checkpoint ({len(keys)} tensors, e.g. {first})")
+
+
+def with_prediction(cfg: ModelConfig, keys) -> ModelConfig:
+    """`cfg` as the file says it was trained, by ComfyUI's rule (supported_models.SDXL.model_type): a `v_pred` marker
+    key means v-prediction, and a `ztsnr` key beside it zero terminal SNR; a file without one keeps the architecture's
+    default (epsilon, v-prediction for SD 2.x's 768-v)."""
+    keys = set(keys)
+    if "v_pred" not in keys:
+        return cfg
+    return replace(cfg, prediction="v_prediction", zero_terminal_snr="ztsnr" in keys)
 
 
 def is_ignored(key: str) -> bool:

@@ -7,12 +7,12 @@ definition before any weight is read.
 """
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from gesso.models.detect import Comparison, detect_family, is_optional, match_config
+from gesso.models.detect import Comparison, detect_family, is_optional, match_config, with_prediction
 from gesso.models.diffusers_format import diffusers_to_original
 from gesso.models.files import CheckpointError, TensorRef, file_refs, sharded_refs
 from gesso.models.sd import StableDiffusion
@@ -82,6 +82,19 @@ def _diffusers_family(folder: Path) -> str:
     return "sd2" if act == "gelu" else "sd15"
 
 
+def _diffusers_prediction(folder: Path, cfg):
+    """The parameterisation a diffusers folder's scheduler/scheduler_config.json names, else the architecture's."""
+    config = folder / "scheduler" / "scheduler_config.json"
+    try:
+        scheduler = json.loads(config.read_text()) if config.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config}: not valid JSON ({e})") from None
+    prediction = scheduler.get("prediction_type", cfg.prediction)
+    if prediction not in ("epsilon", "v_prediction"):
+        raise CheckpointError(f"{config}: prediction_type {prediction!r} is not supported (epsilon, v_prediction)")
+    return replace(cfg, prediction=prediction, zero_terminal_snr=bool(scheduler.get("rescale_betas_zero_snr", False)))
+
+
 def _single_file_in(folder: Path) -> Path | None:
     files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.ckpt"))
     return files[0] if len(files) == 1 else None
@@ -100,14 +113,18 @@ def open_checkpoint(source, cache_dir=None) -> Checkpoint:
             parts = {name: _component_refs(path, name) for name in COMPONENT_FILES
                      if name != "text_encoder_2" or family == "sdxl"}
             tensors = diffusers_to_original(parts, family, str(path))
-            return Checkpoint(path, "diffusers", tensors, {}, family, match_config(family, tensors))
+            comparison = match_config(family, tensors)
+            comparison.config = _diffusers_prediction(path, comparison.config)
+            return Checkpoint(path, "diffusers", tensors, {}, family, comparison)
         single = _single_file_in(path)
         if single is None:
             raise CheckpointError(f"{path}: a folder that is neither a diffusers pipeline nor holds one checkpoint")
         path = single
     tensors, metadata = file_refs(path)
     family = detect_family(tensors, str(path))
-    return Checkpoint(path, "single-file", tensors, metadata, family, match_config(family, tensors))
+    comparison = match_config(family, tensors)
+    comparison.config = with_prediction(comparison.config, tensors)
+    return Checkpoint(path, "single-file", tensors, metadata, family, comparison)
 
 
 @torch.no_grad()

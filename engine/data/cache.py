@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from gesso import models
+from gesso.engine import embedding
 from gesso.engine.data.dataset import Dataset, Item, Sample, load_pixels
 from gesso.engine.data.images import BadImage
 from gesso.engine.data.masks import ALPHA, load_mask
@@ -166,7 +167,7 @@ def encode_latents(sd, pixels: torch.Tensor) -> torch.Tensor:
 def encode_captions(sd, tokenizers, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Captions -> context (B, 77k, D) and pooled (B, P) or None, float32 on the text encoders' device.
     Gradients flow when enabled: the per-step path for augmented captions or trained text encoders."""
-    tokens = models.tokenize(tokenizers, captions)
+    tokens = models.tokenize(tokenizers, [embedding.expand(sd, c) for c in captions])  # a trained embedding's word
     device = next(sd.text_encoders[0].parameters()).device
     context, pooled = sd.encode_text([t.to(device) for t in tokens])
     return context.float(), None if pooled is None else pooled.float()

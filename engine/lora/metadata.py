@@ -1,7 +1,8 @@
 """The `ss_*` and `modelspec.*` metadata that kohya's scripts write and the consumers read.
 
 AUTOMATIC1111 lists a LoRA under SDXL only when `ss_base_model_version` starts with `sdxl_`, and parses
-values that start with `{` as JSON, so JSON-valued keys are always valid JSON strings.
+values that start with `{` as JSON, so JSON-valued keys are always valid JSON strings. `cfg` is the resolved
+config (engine/prediction.py), so the prediction keys say what was trained.
 """
 import json
 import time
@@ -12,6 +13,7 @@ from gesso.engine.data.dataset import Dataset, Item
 from gesso.engine.lora import lycoris
 
 BASE_MODEL_VERSION = {"sdxl": "sdxl_base_v1-0", "sd15": "sd_v1", "sd2": "sd_v2"}
+MODELSPEC_PREDICTION = {"epsilon": "epsilon", "v_prediction": "v"}  # kohya's sai_model_spec PRED_TYPE_EPSILON, PRED_TYPE_V
 MODELSPEC_ARCHITECTURE = {"sdxl": "stable-diffusion-xl-v1-base/lora", "sd15": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2/lora"}
 
 
@@ -72,6 +74,9 @@ def training_metadata(cfg: Config, family: str, dataset: Dataset, started_at: fl
         "ss_multires_noise_iterations": cfg.loss.multires_noise_iterations,
         "ss_multires_noise_discount": cfg.loss.multires_noise_discount,
         "ss_loss_type": cfg.loss.loss_type,
+        # kohya writes ss_zero_terminal_snr; ss_v_parameterization is what model-info tools read for v-prediction
+        "ss_v_parameterization": cfg.loss.prediction == "v_prediction",
+        "ss_zero_terminal_snr": cfg.loss.zero_terminal_snr,
         "ss_output_name": cfg.output.name,
         "ss_training_started_at": started_at,
         "modelspec.sai_model_spec": "1.0.1",
@@ -79,7 +84,7 @@ def training_metadata(cfg: Config, family: str, dataset: Dataset, started_at: fl
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl" else "diffusers",
         "modelspec.title": cfg.output.name,
         "modelspec.resolution": f"{res}x{res}",
-        "modelspec.prediction_type": cfg.loss.prediction,
+        "modelspec.prediction_type": MODELSPEC_PREDICTION[cfg.loss.prediction],
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started_at)),
         "modelspec.trigger_phrase": cfg.dataset.trigger,
     }

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from gesso import models
-from gesso.engine import diffusion
+from gesso.engine import diffusion, embedding
 from gesso.engine.io import write_atomic
 from gesso.engine.lora import network as lora
 from gesso.engine.lora.network import load_network
@@ -64,9 +64,12 @@ class Pipeline:
 
 
 def load_pipeline(model: str, model_seed: int = 0, device: str = "cpu", dtype: str = "fp32",
-                  vae_dtype: str = "fp32", lora_dir: str | Path | None = None) -> Pipeline:
+                  vae_dtype: str = "fp32", lora_dir: str | Path | None = None, prediction: str = "auto",
+                  zero_terminal_snr: bool | None = None, embeddings_dir: str | Path | None = None) -> Pipeline:
     """`model`: a built-in name (random init from `model_seed`, as the demo trains on) or a checkpoint source
-    (single file, diffusers folder, cached Hub id) for models.loaders; ready to sample."""
+    (single file, diffusers folder, cached Hub id) for models.loaders; ready to sample. `prediction` ("auto": what
+    the checkpoint says, else "epsilon" or "v_prediction") and `zero_terminal_snr` (None: the checkpoint's) override.
+    `embeddings_dir`: textual-inversion files that prompts name as `embedding:name` or `name`."""
     if model in models.configs.REGISTRY:
         sd = models.build(model, seed=model_seed, device=device).to(DTYPES[dtype])
         name = model
@@ -78,11 +81,21 @@ def load_pipeline(model: str, model_seed: int = 0, device: str = "cpu", dtype: s
         name = Path(model).stem
     if sd.cfg.family == "sdxl" and vae_dtype == "fp16":
         raise RenderError("vae dtype fp16: SDXL's VAE overflows in fp16; use bf16 or fp32")
-    if sd.cfg.prediction != "epsilon":
-        raise RenderError(f"{name}: {sd.cfg.prediction}-prediction models are not supported by the samplers yet")
+    sd.cfg = replace(sd.cfg, prediction=sd.cfg.prediction if prediction == "auto" else prediction,
+                     zero_terminal_snr=sd.cfg.zero_terminal_snr if zero_terminal_snr is None else zero_terminal_snr)
+    if sd.cfg.prediction not in sampling.DENOISERS:
+        raise RenderError(f"prediction {sd.cfg.prediction!r}: choose one of auto, {', '.join(sampling.DENOISERS)}")
+    if sd.cfg.zero_terminal_snr and sd.cfg.prediction == "epsilon":
+        raise RenderError(f"{name}: zero terminal SNR needs a v-prediction model (an ε-model cannot denoise pure noise)")
     sd.requires_grad_(False).eval()
     sd.vae.to(DTYPES[vae_dtype])
-    return Pipeline(sd, models.load_tokenizers(sd.cfg), name, Path(lora_dir) if lora_dir else None, DTYPES[vae_dtype])
+    tokenizers = models.load_tokenizers(sd.cfg)
+    if embeddings_dir:
+        try:
+            embedding.attach_folder(sd, tokenizers, embeddings_dir)
+        except embedding.EmbeddingFileError as e:
+            raise RenderError(str(e)) from None
+    return Pipeline(sd, tokenizers, name, Path(lora_dir) if lora_dir else None, DTYPES[vae_dtype])
 
 
 def attach_lora(unet: torch.nn.Module, path: Path) -> tuple[lora.LoRANetwork, list[str]]:
@@ -122,6 +135,7 @@ def set_lora(pipe: Pipeline, tags: list[prompts.LoraTag]) -> None:
 
 def encode_pair(pipe: Pipeline, text: str, negative: str, emphasis: str):
     """(context, y) for the prompt and the negative prompt, (2, ...) in that order, cached per text."""
+    text, negative = embedding.expand(pipe.sd, text), embedding.expand(pipe.sd, negative)  # embedding:name, name
     key = (text, negative, emphasis)
     if key not in pipe.text_cache:
         pipe.text_cache = {key: prompts.encode(pipe.sd, pipe.tokenizers, [text, negative], emphasis)}
@@ -153,7 +167,7 @@ def generate(pipe: Pipeline, s: Settings, batch_size: int = 1, init_latents: tor
         y = sd.adm(pooled, size, [(0, 0)] * 2, size)
     context, y = context.repeat_interleave(batch_size, 0), None if y is None else y.repeat_interleave(batch_size, 0)
 
-    def eps(x_in: torch.Tensor, t: float) -> torch.Tensor:
+    def predict(x_in: torch.Tensor, t: float) -> torch.Tensor:  # the UNet's ε or v, guided
         if s.cfg_scale == 1:
             return sd.unet(x_in, torch.full((batch_size,), t, device=device), context[:batch_size],
                            None if y is None else y[:batch_size]).float()
@@ -162,7 +176,8 @@ def generate(pipe: Pipeline, s: Settings, batch_size: int = 1, init_latents: tor
         return sampling.guided(out[:batch_size], out[batch_size:], s.cfg_scale)
 
     sampler = sampling.get_sampler(s.sampler)
-    schedule = sampler.schedule(sampling.training_sigmas(diffusion.scaled_linear_alphas_cumprod()), s.steps)
+    alphas_cumprod = diffusion.scaled_linear_alphas_cumprod(zero_terminal_snr=sd.cfg.zero_terminal_snr)
+    schedule = sampler.schedule(sampling.training_sigmas(alphas_cumprod), s.steps)
     generators = [torch.Generator().manual_seed(s.seed + i) for i in range(batch_size)]
     shape = (sd.cfg.unet.in_channels, s.height // 8, s.width // 8)
     noise = sampling.image_noise(generators, shape, device)
@@ -177,9 +192,10 @@ def generate(pipe: Pipeline, s: Settings, batch_size: int = 1, init_latents: tor
     with tqdm(total=len(schedule.timesteps), desc="sampling", unit="step", leave=False, disable=not pipe.progress) as bar:
         def counted(x_in: torch.Tensor, t: float) -> torch.Tensor:
             bar.update()
-            return eps(x_in, t)
+            return predict(x_in, t)
 
-        x = sampler.run(sampling.epsilon_denoiser(counted), x, schedule, lambda: sampling.image_noise(generators, shape, device))
+        x = sampler.run(sampling.denoiser(sd.cfg.prediction, counted), x, schedule,
+                        lambda: sampling.image_noise(generators, shape, device))
     return sampling.final_latent(x, schedule)
 
 

@@ -46,15 +46,32 @@ def model_for(model: str | Path | None, lora_files: list[Path]) -> str:
     raise RenderError("pass model (--model): no LoRA file's ss_sd_model_name is a built-in model or an existing checkpoint")
 
 
+def prediction_for(model: str, lora_files: list[Path], prediction: str = "auto") -> tuple[str, bool | None]:
+    """(prediction, zero terminal SNR) to sample with: `prediction` when given; for a built-in (random-init) model, what
+    the first LoRA file's modelspec.prediction_type and ss_zero_terminal_snr say it was trained as; else the checkpoint's."""
+    if prediction != "auto" or model not in models.configs.REGISTRY:
+        return prediction, None
+    for path in lora_files:
+        meta = read_lora_header(path)[1]
+        if meta.get("modelspec.prediction_type") in ("epsilon", "v"):
+            kind = "v_prediction" if meta["modelspec.prediction_type"] == "v" else "epsilon"
+            return kind, meta.get("ss_zero_terminal_snr") == "True"
+    return prediction, None
+
+
 def open_pipeline(model: str | Path | None, lora_files: list[Path], lora_dir: str | Path | None = None, device: str = "auto",
-                  dtype: str = "fp32", vae_dtype: str = "fp32", model_seed: int = 0, progress: bool = False) -> render.Pipeline:
-    """The model ready to sample; `device` auto is cuda when there is one; `progress`: bars over the sampling steps."""
+                  dtype: str = "fp32", vae_dtype: str = "fp32", model_seed: int = 0, prediction: str = "auto",
+                  embeddings_dir: str | Path | None = None, progress: bool = False) -> render.Pipeline:
+    """The model ready to sample; `device` auto is cuda when there is one; `prediction` as prediction_for decides;
+    `progress`: bars over the sampling steps."""
     for name, value in (("dtype", dtype), ("vae dtype", vae_dtype)):
         if value not in render.DTYPES:
             raise RenderError(f"{name} {value!r}: choose one of {', '.join(render.DTYPES)}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    return replace(render.load_pipeline(model_for(model, lora_files), model_seed, device, dtype, vae_dtype, lora_dir),
-                   progress=progress)
+    model = model_for(model, lora_files)
+    pipe = render.load_pipeline(model, model_seed, device, dtype, vae_dtype, lora_dir, *prediction_for(model, lora_files, prediction),
+                                embeddings_dir=embeddings_dir)
+    return replace(pipe, progress=progress)
 
 
 def settings_for(pipe: render.Pipeline, prompt: str, negative_prompt: str = "", steps: int = 28,
@@ -118,7 +135,7 @@ def sample(prompt: str, model: str | Path | None = None, *, negative_prompt: str
            width: int | None = None, height: int | None = None, batch_size: int = 1,
            init_image: str | Path | Image.Image | None = None, denoise: float = 0.75, emphasis: str = "a1111",
            device: str = "auto", dtype: str = "fp32", vae_dtype: str = "fp32", model_seed: int = 0,
-           progress: bool = True) -> list[Image.Image]:
+           prediction: str = "auto", embeddings_dir: str | Path | None = None, progress: bool = True) -> list[Image.Image]:
     """`batch_size` images of `prompt` (AUTOMATIC1111 syntax, <lora:name:w> tags read from `lora_dir`) for seeds
     seed, seed + 1, ...; img2img from `init_image` at `denoise` strength when given.
 
@@ -126,11 +143,14 @@ def sample(prompt: str, model: str | Path | None = None, *, negative_prompt: str
     tagged LoRA files' ss_sd_model_name. A negative seed draws a random one; each image's infotext records it.
     kohya's options after the prompt (`--w 832 --h 1216 --s 28 --l 6 --d 42 --n ...`) win over the arguments.
     progress: a bar over the sampling steps on stderr (a host showing its own turns it off).
+    `prediction`: "auto" (the checkpoint's marker keys, or for a built-in model the LoRA's metadata), "epsilon" or
+    "v_prediction". `embeddings_dir`: textual-inversion files, named in the prompt as `embedding:name` or `name`.
 
         images = sample("gssdemo, a red circle", "tiny-sdxl", steps=4, width=64, height=64, seed=7)
         print(images[0].size, images[0].info["parameters"])  # (64, 64) and the infotext, `Seed: 7` included
     """
     init = None if init_image is None else open_image(init_image)
-    pipe = open_pipeline(model, tagged_lora_files(prompt, lora_dir), lora_dir, device, dtype, vae_dtype, model_seed, progress)
+    pipe = open_pipeline(model, tagged_lora_files(prompt, lora_dir), lora_dir, device, dtype, vae_dtype, model_seed, prediction,
+                         embeddings_dir, progress)
     s = settings_for(pipe, prompt, negative_prompt, steps, sampler, cfg_scale, seed, width, height, emphasis)
     return render_batch(pipe, s if init is None else img2img(s, denoise), batch_size, init)

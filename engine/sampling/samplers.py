@@ -1,4 +1,4 @@
-"""Samplers for epsilon-prediction models on the discrete DDPM schedule, in k-diffusion's form.
+"""Samplers for epsilon- and v-prediction models on the discrete DDPM schedule, in k-diffusion's form.
 
 Samplers work on x = x_t / sqrt(ᾱ_t) = x0 + σ ε with σ = sqrt((1 - ᾱ) / ᾱ) (Karras et al. 2022, sec. 2), take a
 denoiser D(x, σ, t) -> x0 and a Schedule (σ_0 > ... > σ_n, and the training timestep t_i the model sees at σ_i),
@@ -7,6 +7,8 @@ and return x at σ_n. The latent at that noise level is x / sqrt(σ_n² + 1) (id
 The schedules are the ones diffusers' schedulers build, so each sampler matches its scheduler to float error
 (tests/sampling/test_samplers.py): Euler and Euler a on timesteps linspace(999, 0, n) with σ interpolated
 linearly in t; DPM++ 2M on Karras σs with rounded timesteps; DDIM on "leading" timesteps (1000 // n) i + 1.
+On a zero-terminal-SNR schedule σ_T is infinite; as diffusers' Euler and DPM-Solver do, ᾱ_T becomes 2^-24, so
+σ_max ≈ 4096 and sampling starts from (almost) pure noise at t = T.
 """
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,8 +30,15 @@ class Schedule:
         return Schedule(self.sigmas[n - steps :], self.timesteps[n - steps :])
 
 
+TERMINAL_ALPHA_CUMPROD = 2.0**-24  # fp16's smallest subnormal: diffusers' stand-in for ᾱ_T = 0
+
+
 def training_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """σ_t = sqrt((1 - ᾱ_t) / ᾱ_t), the VE noise level of each training timestep (Karras et al. 2022, eq. 4)."""
+    """σ_t = sqrt((1 - ᾱ_t) / ᾱ_t), the VE noise level of each training timestep (Karras et al. 2022, eq. 4);
+    a zero ᾱ_T (zero terminal SNR) is taken as 2^-24, so that σ_max is finite."""
+    alphas_cumprod = alphas_cumprod.clone()
+    if alphas_cumprod[-1] == 0:
+        alphas_cumprod[-1] = TERMINAL_ALPHA_CUMPROD
     return ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
 
 
@@ -156,8 +165,30 @@ def epsilon_denoiser(eps: Callable[[torch.Tensor, float], torch.Tensor]) -> Deno
     return denoise
 
 
+def v_denoiser(v: Callable[[torch.Tensor, float], torch.Tensor]) -> Denoiser:
+    """D(x; σ) = x / (σ² + 1) - σ / sqrt(σ² + 1) · v(x / sqrt(σ² + 1), t): a v-prediction model seen from x0 + σ ε, since
+    x0 = sqrt(ᾱ) x_t - sqrt(1 - ᾱ) v (Salimans & Ho 2022, sec. 4; Karras et al. 2022, table 1 preconditioning)."""
+
+    def denoise(x: torch.Tensor, sigma: float, t: float) -> torch.Tensor:
+        scale = (sigma**2 + 1) ** 0.5
+        return x / scale**2 - (sigma / scale) * v(x / scale, t).to(x.dtype)
+
+    return denoise
+
+
+DENOISERS = {"epsilon": epsilon_denoiser, "v_prediction": v_denoiser}
+
+
+def denoiser(prediction: str, model: Callable[[torch.Tensor, float], torch.Tensor]) -> Denoiser:
+    """The denoiser of a model predicting `prediction` ("epsilon" or "v_prediction") from (x_t, t)."""
+    if prediction not in DENOISERS:
+        raise ValueError(f"unknown prediction {prediction!r}; known: {', '.join(DENOISERS)}")
+    return DENOISERS[prediction](model)
+
+
 def guided(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """ε̂ = ε_u + s (ε_c - ε_u), classifier-free guidance (Ho & Salimans 2022, eq. 6)."""
+    """ε̂ = ε_u + s (ε_c - ε_u), classifier-free guidance (Ho & Salimans 2022, eq. 6); v is affine in ε at fixed x_t,
+    so the same mix guides a v-prediction model."""
     return eps_uncond + scale * (eps_cond - eps_uncond)
 
 

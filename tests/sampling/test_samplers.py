@@ -12,10 +12,11 @@ from gesso.engine.sampling import samplers as sampling
 
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 SCHEDULERS = {
-    "euler": lambda: EulerDiscreteScheduler(**SCHEDULE, timestep_spacing="linspace"),
-    "euler_a": lambda: EulerAncestralDiscreteScheduler(**SCHEDULE, timestep_spacing="linspace"),
-    "dpmpp_2m_karras": lambda: DPMSolverMultistepScheduler(**SCHEDULE, use_karras_sigmas=True, algorithm_type="dpmsolver++", solver_order=2),
-    "ddim": lambda: DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading"),
+    "euler": lambda **kw: EulerDiscreteScheduler(**SCHEDULE, timestep_spacing="linspace", **kw),
+    "euler_a": lambda **kw: EulerAncestralDiscreteScheduler(**SCHEDULE, timestep_spacing="linspace", **kw),
+    "dpmpp_2m_karras": lambda **kw: DPMSolverMultistepScheduler(**SCHEDULE, use_karras_sigmas=True, algorithm_type="dpmsolver++",
+                                                                solver_order=2, **kw),
+    "ddim": lambda **kw: DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading", **kw),
 }
 SHAPE = (1, 4, 9, 7)  # odd latent size
 
@@ -27,12 +28,12 @@ def stand_in_eps(x: torch.Tensor, t) -> torch.Tensor:
     return torch.tanh(x * (0.5 + t / 1000)) * 0.9 + mixed * torch.sin(torch.tensor(t / 137.0)) + 0.01 * t / 1000
 
 
-def train_sigmas() -> torch.Tensor:
-    return sampling.training_sigmas(diffusion.scaled_linear_alphas_cumprod())
+def train_sigmas(zero_terminal_snr: bool = False) -> torch.Tensor:
+    return sampling.training_sigmas(diffusion.scaled_linear_alphas_cumprod(zero_terminal_snr=zero_terminal_snr))
 
 
-def run_diffusers(name: str, steps: int, latents: torch.Tensor, seed: int, start: int = 0) -> torch.Tensor:
-    sched = SCHEDULERS[name]()
+def run_diffusers(name: str, steps: int, latents: torch.Tensor, seed: int, start: int = 0, **kw) -> torch.Tensor:
+    sched = SCHEDULERS[name](**kw)
     sched.set_timesteps(steps)
     g = torch.Generator().manual_seed(seed)
     for t in sched.timesteps[start:]:
@@ -41,29 +42,53 @@ def run_diffusers(name: str, steps: int, latents: torch.Tensor, seed: int, start
     return latents
 
 
-def run_engine(name: str, schedule: sampling.Schedule, x: torch.Tensor, seed: int) -> torch.Tensor:
+def run_engine(name: str, schedule: sampling.Schedule, x: torch.Tensor, seed: int, prediction: str = "epsilon") -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     noise = lambda: torch.randn(x.shape, generator=g)  # noqa: E731  the draws diffusers makes, in its order
-    x = sampling.get_sampler(name).run(sampling.epsilon_denoiser(stand_in_eps), x, schedule, noise)
+    x = sampling.get_sampler(name).run(sampling.denoiser(prediction, stand_in_eps), x, schedule, noise)
     return sampling.final_latent(x, schedule)
 
 
+# the stand-in serves as an ε-model and as a v-model; zero terminal SNR (NoobAI V-Pred) only with v-prediction
+PARAMETERISATIONS = [("epsilon", False), ("v_prediction", False), ("v_prediction", True)]
+
+
+@pytest.mark.parametrize("prediction,ztsnr", PARAMETERISATIONS)
 @pytest.mark.parametrize("steps", [7, 20])  # few steps; A1111's default 20
 @pytest.mark.parametrize("name", list(SCHEDULERS))
-def test_sampler_matches_diffusers(name, steps):
+def test_sampler_matches_diffusers(name, steps, prediction, ztsnr):
+    kw = dict(prediction_type=prediction, rescale_betas_zero_snr=ztsnr)
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(steps))
-    sched = SCHEDULERS[name]()
+    sched = SCHEDULERS[name](**kw)
     sched.set_timesteps(steps)
     start = noise * sched.init_noise_sigma  # x_T as the diffusers pipeline makes it
-    ours_schedule = sampling.get_sampler(name).schedule(train_sigmas(), steps)
+    ours_schedule = sampling.get_sampler(name).schedule(train_sigmas(ztsnr), steps)
     assert torch.allclose(ours_schedule.timesteps, sched.timesteps.double(), atol=1e-3)
     # diffusers' DPM-Solver and DDIM keep x_T in VP scale; the engine works on x_T / sqrt(ᾱ) = x_T sqrt(σ² + 1)
     vp = name in ("dpmpp_2m_karras", "ddim")
     ours_start = start * (ours_schedule.sigmas[0].item() ** 2 + 1) ** 0.5 if vp else start.clone()
-    expected = run_diffusers(name, steps, start, seed=123)
-    got = run_engine(name, ours_schedule, ours_start, seed=123)
+    expected = run_diffusers(name, steps, start, seed=123, **kw)
+    got = run_engine(name, ours_schedule, ours_start, seed=123, prediction=prediction)
     assert expected.abs().max() > 0.1  # a non-trivial result
     assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_zero_terminal_snr_starts_from_pure_noise_at_t_max():
+    # σ_max is diffusers' finite stand-in (ᾱ_T = 2^-24, σ ≈ 4096), not inf, and the linspace and Karras schedules
+    # start at t = 999, so the first step sees (almost) no signal
+    sigmas = train_sigmas(zero_terminal_snr=True)
+    assert torch.isfinite(sigmas).all() and sigmas[-1].item() == pytest.approx((2**24 - 1) ** 0.5, rel=1e-9)
+    for name in ("euler", "dpmpp_2m_karras"):
+        schedule = sampling.get_sampler(name).schedule(sigmas, 10)
+        assert schedule.timesteps[0].item() == 999 and schedule.sigmas[0].item() == pytest.approx(sigmas[-1].item())
+
+
+def test_v_denoiser_recovers_x0_from_the_true_v():
+    # with the exact v of (x0, ε) at σ, D returns x0 (so x0 = sqrt(ᾱ) x_t - sqrt(1 - ᾱ) v is wired the right way round)
+    x0, eps, sigma = torch.randn(SHAPE, dtype=torch.float64), torch.randn(SHAPE, dtype=torch.float64), 3.7
+    a, b = 1 / (sigma**2 + 1) ** 0.5, sigma / (sigma**2 + 1) ** 0.5  # sqrt(ᾱ), sqrt(1 - ᾱ)
+    d = sampling.denoiser("v_prediction", lambda x_t, t: a * eps - b * x0)
+    assert torch.allclose(d(x0 + sigma * eps, sigma, 500.0), x0, atol=1e-12)
 
 
 def test_initial_latent_is_diffusers_vp_start():

@@ -1,0 +1,90 @@
+"""Training a textual-inversion embedding: `network.type = "embedding"`.
+
+The UNet and both text encoders stay frozen; only the new token vectors (engine/embedding.py) train, in every text
+encoder at once (CLIP-L and bigG for SDXL). Captions keep their text: the word `network.token` (default: the
+dataset trigger) is spelled as the placeholders, so the vectors learn what that word shows. The run's files are
+embeddings (`emb_params`, or `clip_l` / `clip_g`), named <output.name>.safetensors, so AUTOMATIC1111 uses them by
+that name and ComfyUI as `embedding:<output.name>`; previews during training use the same spellings.
+"""
+import re
+
+import torch
+
+from gesso.engine.config import Config
+from gesso.engine.embedding import Embeddings, file_tensors, save_embedding
+from gesso.errors import TrainError
+
+ARCHITECTURE_SUFFIX = "/textual-inversion"  # kohya sai_model_spec ADAPTER_TEXTUAL_INVERSION
+
+
+class EmbeddingNetwork:
+    """What the training loop trains, saves and resumes in place of a LoRA network."""
+
+    modules: dict = {}  # no LoRA modules: the loop's per-module LoRA code finds nothing to do
+
+    def __init__(self, embeddings: Embeddings, name: str):
+        self.embeddings, self.name = embeddings, name
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [table.vectors for table in self.embeddings.tables]
+
+    def kohya_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """The file's tensors (the name is kept for the loop, which saves any network through this)."""
+        return file_tensors(self.embeddings.vectors(self.name), dtype)
+
+    def load_state(self, saved: dict[str, torch.Tensor], source: str) -> None:
+        """The vectors of a resumed run's state, after checking that they fit."""
+        mine = self.kohya_state_dict()
+        if saved.keys() != mine.keys() or any(saved[k].shape != mine[k].shape for k in mine):
+            raise TrainError(f"{source}: holds {sorted(saved)[:3]} with other shapes than this run's embedding "
+                             f"{ {k: tuple(v.shape) for k, v in mine.items()} }: the state belongs to another network")
+        for param, key in zip(self.parameters(), mine):
+            param.data.copy_(saved[key])
+
+    def write(self, path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        save_embedding(path, tensors, embedding_metadata(metadata))
+
+    def remove(self) -> None:
+        self.embeddings.remove()
+
+
+def embedding_metadata(meta: dict[str, str]) -> dict[str, str]:
+    """The run's metadata without the LoRA-only `ss_network_*` keys, its ModelSpec architecture a textual inversion."""
+    out = {k: v for k, v in meta.items() if not k.startswith("ss_network_")}
+    out["modelspec.architecture"] = meta["modelspec.architecture"].rsplit("/", 1)[0] + ARCHITECTURE_SUFFIX
+    return out
+
+
+def init_vectors(sd, tokenizers: list, word: str, count: int) -> list[torch.Tensor]:
+    """Each encoder's start: row i = the embedding of the word's token i·k // n (k tokens), AUTOMATIC1111's rule."""
+    out = []
+    for encoder, tok in zip(sd.text_encoders, tokenizers):
+        ids = tok(word, add_special_tokens=False).input_ids
+        if not ids:
+            raise TrainError(f"network.init_word = {word!r}: no tokens; choose a word close to what is trained")
+        table = encoder.transformer.text_model.embeddings.token_embedding if hasattr(encoder, "transformer") \
+            else encoder.model.token_embedding
+        weight = table.weight if isinstance(table, torch.nn.Embedding) else table.base.weight
+        rows = weight.detach().float()[torch.tensor(ids, device=weight.device)]  # (k, width)
+        out.append(torch.stack([rows[i * len(ids) // count] for i in range(count)]))
+    return out
+
+
+def names_of(cfg: Config) -> list[str]:
+    """The spellings of the trained embedding: the caption word, then the file name."""
+    token = cfg.network.token or cfg.dataset.trigger or cfg.output.name
+    return list(dict.fromkeys([token, cfg.output.name]))
+
+
+def inject(sd, tokenizers: list, cfg: Config, captions: list[str]) -> EmbeddingNetwork:
+    """New trainable vectors of `network.num_vectors` rows per text encoder, spelled by names_of(cfg)."""
+    names = names_of(cfg)
+    if not any(re.search(rf"(?<![\w:-]){re.escape(names[0])}(?![\w-])", c) for c in captions):
+        raise TrainError(f"network.token {names[0]!r} appears in no caption: nothing would train the embedding "
+                         "(set dataset.trigger, or network.token to a word the captions hold)")
+    start = init_vectors(sd, tokenizers, cfg.network.init_word, cfg.network.num_vectors)
+    embeddings = Embeddings(sd, tokenizers)
+    if embeddings.count:
+        raise TrainError("the model already carries embeddings; train one embedding per run")
+    embeddings.add(names, start, trainable=True)
+    return EmbeddingNetwork(embeddings, names[0])
