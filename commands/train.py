@@ -8,6 +8,10 @@ Ctrl-C (SIGINT) and SIGTERM (a scheduler, a cloud pre-emption) stop a run withou
   finished step (an interrupt that lands inside the optimizer update saves none: the last state.pt stays);
 - while that state is being saved, one more is only noted (an impatient double press must not throw away the
   save it asked for); the next abandons the save, and the state.pt saved before stays intact (writes are atomic).
+
+`--resume auto` lets one unchanged command (a notebook cell) start a run, go on with it after a disconnect, and
+exit 0 once it has finished. Under `torchrun --nproc_per_node N -m gesso.cli train ...` each process is one rank
+(engine/distributed.py), which this command reads from torchrun's environment.
 """
 import argparse
 import os
