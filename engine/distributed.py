@@ -11,9 +11,8 @@ world size, and resumes on any other that keeps batch_size and N x accumulation.
 
 Gradients are summed by one bucketed all-reduce of the LoRA gradients per optimizer step, not by DDP: the trained
 parameters are spread over modules swapped into a frozen UNet and text encoders, which DDP would have to wrap
-whole (hooks over the frozen model, buffers broadcast every forward, `no_sync` for accumulation, and reentrant
-gradient checkpointing, which DDP refuses without static_graph); a rank with no batch in an epoch's last step
-would have to run a dummy backward for DDP's hooks. LoRA gradients are a few MB to a few hundred: summing them
+whole (hooks over the frozen model, buffers broadcast every forward, `no_sync` for accumulation), and a rank
+with no batch in an epoch's short last step would have to run a dummy backward for DDP's hooks. LoRA gradients are a few MB to a few hundred: summing them
 once after the backward costs little next to the step, and a rank with no batch simply sends zeros.
 
 Only rank 0 writes: the run folder's lock, LoRA files, state.pt, logs, TensorBoard and previews. Rank 0 fills the

@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from gesso import models
-from gesso.engine import diffusion, fp8, objective, rundir
+from gesso.engine import diffusion, fp8, objective
 from gesso.engine.config import Config
 from gesso.engine.data.cache import Cache, prepare_cache
 from gesso.engine.data.dataset import Dataset, DatasetOptions, Subset, build_dataset
