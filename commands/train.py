@@ -8,9 +8,14 @@ Ctrl-C (SIGINT) and SIGTERM (a scheduler, a cloud pre-emption) stop a run withou
   finished step (an interrupt that lands inside the optimizer update saves none: the last state.pt stays);
 - while that state is being saved, one more is only noted (an impatient double press must not throw away the
   save it asked for); the next abandons the save, and the state.pt saved before stays intact (writes are atomic).
+
+`--resume auto` lets one unchanged command (a notebook cell) start a run, go on with it after a disconnect, and
+exit 0 once it has finished. Under `torchrun --nproc_per_node N -m gesso.cli train ...` each process is one rank
+(engine/distributed.py), which this command reads from torchrun's environment.
 """
 import argparse
 import importlib.util
+import os
 import shlex
 import signal
 import sys
@@ -20,12 +25,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
+from gesso.engine import distributed, rundir
 from gesso.engine.config import load_config
 from gesso.engine.events import StopTraining
 from gesso.engine.train import train
+from gesso.errors import TrainError
 
 CONFIG_HELP = "Every config key, its default and meaning: README.md, section 'Config reference'."
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+AUTO = "auto"
 
 
 def add_parsers(subparsers) -> None:
@@ -37,7 +45,10 @@ def add_parsers(subparsers) -> None:
                                                             "[[datasets.subsets]]) in place of the config's dataset folders")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key; repeatable")
     p.add_argument("--resume", metavar="DIR", help="go on from the state.pt an earlier (interrupted) run left in DIR; "
-                                                   "the output goes to DIR unless --output-dir says otherwise")
+                                                   "the output goes to DIR unless --output-dir says otherwise. "
+                                                   "'auto': the same command again goes on from the output folder's "
+                                                   "unfinished run, starts one there if the folder is new, and exits 0 "
+                                                   "when the run has finished (./auto for a folder of that name)")
     p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in the output folder "
                                                             "(without it, such a folder is refused)")
     p.set_defaults(run=cmd_train)
@@ -45,16 +56,29 @@ def add_parsers(subparsers) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set, args.dataset_config)
-    output_dir = Path(args.output_dir or args.resume or cfg.output.dir or Path("output") / cfg.output.name)
+    auto = args.resume == AUTO
+    output_dir = Path(args.output_dir or (None if auto else args.resume) or cfg.output.dir or Path("output") / cfg.output.name)
+    resume = args.resume
+    if auto:
+        if args.overwrite:
+            raise TrainError("--resume auto goes on with the output folder's run, --overwrite replaces it: give one of them")
+        found = rundir.run_status(output_dir, cfg.output.name)
+        if found == rundir.FINISHED:  # a notebook cell run again after the run ended: nothing to do, nothing touched
+            print(f"{output_dir / cfg.output.name}.safetensors: this run has finished; nothing to do "
+                  "(--overwrite trains it again, --output-dir starts another)")
+            return 0
+        resume = output_dir if found == rundir.UNFINISHED else None  # anything else: refused as a fresh run would be
+    world = distributed.from_environment(os.environ)  # torchrun's ranks; one process without it
     stop = StopOnSignal()
-    with stop.installed():
-        result = train(cfg, output_dir, on_event=stop.on_event, resume=args.resume, overwrite=args.overwrite)
+    with distributed.joined(world, cfg.train.device), stop.installed():
+        result = train(cfg, output_dir, on_event=stop.on_event, resume=resume, overwrite=args.overwrite, world=world)
     if result.stopped_early:
         print(f"interrupted ({signal.Signals(stop.signum).name}) at step {result.step}: resume with --resume {output_dir}",
               file=sys.stderr)
         return 128 + stop.signum
-    print(f"saved {result.final} ({len(result.epoch_files)} epoch files, metrics in {output_dir / 'metrics.jsonl'})")
-    print("\n".join(next_steps(cfg, output_dir, bool(result.epoch_files))))
+    if world.main:  # the files are rank 0's
+        print(f"saved {result.final} ({len(result.epoch_files)} epoch files, metrics in {output_dir / 'metrics.jsonl'})")
+        print("\n".join(next_steps(cfg, output_dir, bool(result.epoch_files))))
     return 0
 
 

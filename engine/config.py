@@ -113,6 +113,8 @@ class OutputSection:
     save_dtype: str = "fp16"  # fp16, bf16 or fp32
     save_every_n_epochs: int = 1  # 0: no per-epoch files
     save_every_n_steps: int = 0  # 0: no per-step files
+    save_every_n_minutes: float = 0.0  # a resumable state.pt by the clock (a notebook that disconnects); 0: off
+    timed_lora: bool = False  # each save_every_n_minutes save also writes <name>-step<N>.safetensors
     keep_last: int = 0  # keep only the newest K intermediate files; 0 keeps all
     save_state: bool = True  # write a resumable state (state.pt) at every save
     tensorboard: bool = True  # TensorBoard scalars in <output>/tensorboard
@@ -212,6 +214,7 @@ RANGES = {
     ("loss", "max_timestep"): (_within(0, 1000, low_open=True), "must be within (0, 1000]"),
     ("output", "save_every_n_epochs"): (_within(0, math.inf), "must be 0 (no per-epoch files) or more"),
     ("output", "save_every_n_steps"): (_within(0, math.inf), "must be 0 (no per-step files) or more"),
+    ("output", "save_every_n_minutes"): (_within(0, math.inf), "must be 0 (off) or more"),
     ("output", "keep_last"): (_within(0, math.inf), "must be 0 (keep all) or more"),
     ("sample", "every_n_epochs"): (_within(0, math.inf), "must be 0 (no previews) or more"),
     ("sample", "steps"): AT_LEAST_1,

@@ -58,6 +58,21 @@ def earlier_run_files(folder: Path, name: str) -> list[str]:
     return found
 
 
+NEW, UNFINISHED, FINISHED, OTHER = "new", "unfinished", "finished", "other"
+
+
+def run_status(folder: Path, name: str) -> str:
+    """What `--resume auto` finds in `folder`, reading only: NEW (no run's files), UNFINISHED (a state.pt and no
+    final <name>.safetensors: go on from it), FINISHED (the final file), OTHER (files of a run that left no state,
+    which refuse_earlier_run refuses)."""
+    found = earlier_run_files(folder, name) if folder.is_dir() else []
+    if not found:
+        return NEW
+    if f"{name}.safetensors" in found:
+        return FINISHED
+    return UNFINISHED if STATE_FILE in found else OTHER
+
+
 def refuse_earlier_run(folder: Path, name: str) -> None:
     found = earlier_run_files(folder, name)
     if not found:

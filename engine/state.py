@@ -27,7 +27,8 @@ class Position:
     generator: torch.Tensor  # the noise generator's state after that step
 
 
-def save_state(folder: Path, network, optimizer, scheduler, scaler, pos: Position, files: list[str], network_shape: dict) -> Path:
+def save_state(folder: Path, network, optimizer, scheduler, scaler, pos: Position, files: list[str], network_shape: dict,
+               batch_shape: dict) -> Path:
     state = {
         "lora": network.kohya_state_dict(torch.float32),
         "optimizer": optimizer.state_dict(),
@@ -36,6 +37,7 @@ def save_state(folder: Path, network, optimizer, scheduler, scaler, pos: Positio
         "epoch": pos.epoch, "batch": pos.batch, "step": pos.step, "generator": pos.generator,
         "files": files,
         "network": network_shape,
+        "batch_shape": batch_shape,
     }
     path = Path(folder) / STATE_FILE
     write_atomic(path, lambda tmp: _torch_save(state, tmp))
@@ -82,6 +84,11 @@ FIELDS = {
     "files": (lambda v: isinstance(v, list) and all(_file_name(f) for f in v), "a list of .safetensors file names"),
     "network": (_str_dict, "a network shape (a dictionary)"),
 }
+# fields added since states were first written: checked when present
+OPTIONAL_FIELDS = {
+    "batch_shape": (lambda v: _str_dict(v) and set(v) == {"batch_size", "batches_per_step"} and all(_count(1)(n) for n in v.values()),
+              "a batch shape (batch_size, batches_per_step)"),
+}
 
 
 def load_state(folder: Path) -> dict:
@@ -95,7 +102,9 @@ def load_state(folder: Path) -> dict:
         raise TrainError(f"{e}; --resume needs the state.pt a Gesso run wrote") from None
     if not isinstance(state, dict):
         raise TrainError(f"{path}: holds a {type(state).__name__}, not a Gesso training state")
-    for key, (ok, expected) in FIELDS.items():
+    for key, (ok, expected) in (FIELDS | OPTIONAL_FIELDS).items():
+        if key not in state and key in OPTIONAL_FIELDS:
+            continue
         if key not in state:
             raise TrainError(f"{path}: not a Gesso training state: no {key!r} entry")
         if not ok(state[key]):

@@ -32,6 +32,10 @@ class EmbeddingNetwork:
         """The file's tensors (the name is kept for the loop, which saves any network through this)."""
         return file_tensors(self.embeddings.vectors(self.name), dtype)
 
+    def named_tensors(self) -> dict[str, torch.nn.Parameter]:
+        """The live vectors by their file keys (in parameters' order, as load_state pairs them)."""
+        return dict(zip(self.kohya_state_dict(), self.parameters()))
+
     def load_state(self, saved: dict[str, torch.Tensor], source: str) -> None:
         """The vectors of a resumed run's state, after checking that they fit."""
         mine = self.kohya_state_dict()

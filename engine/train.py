@@ -9,10 +9,11 @@ import torch
 from tqdm import tqdm
 
 from gesso import models
-from gesso.engine import diffusion, fp8, objective, prediction, rundir, textual_inversion
+from gesso.engine import diffusion, fp8, objective, prediction, textual_inversion
 from gesso.engine.config import Config
 from gesso.engine.data.cache import Cache, prepare_cache
 from gesso.engine.data.dataset import Dataset, DatasetOptions, Subset, build_dataset
+from gesso.engine.distributed import SINGLE, NoLog, World
 from gesso.engine.events import Events, StopTraining
 from gesso.engine.logs import RunLog
 from gesso.engine.lora import lycoris, names
@@ -20,7 +21,7 @@ from gesso.engine.lora import network as lora
 from gesso.engine.lora.metadata import training_metadata
 from gesso.engine.optim import build_optimizer
 from gesso.engine.sampling.preview import render_previews
-from gesso.engine.saving import Saver, network_shape
+from gesso.engine.saving import Saver, check_resumable
 from gesso.engine.schedules import build_schedule
 from gesso.engine.state import STATE_FILE, Position, load_state, restore
 from gesso.errors import TrainError
@@ -43,20 +44,26 @@ class TrainResult:
 
 @dataclass
 class Plan:
-    """Optimizer steps: batches per epoch (bucket-pure, so a bucket's last batch may be short) over accumulation."""
+    """Optimizer steps: batches per epoch (bucket-pure, so a bucket's last batch may be short) over the batches each
+    step takes, accumulation on each of `processes` (torchrun's world size)."""
 
     dataset: Dataset
     batch_size: int
     epochs: int
     accumulation: int = 1
+    processes: int = 1
 
     @property
     def batches_per_epoch(self) -> int:
         return self.dataset.steps_per_epoch(self.batch_size)
 
     @property
+    def batches_per_step(self) -> int:
+        return self.accumulation * self.processes
+
+    @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(self.batches_per_epoch / self.accumulation)
+        return math.ceil(self.batches_per_epoch / self.batches_per_step)
 
     @property
     def total_steps(self) -> int:
@@ -67,11 +74,16 @@ class Plan:
         repeats = sorted({it.repeats for it in d.items if not it.is_reg})
         rep = f"{repeats[0]} repeats" if len(repeats) == 1 else "repeats"
         accum = f" / accumulation {self.accumulation}" if self.accumulation > 1 else ""
+        if self.processes > 1:
+            accum = f" / ({self.processes} processes x accumulation {self.accumulation})"
+        processes = f"{self.processes} process{'es' if self.processes > 1 else ''}"
+        effective = (f" (effective batch {self.batch_size} x {processes} x {self.accumulation} accumulation"
+                     f" = {self.batch_size * self.batches_per_step})" if self.batches_per_step > 1 else "")
         reg = d.samples(True)  # kohya counts regularization samples into an epoch's batches too
         samples = f"{d.samples(False)} samples + {reg} regularization samples = {len(d)}" if reg else f"{len(d)} samples"
         train = sum(not it.is_reg for it in d.items)
         return (f"{train} images x {rep} = {samples} / batch {self.batch_size}{accum} = {self.steps_per_epoch} steps per epoch"
-                f" x {self.epochs} epochs = {self.total_steps} steps")
+                f" x {self.epochs} epochs = {self.total_steps} steps{effective}")
 
 
 def pick_device(name: str) -> torch.device:
@@ -122,7 +134,7 @@ def load_dataset(cfg: Config) -> Dataset:
     return dataset
 
 
-def prepare_run(cfg: Config, device: torch.device, progress: bool = False):
+def prepare_run(cfg: Config, device: torch.device, progress: bool = False, world: World = SINGLE):
     """Model with LoRA injected into the UNet (and the text encoders when trained), the dataset, and its latents
     cached, and its text encodings too unless the text encoders are trained (then captions are encoded per batch).
 
@@ -142,8 +154,9 @@ def prepare_run(cfg: Config, device: torch.device, progress: bool = False):
     if embedding:
         network = textual_inversion.inject(sd, tokenizers, cfg, [it.caption for it in dataset.items])
     train_te = cfg.network.train_text_encoders or embedding  # either way captions are encoded per step
-    cache = prepare_cache(sd, tokenizers, dataset, device, cfg.dataset.cache_dir or None, train_text_encoders=train_te,
-                          progress=progress)
+    with world.main_first():  # under torchrun rank 0 fills the cache, then the others read it
+        cache = prepare_cache(sd, tokenizers, dataset, device, cfg.dataset.cache_dir or None, train_text_encoders=train_te,
+                              progress=progress and world.main)
     cache.release_encoders()  # the VAE (and the text encoders when text is cached) leave the GPU
     if not embedding:
         network = unet_network(sd.unet, cfg)  # LoRA weights are made in fp32 whatever the base's precision
@@ -200,7 +213,8 @@ def fixed_eval_loss(unet, cache: Cache, seed: int = 1234, draws: int = 4, batch_
 
 
 def train(cfg: Config, output_dir: str | Path, on_event: Callable[[dict], None] | None = None,
-          resume: str | Path | None = None, progress: bool = True, overwrite: bool = False) -> TrainResult:
+          resume: str | Path | None = None, progress: bool = True, overwrite: bool = False, world: World = SINGLE,
+          clock: Callable[[], float] = time.monotonic) -> TrainResult:
     """Train a LoRA as `cfg` says, writing its files to `output_dir`.
 
     on_event: called with each event (engine/events.py): every optimizer step's metrics, every file written;
@@ -211,22 +225,25 @@ def train(cfg: Config, output_dir: str | Path, on_event: Callable[[dict], None] 
 
     One run at a time holds `output_dir` (engine/rundir.py): a second one is refused with a TrainError naming the
     first one's pid; temporary files a killed run left there are removed first.
+
+    world: this process's rank under torchrun (engine/distributed.py), inside its process group; rank 0 alone
+    writes. clock: monotonic seconds, which output.save_every_n_minutes counts in (tests pass a fake one).
     """
     output_dir = Path(output_dir)
     # resuming a run in its own folder goes on with that run's files; any other run would replace them
     fresh = not overwrite and not (resume and Path(resume).resolve() == output_dir.resolve())
-    with rundir.claim(output_dir, cfg.output.name, fresh):
-        if overwrite and not resume:  # a killed overwrite run must not leave the earlier run's state to resume
+    with world.claim(output_dir, cfg.output.name, fresh):
+        if overwrite and not resume and world.main:  # a killed overwrite run must not leave the earlier run's state to resume
             (output_dir / STATE_FILE).unlink(missing_ok=True)
-        return _train(cfg, output_dir, on_event, resume, progress)
+        return _train(cfg, output_dir, on_event, resume, progress and world.main, world, clock)
 
 
 def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | None, resume: str | Path | None,
-           progress: bool) -> TrainResult:
-    state = _load_resume(resume, cfg) if resume else None
-    device = pick_device(cfg.train.device)
+           progress: bool, world: World, clock: Callable[[], float]) -> TrainResult:
+    state = _load_resume(resume, cfg, world.size) if resume else None
+    device = world.device(pick_device(cfg.train.device))
     torch.manual_seed(cfg.train.seed)
-    sd, model_cfg, network, cache = prepare_run(cfg, device, progress)
+    sd, model_cfg, network, cache = prepare_run(cfg, device, progress, world)
     cfg, model_cfg = prediction.resolve(cfg, model_cfg)
     sd.cfg = model_cfg  # previews sample with the prediction the run trains
     unet, tc = sd.unet, cfg.train
@@ -235,7 +252,7 @@ def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | Non
     # run every GroupNorm and LayerNorm in fp32 and keep their fp32 outputs for backward, twice the activation
     # memory of the same step in bf16 (which the benchmark measures). The LoRA parameters stay fp32.
     meta = training_metadata(cfg, model_cfg.family, cache.dataset, time.time())
-    plan = Plan(cache.dataset, tc.batch_size, tc.epochs, tc.gradient_accumulation_steps)
+    plan = Plan(cache.dataset, tc.batch_size, tc.epochs, tc.gradient_accumulation_steps, world.size)
     print(cache.describe(), flush=True)
     print(plan.describe(), flush=True)
 
@@ -247,28 +264,34 @@ def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | Non
     g = torch.Generator().manual_seed(tc.seed)  # CPU generator: the same draws on any device
     pos = Position(1, 0, 0, g.get_state())
     events = Events(on_event, plan.total_steps, device)
-    saver = Saver(cfg, output_dir, network, meta, state["files"] if state else [], events)
+    saver = Saver(cfg, output_dir, network, meta, state["files"] if state else [], events, world.size, world.main, clock)
     if state:
         pos = restore(state, network, opt, sched, scaler, g)  # one TrainError line for a state that does not fit
         print(f"resuming at epoch {pos.epoch}, step {pos.step} of {plan.total_steps}", flush=True)
+    world.broadcast_parameters(network)
     result = TrainResult(output_dir, output_dir / f"{cfg.output.name}.safetensors")
-    log = RunLog(output_dir, pos.step, cfg.output.tensorboard)
+    log = RunLog(output_dir, pos.step, cfg.output.tensorboard) if world.main else NoLog()
     bar = tqdm(total=plan.total_steps, initial=pos.step, unit="step", dynamic_ncols=True, disable=not progress)
     try:
         events.start(pos.step, pos.epoch)
         for epoch in range(pos.epoch, plan.epochs + 1):
             micro_losses = []
-            for i, (x0, context, y, weight, mask) in enumerate(cache.batches(epoch, plan.batch_size, tc.seed, skip=pos.batch), start=pos.batch):
-                d = objective.draw(x0, cfg.loss, ac, g)
-                pred = unet(d.noisy, d.t, context, y)  # computes in the frozen weights' dtype (see above)
-                loss = objective.loss(pred, d, cfg.loss, ac, weight, mask)
-                scaler.scale(loss / plan.accumulation).backward()
-                micro_losses.append(loss.item())  # syncs with the device once per micro-batch
-                if not math.isfinite(micro_losses[-1]):
-                    raise TrainError(f"loss is {micro_losses[-1]} at step {pos.step + 1} (epoch {epoch}): the weights diverged; "
+            for i, batch in enumerate(world.batches(cache, epoch, plan.batch_size, tc.seed, skip=pos.batch), start=pos.batch):
+                if isinstance(batch, torch.Size):  # another rank's batch: its draws keep this generator the single-process one
+                    objective.draw(torch.zeros(batch), cfg.loss, ac, g)
+                else:
+                    x0, context, y, weight, mask = batch
+                    d = objective.draw(x0, cfg.loss, ac, g)
+                    pred = unet(d.noisy, d.t, context, y)  # computes in the frozen weights' dtype (see above)
+                    loss = objective.loss(pred, d, cfg.loss, ac, weight, mask)
+                    scaler.scale(loss / plan.batches_per_step).backward()
+                    micro_losses.append(loss.item())  # syncs with the device once per micro-batch
+                if i + 1 - pos.batch < plan.batches_per_step and i + 1 < plan.batches_per_epoch:
+                    continue  # accumulate gradients over the next micro-batch (pos.batch: where this step began)
+                step_loss = world.reduce(network, micro_losses)  # sync point under torchrun: gradients summed over ranks
+                if not math.isfinite(step_loss):
+                    raise TrainError(f"loss is {step_loss} at step {pos.step + 1} (epoch {epoch}): the weights diverged; "
                                      "lower train.learning_rate (Prodigy: optimizer_args d_coef), or use mixed_precision = bf16 instead of fp16")
-                if len(micro_losses) < plan.accumulation and i + 1 < plan.batches_per_epoch:
-                    continue  # accumulate gradients over the next micro-batch
                 if tc.max_grad_norm:
                     scaler.unscale_(opt)
                     torch.nn.utils.clip_grad_norm_(network.parameters(), tc.max_grad_norm)
@@ -277,7 +300,7 @@ def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | Non
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 pos = Position(epoch, i + 1, pos.step + 1, g.get_state())
-                record = {"step": pos.step, "epoch": epoch, "loss": sum(micro_losses) / len(micro_losses), "lr": _current_lr(opt)}
+                record = {"step": pos.step, "epoch": epoch, "loss": step_loss, "lr": _current_lr(opt)}
                 micro_losses = []
                 event = events.measure(record)
                 log.step(record, event["steps_per_s"], event["peak_memory_gib"])
@@ -285,7 +308,8 @@ def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | Non
                 if cfg.output.save_every_n_steps and pos.step % cfg.output.save_every_n_steps == 0 and pos.step < plan.total_steps:
                     saver.intermediate(f"step{pos.step:08d}", epoch, pos.step)
                     saver.state_if_asked(opt, sched, scaler, pos)
-                events.emit(event)  # after this step's files: a host stopping here leaves them written
+                saver.on_clock(opt, sched, scaler, pos, plan.total_steps)
+                world.emit_step(events, event)  # after this step's files: a host stopping here leaves them written
                 _show(bar, event)
             pos = Position(epoch + 1, 0, pos.step, g.get_state())
             every = cfg.output.save_every_n_epochs
@@ -293,7 +317,7 @@ def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | Non
                 saver.intermediate(f"{epoch:06d}", epoch, pos.step)
             if every and epoch % every == 0 or epoch == plan.epochs:
                 saver.state_if_asked(opt, sched, scaler, pos)
-            if cfg.sample.prompts and cfg.sample.every_n_epochs and epoch % cfg.sample.every_n_epochs == 0:
+            if world.main and cfg.sample.prompts and cfg.sample.every_n_epochs and epoch % cfg.sample.every_n_epochs == 0:
                 saved = output_dir / f"{cfg.output.name}-{epoch:06d}.safetensors" if every and epoch % every == 0 else None
                 for path in render_previews(sd, cache.tokenizers, cfg, output_dir / "samples", epoch, device, saved, pos.step, bar, log):
                     events.saved("preview", path, pos.step, epoch)
@@ -370,12 +394,10 @@ def _current_lr(opt: torch.optim.Optimizer) -> float:
     return group["lr"] * group.get("d", 1.0)  # Prodigy's step is d * lr
 
 
-def _load_resume(folder: str | Path, cfg: Config) -> dict:
+def _load_resume(folder: str | Path, cfg: Config, processes: int) -> dict:
     try:
         state = load_state(Path(folder))
     except FileNotFoundError as e:
         raise TrainError(str(e)) from None
-    expected = network_shape(cfg)
-    if state["network"] != expected:
-        raise TrainError(f"{folder}: state was trained with network {state['network']}, the config says {expected}")
+    check_resumable(state, cfg, processes, Path(folder))
     return state

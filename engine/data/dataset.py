@@ -176,6 +176,14 @@ class Dataset:
         return "\n".join(lines)
 
 
+def shard(batches: list[list[Sample]], rank: int, size: int) -> list[list[Sample] | None]:
+    """Rank `rank`'s share of an epoch's batches, in their places: batch j goes whole to rank j % size (sharding
+    after batching, so every batch stays bucket-pure), the others' are None. Every rank gets a list of the same
+    length, so all run the same optimizer steps; a step of size x accumulation consecutive batches gives each
+    rank `accumulation` of them (in an epoch's short last step, some ranks one fewer)."""
+    return [batch if j % size == rank else None for j, batch in enumerate(batches)]
+
+
 def _parse_name(folder: Path) -> tuple[int | None, str]:
     """(N, name) of an `N_name` folder, else (None, "")."""
     m = REPEATS_FOLDER.match(folder.name)
