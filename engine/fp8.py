@@ -90,10 +90,11 @@ class _FP8Module(nn.Module):
         try:
             super()._apply(fn, recurse)
         finally:
-            probe = fn(torch.empty(0, dtype=self.dtype, device=codes.device))  # where, and in what dtype, fn puts floats
+            # where, and in what dtype, fn puts floats; None: swapped out to the host (engine/blockswap.py), left there
+            probe = fn(torch.empty(0, dtype=self.dtype, device="cpu" if codes is None else codes.device))
             self.dtype = probe.dtype
-            self._buffers["weight"] = codes.to(probe.device)
-            self._buffers["weight_scale"] = scale.to(probe.device)
+            self._buffers["weight"] = None if codes is None else codes.to(probe.device)
+            self._buffers["weight_scale"] = None if scale is None else scale.to(probe.device)
         return self
 
     def _restored(self, module: nn.Module) -> nn.Module:
