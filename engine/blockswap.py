@@ -5,15 +5,16 @@ bytes are swapped: their frozen parameters and buffers (fp8 codes and scales inc
 parameters, which the optimizer updates on the device) are moved to pinned host memory and replaced by None
 in their modules. A forward pre-hook copies a unit's weights in just before it runs and the hook after it
 drops them; meanwhile the next swapped unit's copy is already under way on a side CUDA stream, so copies
-overlap compute. Backward needs gradient checkpointing: the recomputation calls the units again in reverse
-order, which loads each one for its recomputation and backward and prefetches the one before it.
+overlap compute. Backward needs gradient checkpointing: a hook on each unit's output loads the unit when its
+backward begins (its recomputation's pre-hook too), and prefetches the one before it.
 
 Why it is safe: a unit's weights are fresh tensors each time they are installed. What autograd saved holds
 its own reference, so a dropped copy is freed only when nothing needs it; the fp8 conv, which reads its
-module's codes in backward (engine/fp8.py), finds them installed because a unit stays installed until the
-recomputation of a unit two places before it has begun, by which point its backward is done (a checkpoint
-recomputes at most two consecutive units, models/unet.py). On the GPU, each copy is recorded on the compute
-stream, so the caching allocator never reuses its memory while a kernel may still read it.
+module's codes in backward (engine/fp8.py), finds them installed because a unit stays installed from the start
+of its backward until the backward of a unit two places before it begins. By then its backward is done: each
+unit's output reaches every later unit, so an earlier unit's backward waits for theirs (two places, not one:
+a checkpoint recomputes up to two consecutive units, models/unet.py). On the GPU, each copy is recorded on
+the compute stream, so the caching allocator never reuses its memory while a kernel may still read it.
 
 On the CPU the same code runs with the CPU as both host and device (copies, no streams); on the meta device
 (engine/measure/memtrace.py) the copies are allocations that the predictor counts.
@@ -129,17 +130,28 @@ class BlockSwap:
             getattr(s.module, s.table)[s.name] = None  # what autograd saved keeps its own reference
         self.installed.discard(k)
 
-    def _before(self, k: int, module, args) -> None:
-        backward = torch._C._current_graph_task_id() != -1  # a checkpoint's recomputation, inside backward
-        if backward:
-            for j in [j for j in self.installed if self.index[j] >= self.index[k] + 2]:
-                self._uninstall(j)  # its recomputation and backward are over (see the module's docstring)
-        else:
-            for j in [j for j in self.installed if j != k]:
-                self._uninstall(j)  # left from the last backward
+    def _backward_reaches(self, k: int, grad: torch.Tensor | None = None) -> None:
+        """Unit k's backward begins (its output's gradient is there) or its recomputation does: load it, prefetch
+        the one before it, and drop those whose backward is over (see the module's docstring)."""
+        for j in [j for j in self.installed if self.index[j] >= self.index[k] + 2]:
+            self._uninstall(j)
         self._install(k)
-        self._copy(k - 1 if backward else k + 1)
+        self._copy(k - 1)
 
-    def _after(self, k: int, module, args, output) -> None:
-        if torch._C._current_graph_task_id() == -1:  # in backward the unit's own backward comes next
-            self._uninstall(k)
+    def _before(self, k: int, module, args) -> None:
+        if torch._C._current_graph_task_id() != -1:  # a checkpoint's recomputation, inside backward
+            self._backward_reaches(k)
+            return
+        for j in [j for j in self.installed if j != k]:
+            self._uninstall(j)  # left from the last backward
+        self._install(k)
+        self._copy(k + 1)
+
+    def _after(self, k: int, module, args, output: torch.Tensor) -> None:
+        if torch._C._current_graph_task_id() != -1:
+            return  # recomputed: the unit's own backward comes next
+        self._uninstall(k)
+        if output.requires_grad:
+            # before any of the unit's backward: an fp8 conv reads its module's codes there, and saves nothing that
+            # would have made the checkpoint recompute (and so load) the unit first
+            output.register_hook(functools.partial(self._backward_reaches, k))

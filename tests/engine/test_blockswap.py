@@ -12,9 +12,9 @@ from gesso.engine.lora import names
 from gesso.engine.lora import network as lora
 
 
-def _unet(fp8_base: bool):
+def _unet(fp8_base: bool, locon: bool = True):
     unet = models.build("tiny-sdxl", seed=0).unet.requires_grad_(False)
-    network = lora.inject(unet, names.attention_targets(unet) + names.locon_targets(unet), "lora_unet_", 4, 4)
+    network = lora.inject(unet, names.attention_targets(unet) + (names.locon_targets(unet) if locon else []), "lora_unet_", 4, 4)
     with torch.no_grad():
         for m in network.modules.values():
             m.lora_up.normal_(0, 0.02)  # non-zero ups: every LoRA gradient is non-trivial
@@ -47,9 +47,10 @@ def _train(unet, steps: int, watch=None):
     return losses, grads
 
 
-@pytest.mark.parametrize("fp8_base", [False, True])
-def test_losses_and_lora_grads_equal_the_unswapped_run_bit_for_bit(fp8_base):
-    unet, network = _unet(fp8_base)
+# fp8 without LoCon: the res-blocks' closing fp8 convs are bare, their backward the first of the unit to run
+@pytest.mark.parametrize("fp8_base, locon", [(False, True), (True, False)], ids=["bf16-locon", "fp8-attention-only"])
+def test_losses_and_lora_grads_equal_the_unswapped_run_bit_for_bit(fp8_base, locon):
+    unet, network = _unet(fp8_base, locon)
     swapped_unet = copy.deepcopy(unet)
     units = swapped_unet.units()
     swap = BlockSwap(swapped_unet, len(units) - 3, torch.device("cpu"))
@@ -57,7 +58,7 @@ def test_losses_and_lora_grads_equal_the_unswapped_run_bit_for_bit(fp8_base):
     # the frozen weights of swapped blocks are gone from the model between uses: None in their modules
     left = [frozen_bytes(units[i]) for i in swap.index]
     assert left == [0] * len(left)
-    assert len([p for p in swapped_unet.parameters() if p.requires_grad]) == len(network.parameters()) > 100
+    assert len([p for p in swapped_unet.parameters() if p.requires_grad]) == len(network.parameters()) > 50
 
     installed = []
     reference = _train(unet, 3)
