@@ -68,8 +68,10 @@ def _smallest_swap(cfg: Config, base: memtrace.MemoryPrediction, free: float, pr
     return search(low, high) or search(high + 1, len(sizes))
 
 
-def plan(cfg: Config, free: float, predict=memtrace.predict) -> tuple[Config, memtrace.MemoryPrediction]:
-    """`cfg` in the fastest mode that fits `free` GiB, and its prediction; a ConfigError when none does."""
+def plan(cfg: Config, free: float, predict=None) -> tuple[Config, memtrace.MemoryPrediction]:
+    """`cfg` in the fastest mode that fits `free` GiB, and its prediction (by `predict`, memtrace's by default);
+    a ConfigError when none does."""
+    predict = predict or memtrace.predict
     for fp8_base, checkpointing in ((False, False), (False, True), (True, True)):
         c = memtrace.with_mode(cfg, fp8_base, checkpointing)
         p = predict(c)
