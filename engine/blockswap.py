@@ -91,7 +91,6 @@ class BlockSwap:
             return
         event = None
         if self.stream is not None:
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))  # after what the compute stream queued
             with torch.cuda.stream(self.stream):
                 tensors = [torch.empty_like(s.host, device=self.device).copy_(s.host, non_blocking=True) for s in self.slots[k]]
                 event = torch.cuda.Event()
