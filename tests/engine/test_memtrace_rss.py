@@ -3,8 +3,10 @@
 A child process builds a mid-size UNet (between tiny-sdxl and SD 1.5) with the training setup's own functions
 and runs two steps in fp32 (the second with the optimizer's states, the step the prediction describes). glibc
 is told to serve every allocation over 64 KiB with mmap and to hand it back on free, so the peak resident
-memory over a baseline taken just before the model is built is the step's peak, as the GPU allocator's
-max_memory_allocated would be. The CPU runs the same kernels' reference path the meta device traces.
+memory over a baseline is what the step held, as the GPU allocator's max_memory_allocated would be. The
+baseline is taken after an identical model was trained one step and freed: the runtime's one-time caches
+(oneDNN, thread pools, small-block heap) are in it, as the CUDA context is outside max_memory_allocated;
+without that they add about 50 MB. The CPU runs the same kernels' reference path the meta device traces.
 """
 import dataclasses
 import json
@@ -26,7 +28,7 @@ OVERRIDES = ["model.name='mid-sdxl'", "dataset.resolution=256", "train.batch_siz
              "network.conv_rank=8", "train.optimizer='adamw'", "train.mixed_precision='no'"]
 
 CHILD = r"""
-import json, resource, sys
+import gc, json, resource, sys
 import torch
 import torch.nn.functional as F
 torch.set_num_threads(1)
@@ -46,30 +48,37 @@ def rss():
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def train(steps):
+    # the model as training builds it, `steps` steps of it; returns the RSS after the first
+    torch.manual_seed(0)
+    unet = UNet(MID.unet).requires_grad_(False)
+    network = unet_network(unet, cfg)
+    unet.gradient_checkpointing = checkpointing
+    opt = train_optimizer(network, cfg.train)
+    side, b = cfg.dataset.resolution // 8, cfg.train.batch_size
+    resident = None
+    for step in range(steps):
+        x0 = torch.randn(b, 4, side, side)
+        noise = torch.randn_like(x0)
+        pred = unet(x0 + noise, torch.randint(0, 1000, (b,)), torch.randn(b, 77, MID.unet.context_dim))
+        F.mse_loss(pred.float(), noise).backward()
+        del x0, pred
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step == 0:
+            resident = rss()
+    return resident
+
+
+train(1)  # an identical model, then freed: the runtime's one-time caches join the baseline
+gc.collect()
 base = rss()
-torch.manual_seed(0)
-unet = UNet(MID.unet).requires_grad_(False)
-network = unet_network(unet, cfg)
-unet.gradient_checkpointing = checkpointing
-opt = train_optimizer(network, cfg.train)
-side = cfg.dataset.resolution // 8
-b = cfg.train.batch_size
-marks = []
-for _ in range(2):
-    x0 = torch.randn(b, 4, side, side)
-    noise = torch.randn_like(x0)
-    pred = unet(x0 + noise, torch.randint(0, 1000, (b,)), torch.randn(b, 77, MID.unet.context_dim))
-    F.mse_loss(pred.float(), noise).backward()
-    del x0, pred
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    if not marks:
-        marks.append(rss())
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets the peak resident memory (VmHWM): the second step's peak is its own
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets the peak resident memory (VmHWM) to what is resident now
+resident = train(2)
 with open("/proc/self/status") as f:
     hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-print(json.dumps({"base": base, "resident": marks[0], "peak": hwm}))
+print(json.dumps({"base": base, "resident": resident, "peak": hwm}))
 """
 
 
@@ -89,6 +98,7 @@ def test_prediction_agrees_with_the_measured_peak_of_a_cpu_step_within_10_percen
         for checkpointing in (False, True):
             cfg = load_config(DEMO, OVERRIDES + [f"train.gradient_checkpointing={str(checkpointing).lower()}"])
             predicted = memtrace.predict(cfg)
-            measured = _measured(checkpointing) / memtrace.GIB
-            assert predicted.activations_gib > 0.2 * predicted.peak_gib  # not only weights: activations are tested too
+            m = _measured(checkpointing)
+            measured = (m["peak"] - m["base"]) / memtrace.GIB
+            assert predicted.activations_gib > 0.1 * predicted.peak_gib  # not only weights: activations are tested too
             assert abs(measured - predicted.peak_gib) <= 0.10 * predicted.peak_gib, (measured, predicted.describe())
