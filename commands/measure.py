@@ -3,12 +3,13 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 
 import torch
 
-from gesso.engine.config import load_config
+from gesso.engine.config import ConfigError, load_config
 from gesso.engine.io import write_bytes_atomic
-from gesso.engine.measure import bench, harness, memtrace
+from gesso.engine.measure import bench, harness, memplan, memtrace
 
 
 def add_parsers(subparsers) -> None:
@@ -26,6 +27,9 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--fp8-base", action="store_true", help="frozen UNet weights in fp8 e4m3 after LoRA injection (train.fp8_base)")
+    p.add_argument("--blocks-to-swap", type=int, default=0, metavar="N",
+                   help="frozen weights of the N largest UNet blocks in pinned host memory, copied in ahead of use "
+                        "(train.blocks_to_swap; needs --gradient-checkpointing; sdxl has 87 blocks)")
     p.add_argument("--matrix", action="store_true",
                    help="the issue's grid instead of one case: resolution 1024/512 x batch 1/4 x rank 16/64 with checkpointing, "
                         "plus 1024/1/16 without checkpointing and with an fp8 base (CPU: tiny-sdxl at 64/32 px, batch 1/2, "
@@ -45,7 +49,10 @@ def add_parsers(subparsers) -> None:
                     "prints its peak GPU memory: frozen weights, LoRA and gradients, optimizer states, activations.")
     p.add_argument("config", help="path to the TOML config")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key; repeatable")
-    p.add_argument("--modes", action="store_true", help="every memory mode: bf16 or fp8 bases, with and without gradient checkpointing")
+    p.add_argument("--modes", action="store_true", help="every memory mode: bf16 or fp8 bases, with and without gradient "
+                                                         "checkpointing, and with checkpointing and every block swapped")
+    p.add_argument("--vram", type=float, metavar="GIB",
+                   help="the mode train.memory = auto would choose on a device with GIB free, and its prediction")
     p.set_defaults(run=cmd_memory)
 
 
@@ -54,7 +61,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     one = bench.Case(args.model or ("sdxl" if cuda else "tiny-sdxl"), args.resolution or (1024 if cuda else 128),
-                     args.batch, args.rank, args.fp8_base, args.gradient_checkpointing)
+                     args.batch, args.rank, args.fp8_base, args.gradient_checkpointing, args.blocks_to_swap)
     note = None if cuda else "no CUDA GPU: these are CPU numbers at a tiny size, a smoke test, not the engine's GPU speed"
     if note:
         print(note, flush=True)
@@ -91,10 +98,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_memory(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
-    for prediction in memtrace.memory_modes(cfg) if args.modes else [memtrace.predict(cfg)]:
+    for prediction in memtrace.memory_modes(cfg) if args.modes else [] if args.vram is not None else [memtrace.predict(cfg)]:
         print(prediction.describe(), flush=True)
+    if args.vram is not None:
+        if not 0 < args.vram < math.inf:
+            raise ConfigError(f"--vram {args.vram}: must be a number of GiB above 0")
+        _, chosen = memplan.plan(cfg, args.vram)
+        print(chosen.describe())
+        print(memplan.describe(chosen, args.vram))
     print("predicted on the meta device, not measured: compare with torch.cuda.max_memory_allocated; the CUDA "
           "context and the allocator's fragmentation come on top (see engine/measure/memtrace.py)")
     return 0
-
-

@@ -85,6 +85,8 @@ class TrainSection:
     mixed_precision: str = "no"  # no, bf16, fp16 (with loss scaling)
     gradient_checkpointing: bool = False
     fp8_base: bool = False  # store the frozen UNet weights in fp8 (e4m3, per-channel scale): half of bf16's memory
+    blocks_to_swap: int = 0  # frozen weights of the N largest UNet blocks in host memory (engine/blockswap.py); 0 = off
+    memory: str = "manual"  # manual: the three keys above; auto: the fastest mode the GPU's free memory holds
     seed: int = 42  # seeds data order, timesteps and noise
     device: str = "auto"  # auto (cuda when present), cpu, cuda
     prior_loss_weight: float = 1.0  # loss weight of regularization images (subsets with is_reg = true)
@@ -151,6 +153,7 @@ CHOICES = {
     ("model", "prediction"): ("auto", "epsilon", "v_prediction"),
     ("loss", "prediction"): ("auto", "epsilon", "v_prediction"),
     ("network", "type"): ("lora", "dora", "loha", "lokr", "embedding"),
+    ("train", "memory"): ("manual", "auto"),
     ("loss", "loss_type"): ("l2", "huber"),
     ("sample", "sampler"): ("euler", "euler_a", "dpmpp_2m_karras", "ddim"),
     ("output", "save_dtype"): ("fp16", "bf16", "fp32"),
@@ -205,6 +208,7 @@ RANGES = {
     ("train", "max_grad_norm"): (_within(0, math.inf), "must be 0 (no clipping) or more"),
     ("train", "seed"): SEED,
     ("train", "prior_loss_weight"): AT_LEAST_0,
+    ("train", "blocks_to_swap"): (_within(0, math.inf), "must be 0 (off) or more"),
     ("loss", "huber_c"): POSITIVE,
     ("loss", "min_snr_gamma"): (_within(0, math.inf), "must be 0 (off) or more"),
     ("loss", "noise_offset"): AT_LEAST_0,
@@ -226,6 +230,9 @@ RELATIONS = [
     ("loss.min_timestep, loss.max_timestep", lambda c: c.loss.min_timestep < c.loss.max_timestep, "min must be below max"),
     ("dataset.min_bucket_side, dataset.max_bucket_side", lambda c: c.dataset.min_bucket_side <= c.dataset.max_bucket_side,
      "min must not exceed max"),
+    ("train.blocks_to_swap, train.gradient_checkpointing",
+     lambda c: not c.train.blocks_to_swap or c.train.gradient_checkpointing or c.train.memory == "auto",
+     "block swap needs gradient checkpointing (backward reloads each block in its recomputation)"),
     ("sample.prompts", lambda c: all(isinstance(p, str) for p in c.sample.prompts), "must be a list of strings"),
     ("loss.masked, dataset.alpha_mask, dataset.mask_dir", lambda c: c.loss.masked == _has_mask_source(c.dataset),
      "loss.masked = true needs a mask source (alpha_mask = true or a mask_dir, on the dataset or a subset), and a "

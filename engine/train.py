@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from gesso import models
-from gesso.engine import diffusion, fp8, objective, prediction, textual_inversion
+from gesso.engine import blockswap, diffusion, fp8, objective, prediction, textual_inversion
 from gesso.engine.config import Config
 from gesso.engine.data.cache import Cache, prepare_cache
 from gesso.engine.data.dataset import Dataset, DatasetOptions, Subset, build_dataset
@@ -162,6 +162,9 @@ def prepare_run(cfg: Config, device: torch.device, progress: bool = False, world
         network = unet_network(sd.unet, cfg)  # LoRA weights are made in fp32 whatever the base's precision
     if cfg.network.train_text_encoders:
         network = lora.combine(network, lora.inject_text_encoders(sd, cfg.network.rank, cfg.network.alpha))
+    sd.unet.gradient_checkpointing = cfg.train.gradient_checkpointing
+    if cfg.train.blocks_to_swap:  # before the move: the swapped blocks' weights stay in (pinned) host memory
+        blockswap.BlockSwap(sd.unet, cfg.train.blocks_to_swap, device)
     sd.unet.to(device)
     return sd, model_cfg, network, cache
 
@@ -242,12 +245,13 @@ def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | Non
            progress: bool, world: World, clock: Callable[[], float]) -> TrainResult:
     state = _load_resume(resume, cfg, world.size) if resume else None
     device = world.device(pick_device(cfg.train.device))
+    if cfg.train.memory == "auto":
+        cfg = _auto_memory(cfg, device)
     torch.manual_seed(cfg.train.seed)
     sd, model_cfg, network, cache = prepare_run(cfg, device, progress, world)
     cfg, model_cfg = prediction.resolve(cfg, model_cfg)
     sd.cfg = model_cfg  # previews sample with the prediction the run trains
     unet, tc = sd.unet, cfg.train
-    unet.gradient_checkpointing = tc.gradient_checkpointing
     # The frozen UNet is stored in mixed_precision's dtype and computes in it, without autocast: autocast would
     # run every GroupNorm and LayerNorm in fp32 and keep their fp32 outputs for backward, twice the activation
     # memory of the same step in bf16 (which the benchmark measures). The LoRA parameters stay fp32.
@@ -392,6 +396,15 @@ def param_groups(network: lora.LoRANetwork, tc) -> list[dict]:
 def _current_lr(opt: torch.optim.Optimizer) -> float:
     group = opt.param_groups[0]
     return group["lr"] * group.get("d", 1.0)  # Prodigy's step is d * lr
+
+
+def _auto_memory(cfg: Config, device: torch.device) -> Config:
+    from gesso.engine.measure import memplan  # built on this module's setup functions: imported when used
+
+    free = memplan.free_gib(device)
+    chosen, peak = memplan.plan(cfg, free)
+    print(memplan.describe(peak, free), flush=True)
+    return chosen
 
 
 def _load_resume(folder: str | Path, cfg: Config, processes: int) -> dict:

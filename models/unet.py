@@ -15,6 +15,26 @@ from gesso.kernels.attention import attention
 from gesso.models.configs import UNetConfig
 
 
+class Unit(nn.Module):
+    """A res-block or transformer block: what engine/blockswap.py moves, and what checkpointing recomputes.
+
+    With gradient checkpointing each res-block, each transformer block (pairs of them in deep transformers),
+    each transformer's norm and proj_in, each upsampler and the output head keep only their inputs for
+    backward and recompute the rest there. Pairs: SDXL's 60 blocks in its depth-10 transformers at the lowest
+    resolution have small inputs (2.5 MB at 1024 px), all held at the start of backward, the step's peak; a
+    pair halves them and recomputes no more (each block once), and its larger working set comes later, once
+    less is held. At 4x the tokens (SDXL's depth-2 level) a pair's working set would be the new peak.
+    """
+
+    checkpointed = False
+
+
+def run_checkpointed(on: bool, fn, *args: torch.Tensor | None) -> torch.Tensor:
+    if on and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding [cos, sin] of (B,) numbers -> (B, dim), cos first as in the original code."""
     half = dim // 2
@@ -27,7 +47,7 @@ def group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels, eps=eps)
 
 
-class ResBlock(nn.Module):
+class ResBlock(Unit):
     def __init__(self, channels: int, emb_channels: int, out_channels: int):
         super().__init__()
         self.in_layers = nn.Sequential(group_norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
@@ -37,10 +57,14 @@ class ResBlock(nn.Module):
         )
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        if skip is not None:  # an output block's: concatenated here, so a checkpoint keeps x and the skip (kept anyway), not both again
+            x = torch.cat([x, skip], dim=1)
         h = self.in_layers(x)
         h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+        # the skip conv last: a recomputation (checkpointing) stops once it has what backward saved, which is
+        # before the last saving op's own compute, so neither of the two closing convs is recomputed
+        return self.out_layers(h) + self.skip_connection(x)
 
 
 class CrossAttention(nn.Module):
@@ -81,7 +105,7 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
-class BasicTransformerBlock(nn.Module):
+class BasicTransformerBlock(Unit):
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
         super().__init__()
         self.attn1 = CrossAttention(dim, heads, dim_head)
@@ -108,18 +132,28 @@ class SpatialTransformer(nn.Module):
             BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth)
         )
         self.proj_out = nn.Linear(inner, channels) if linear else nn.Conv2d(inner, channels, 1)
+        self.group = 2 if depth > 2 else 1  # blocks per checkpoint (see Unit)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        x_in = x
+    checkpointed = False  # the norm and proj_in, between two units: kept, they would hold two more feature maps
+
+    def _project_in(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(x)
         if not self.linear:
             x = self.proj_in(x)
         x = x.flatten(2).transpose(1, 2)  # (B, H*W, C)
-        if self.linear:
-            x = self.proj_in(x)
-        for block in self.transformer_blocks:
+        return self.proj_in(x) if self.linear else x
+
+    def _blocks(self, x: torch.Tensor, context: torch.Tensor, start: int) -> torch.Tensor:
+        for block in self.transformer_blocks[start:start + self.group]:
             x = block(x, context)
+        return x
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        x_in = x
+        x = run_checkpointed(self.checkpointed, self._project_in, x)
+        for start in range(0, len(self.transformer_blocks), self.group):
+            x = run_checkpointed(self.checkpointed, self._blocks, x, context, start)
         if self.linear:
             x = self.proj_out(x)
         x = x.transpose(1, 2).unflatten(2, (h, w))  # (B, C, H, W)
@@ -138,21 +172,27 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
+    checkpointed = False  # kept, the conv would hold its input at 4x the size of ours
+
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_checkpointed(self.checkpointed, self._forward, x)
 
 
 class TimestepEmbedSequential(nn.Sequential):
     """One input/middle/output block: passes emb to ResBlocks and context to SpatialTransformers."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+                skip: torch.Tensor | None = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
-                x = layer(x, emb)
+                x, skip = run_checkpointed(layer.checkpointed, layer, x, emb, skip), None
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
             else:
@@ -164,7 +204,7 @@ class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.cfg = cfg
-        self.gradient_checkpointing = False
+        self._checkpointing = False
         mc = cfg.model_channels
         emb_dim = mc * 4
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -209,10 +249,22 @@ class UNet(nn.Module):
 
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
-    def _block(self, block: nn.Module, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, context, use_reentrant=False)
-        return block(h, emb, context)
+    def units(self) -> list[Unit]:
+        """Every res-block and transformer block, in the order forward runs them (SDXL: 17 and 70)."""
+        return [m for m in self.modules() if isinstance(m, Unit)]
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self._checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool) -> None:
+        """Checkpoint what Unit says; the rest (conv_in, downsamplers, proj_out) keeps its inputs, which are
+        held anyway as skips or as a checkpoint's inputs."""
+        self._checkpointing = bool(on)
+        for m in self.modules():
+            if isinstance(m, (Unit, SpatialTransformer, Upsample)):
+                m.checkpointed = bool(on)
 
     def forward(
         self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
@@ -233,9 +285,9 @@ class UNet(nn.Module):
         h = x
         skips = []
         for block in self.input_blocks:
-            h = self._block(block, h, emb, context)
+            h = block(h, emb, context)
             skips.append(h)
-        h = self._block(self.middle_block, h, emb, context)
+        h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
-            h = self._block(block, torch.cat([h, skips.pop()], dim=1), emb, context)
-        return self.out(h)
+            h = block(h, emb, context, skips.pop())
+        return run_checkpointed(self._checkpointing, self.out, h)  # its three 320-channel maps at full size

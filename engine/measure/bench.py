@@ -24,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from gesso import models
 from gesso.engine import diffusion, fp8
+from gesso.engine.blockswap import BlockSwap
 from gesso.engine.lora import names
 from gesso.engine.lora import network as lora
 from gesso.kernels.adamw8bit import AdamW8bit
@@ -56,6 +57,7 @@ class Case:
     rank: int
     fp8_base: bool = False  # frozen UNet weights stored in fp8 e4m3 (engine.fp8.quantize_frozen)
     gradient_checkpointing: bool = True
+    blocks_to_swap: int = 0  # engine.blockswap: the N largest blocks' frozen weights wait in pinned host memory
 
 
 @dataclass
@@ -77,6 +79,7 @@ class BenchRow:
     peak_allocated_gib: float | None  # over the timed steps, weights included; None on the CPU
     peak_reserved_gib: float | None
     reference_over_kernels: float | None = None  # reference seconds / kernels seconds, on the kernels row
+    blocks_to_swap: int = 0
 
 
 @dataclass
@@ -186,6 +189,8 @@ def build(case: Case, device: torch.device, dtype: torch.dtype) -> tuple[UNet, l
     unet.gradient_checkpointing = case.gradient_checkpointing
     if case.fp8_base:
         fp8.quantize_frozen(unet)  # after injection, as engine/train.py does: LoRA bases become fp8, LoRA weights never
+    if case.blocks_to_swap:  # the swapped weights leave the device for pinned host memory, as in training
+        BlockSwap(unet, case.blocks_to_swap, device)
     return unet, network
 
 
@@ -290,6 +295,8 @@ def run_case(case: Case, steps: int, warmup: int, device: torch.device, dtype: t
                              seconds, case.batch / seconds, tflop, forward_tflop,
                              tflop / seconds / peak_tflops if peak_tflops else None, allocated, reserved))
     rows[0].reference_over_kernels = ref[0] / ker[0]
+    for row in rows:
+        row.blocks_to_swap = case.blocks_to_swap
     return rows
 
 
@@ -356,7 +363,7 @@ def loss_check(case: Case, steps: int, lr: float, device: torch.device, dtype: t
 
 def describe(rows: list[BenchRow]) -> str:
     lines = [f"{'path':<10} {'model':<10} {'res':>5} {'bs':>3} {'rank':>4} {'base':>9} {'ckpt':>4} {'s/step':>9} {'img/s':>7} "
-             f"{'TFLOP':>8} {'MFU':>6} {'alloc GiB':>9} {'resv GiB':>8} {'ref/kern':>8}"]
+             f"{'TFLOP':>8} {'MFU':>6} {'alloc GiB':>9} {'resv GiB':>8} {'ref/kern':>8} {'swap':>4}"]
     for r in rows:
         mfu = f"{r.mfu:.1%}" if r.mfu is not None else "-"
         alloc = f"{r.peak_allocated_gib:.2f}" if r.peak_allocated_gib is not None else "-"
@@ -364,7 +371,7 @@ def describe(rows: list[BenchRow]) -> str:
         ratio = f"{r.reference_over_kernels:.2f}x" if r.reference_over_kernels is not None else ""
         lines.append(f"{r.path:<10} {r.model:<10} {r.resolution:>5} {r.batch:>3} {r.rank:>4} {r.base_weights:>9} "
                      f"{'yes' if r.gradient_checkpointing else 'no':>4} {r.seconds_per_step:>9.4f} {r.images_per_s:>7.2f} "
-                     f"{r.tflop_per_step:>8.3g} {mfu:>6} {alloc:>9} {resv:>8} {ratio:>8}")
+                     f"{r.tflop_per_step:>8.3g} {mfu:>6} {alloc:>9} {resv:>8} {ratio:>8} {r.blocks_to_swap:>4}")
     lines.append("ref/kern: reference / kernels time per step (above 1: the kernels are faster); "
                  "TFLOP counted on the reference path, used for both rows' MFU")
     return "\n".join(lines)

@@ -9,6 +9,9 @@ the count) are added: the peak is that of every step after the first. Attention 
 SDPA picks on a GPU for these shapes and saves what the Triton kernel saves (q, k, v, o and the row
 log-sum-exp); on the meta device SDPA would decompose into the math path and hold every score matrix.
 
+With block swap (engine/blockswap.py) only the resident weights count as weights; the swapped units' copies
+on the device are allocations inside the step, counted as they live, and reported as the swap buffers.
+
 What it does not see: the CUDA context (a few hundred MB, outside torch's allocator), cuBLAS and
 kernel workspaces, and the caching allocator's rounding and fragmentation. Compare the prediction with
 torch.cuda.max_memory_allocated, not with nvidia-smi. The encoders are not counted: `gesso train` moves
@@ -25,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
 from gesso import models
+from gesso.engine.blockswap import BlockSwap
 from gesso.engine.config import Config, ConfigError
 from gesso.engine.lora import names
 from gesso.engine.train import AMP_DTYPES, train_optimizer, unet_network
@@ -79,18 +83,25 @@ class MemoryPrediction:
     rank: int
     precision: str  # the frozen UNet's: bf16, fp16, fp32, or fp8 (bases) + bf16
     gradient_checkpointing: bool
+    blocks_to_swap: int
     optimizer: str
-    weights_gib: float  # the frozen UNet as stored
+    weights_gib: float  # the frozen UNet as stored on the device (swapped blocks' weights are in host memory)
     trainable_gib: float  # the LoRA parameters (fp32) and their gradients
     optimizer_gib: float  # the optimizer's states
+    swap_gib: float  # the most swapped-in block weights alive at once (0 without block swap)
     activations_gib: float  # the rest of the peak: saved activations, recomputation, temporaries
     peak_gib: float  # everything live at the step's worst moment: compare with torch.cuda.max_memory_allocated
 
+    @property
+    def mode(self) -> str:
+        return (f"{self.precision}{' + checkpointing' if self.gradient_checkpointing else ''}"
+                f"{f' + swap {self.blocks_to_swap} blocks' if self.blocks_to_swap else ''}")
+
     def describe(self) -> str:
-        return (f"{self.model} {self.resolution}px batch {self.batch} rank {self.rank}, {self.precision}"
-                f"{' + checkpointing' if self.gradient_checkpointing else ''}, {self.optimizer}: "
+        swap = f" + swap buffers {self.swap_gib:.2f}" if self.blocks_to_swap else ""
+        return (f"{self.model} {self.resolution}px batch {self.batch} rank {self.rank}, {self.mode}, {self.optimizer}: "
                 f"peak {self.peak_gib:.2f} GiB = weights {self.weights_gib:.2f} + LoRA and grads {self.trainable_gib:.2f} "
-                f"+ optimizer {self.optimizer_gib:.2f} + activations {self.activations_gib:.2f}")
+                f"+ optimizer {self.optimizer_gib:.2f}{swap} + activations {self.activations_gib:.2f}")
 
 
 def _flash_sdpa(q, k, v, *args, **kwargs):
@@ -98,7 +109,7 @@ def _flash_sdpa(q, k, v, *args, **kwargs):
     return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[0]
 
 
-def _model_config(cfg: Config):
+def model_config(cfg: Config):
     if cfg.model.checkpoint:
         return open_checkpoint(cfg.model.checkpoint).comparison.config  # headers only
     try:
@@ -123,7 +134,7 @@ def _optimizer_step(opt, name: str, params: list) -> None:
 
 def predict(cfg: Config, resolution: int | None = None, batch: int | None = None) -> MemoryPrediction:
     """The peak GPU memory of `cfg`'s UNet LoRA training step (text-encoder LoRA not included)."""
-    mcfg = _model_config(cfg)
+    mcfg = model_config(cfg)
     tc = cfg.train
     resolution = resolution or cfg.dataset.resolution
     batch = batch or tc.batch_size
@@ -131,9 +142,10 @@ def predict(cfg: Config, resolution: int | None = None, batch: int | None = None
     unet.to(AMP_DTYPES.get(tc.mixed_precision, torch.float32))  # as train loads it, before injection
     network = unet_network(unet, cfg)
     unet.gradient_checkpointing = tc.gradient_checkpointing
+    swap = BlockSwap(unet, tc.blocks_to_swap, torch.device("meta")) if tc.blocks_to_swap else None
     trainable = list(network.parameters())
     ids = {id(p) for p in trainable}
-    frozen = [t for t in (*unet.parameters(), *unet.buffers()) if id(t) not in ids]
+    frozen = [t for t in (*unet.parameters(), *unet.buffers()) if id(t) not in ids]  # swapped ones are None: not here
     opt = train_optimizer(network, tc)
     h = resolution // 8
     with LiveBytes() as live, mock.patch.object(F, "scaled_dot_product_attention", _flash_sdpa):
@@ -152,18 +164,32 @@ def predict(cfg: Config, resolution: int | None = None, batch: int | None = None
     states = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
     weights, params = _nbytes(frozen), _nbytes(trainable)
     optimizer = _nbytes(states)
-    peak = weights + params + optimizer + live.peak  # the gradients are in live.peak: made in backward
+    peak = weights + params + optimizer + live.peak  # the gradients and swap copies are in live.peak: made in the step
     with_grads = 2 * params  # the gradients are as large as the parameters (fp32)
+    swapped = swap.peak_bytes if swap else 0
     precision = f"fp8 bases + {tc.mixed_precision}" if tc.fp8_base else {"no": "fp32"}.get(tc.mixed_precision, tc.mixed_precision)
     return MemoryPrediction(
-        mcfg.name, resolution, batch, cfg.network.rank, precision, tc.gradient_checkpointing, tc.optimizer,
-        weights / GIB, with_grads / GIB, optimizer / GIB, (peak - weights - with_grads - optimizer) / GIB, peak / GIB)
+        mcfg.name, resolution, batch, cfg.network.rank, precision, tc.gradient_checkpointing, tc.blocks_to_swap,
+        tc.optimizer, weights / GIB, with_grads / GIB, optimizer / GIB, swapped / GIB,
+        (peak - weights - with_grads - optimizer - swapped) / GIB, peak / GIB)
+
+
+def unit_count(cfg: Config) -> int:
+    """Blocks of `cfg`'s UNet that block swap can move (res-blocks and transformer blocks; SDXL: 87)."""
+    return len(names.meta_unet(model_config(cfg).unet).units())
+
+
+def with_mode(cfg: Config, fp8_base: bool, checkpointing: bool, blocks_to_swap: int = 0) -> Config:
+    half = "fp16" if cfg.train.mixed_precision == "fp16" else "bf16"
+    return dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, mixed_precision=half, fp8_base=fp8_base, gradient_checkpointing=checkpointing,
+        blocks_to_swap=blocks_to_swap, memory="manual"))
 
 
 def memory_modes(cfg: Config) -> list[MemoryPrediction]:
     """`cfg`'s step in each memory mode: bf16 (or the config's fp16) bases or fp8 bases, each without and with
-    gradient checkpointing; everything else (model, network, optimizer, batch, resolution) as configured."""
-    half = "fp16" if cfg.train.mixed_precision == "fp16" else "bf16"
-    return [predict(dataclasses.replace(cfg, train=dataclasses.replace(
-                cfg.train, mixed_precision=half, fp8_base=fp8_base, gradient_checkpointing=checkpointing)))
-            for fp8_base in (False, True) for checkpointing in (False, True)]
+    gradient checkpointing, then with checkpointing and every block swapped; everything else (model, network,
+    optimizer, batch, resolution) as configured."""
+    every = unit_count(cfg)
+    modes = [(fp8_base, checkpointing, 0) for fp8_base in (False, True) for checkpointing in (False, True)]
+    return [predict(with_mode(cfg, *m)) for m in modes + [(False, True, every), (True, True, every)]]
