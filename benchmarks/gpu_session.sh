@@ -156,14 +156,14 @@ quick() {
     quick_step 60 $rows --systems engine --modes fp8-ckpt
     quick_step 45 $rows --systems peer --modes bf16-ckpt
     if "$PY" cli.py bench --help 2>/dev/null | grep -q -- --blocks-to-swap; then
-        quick_step 50 "$PY" cli.py bench --gradient-checkpointing --blocks-to-swap "${BLOCKS_TO_SWAP:-8}" --steps 10 \
+        quick_step 35 "$PY" cli.py bench --gradient-checkpointing --blocks-to-swap "${BLOCKS_TO_SWAP:-8}" --steps 10 \
             --warmup 3 --out "$OUT/blockswap.json"
     else
         echo "! cli.py bench has no --blocks-to-swap: no block-swap rows" | tee -a "$OUT/quick.log"
     fi
     # checkpointing saves RNG states in the forward, which capture may refuse: then its row records why, and the
     # second mode (no checkpointing) still gives the graph's speed-up over the eager step of the same model
-    quick_step 50 $rows --systems graph --modes bf16-ckpt,bf16
+    quick_step 40 $rows --systems graph --modes bf16-ckpt,bf16
     quick_step 55 $q loss --results "$raw" --steps 50
     quick_step 30 "$PY" -m benchmarks.dispatch_table --budget-s 20 --out "$OUT/dispatch_table.json"
     quick_step 600 $rows --systems engine,peer --modes bf16-ckpt --batch 4

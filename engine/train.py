@@ -9,25 +9,23 @@ import torch
 from tqdm import tqdm
 
 from gesso import models
-from gesso.engine import blockswap, diffusion, fp8, objective, prediction, textual_inversion
+from gesso.engine import blockswap, diffusion, objective, prediction, textual_inversion
 from gesso.engine.config import Config
 from gesso.engine.data.cache import Cache, prepare_cache
 from gesso.engine.data.dataset import Dataset, DatasetOptions, Subset, build_dataset
 from gesso.engine.distributed import SINGLE, NoLog, World
 from gesso.engine.events import Events, StopTraining
 from gesso.engine.logs import RunLog
-from gesso.engine.lora import lycoris, names
 from gesso.engine.lora import network as lora
 from gesso.engine.lora.metadata import training_metadata
-from gesso.engine.optim import build_optimizer
+from gesso.engine.measure import memplan
+# the network's setup lives beside the memory prediction's; callers of the loop still find it here
+from gesso.engine.network_setup import AMP_DTYPES, inject_network, param_groups, train_optimizer, unet_network  # noqa: F401
 from gesso.engine.sampling.preview import render_previews
 from gesso.engine.saving import Saver, check_resumable
 from gesso.engine.schedules import build_schedule
 from gesso.engine.state import STATE_FILE, Position, load_state, restore
 from gesso.errors import TrainError
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 @dataclass
 class TrainResult:
@@ -167,37 +165,6 @@ def prepare_run(cfg: Config, device: torch.device, progress: bool = False, world
         blockswap.BlockSwap(sd.unet, cfg.train.blocks_to_swap, device)
     sd.unet.to(device)
     return sd, model_cfg, network, cache
-
-
-def unet_network(unet, cfg: Config) -> lora.LoRANetwork:
-    """The UNet's LoRA as training sets it up (engine/measure/memtrace.py predicts the same): `inject_network`, then the
-    frozen bases in fp8 when train.fp8_base, after injection so that the LoRA bases become fp8 too."""
-    network = inject_network(unet, cfg)
-    if cfg.train.fp8_base:
-        fp8.quantize_frozen(unet)
-    return network
-
-
-def train_optimizer(network: lora.LoRANetwork, tc) -> torch.optim.Optimizer:
-    """The optimizer `train` (and engine/measure/memtrace.py) builds over the network's param groups."""
-    return build_optimizer(tc.optimizer, param_groups(network, tc), tc.learning_rate, tc.weight_decay,
-                           betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon, **tc.optimizer_args)
-
-
-def inject_network(unet, cfg: Config) -> lora.LoRANetwork:
-    """LoRA on the transformer linears (kohya's default), plus LoCon on the res-block convs when conv_rank > 0:
-    3x3 convs at conv_rank/conv_alpha, the other LoCon modules at rank/alpha, as kohya's LoCon does."""
-    n = cfg.network
-    paths = names.attention_targets(unet)
-    conv3x3 = set()
-    if n.conv_rank:
-        locon = names.locon_targets(unet)
-        conv3x3 = {p for p in locon if getattr(unet.get_submodule(p), "kernel_size", (1, 1)) != (1, 1)}
-        paths += locon
-    kohya = names.unet_kohya_names(unet, paths)
-    rank = {kohya[p]: n.conv_rank if p in conv3x3 else n.rank for p in paths}
-    alpha = {kohya[p]: n.conv_alpha if p in conv3x3 else n.alpha for p in paths}
-    return lora.inject(unet, paths, "lora_unet_", rank, alpha, names=kohya, algo=n.type, options=lycoris.Options.of(n))
 
 
 @torch.no_grad()
@@ -378,29 +345,12 @@ def _show(bar: tqdm, event: dict) -> None:
     bar.update()
 
 
-def param_groups(network: lora.LoRANetwork, tc) -> list[dict]:
-    """UNet LoRA at learning_rate first (the group the logs report), text-encoder LoRA at text_encoder_lr (0: the same)."""
-    if isinstance(network, textual_inversion.EmbeddingNetwork):
-        return [{"params": network.parameters()}]
-    # lists in the network's order, never sets: the optimizer's state_dict maps states to parameters by position,
-    # so the order must be the same in the process that resumes
-    te = [n for n in network.modules if n.startswith("lora_te")]
-    unet = [n for n in network.modules if not n.startswith("lora_te")]
-    groups = [{"params": [p for n in unet for p in network.modules[n].tensors().values()]}]
-    if te:
-        groups.append({"params": [p for n in te for p in network.modules[n].tensors().values()],
-                       "lr": tc.text_encoder_lr or tc.learning_rate})
-    return groups
-
-
 def _current_lr(opt: torch.optim.Optimizer) -> float:
     group = opt.param_groups[0]
     return group["lr"] * group.get("d", 1.0)  # Prodigy's step is d * lr
 
 
 def _auto_memory(cfg: Config, device: torch.device) -> Config:
-    from gesso.engine.measure import memplan  # built on this module's setup functions: imported when used
-
     free = memplan.free_gib(device)
     chosen, peak = memplan.plan(cfg, free)
     print(memplan.describe(peak, free), flush=True)

@@ -282,37 +282,39 @@ def _cache_latents(sd, dataset: Dataset, cache_dir, vae_id: str, store: _Store, 
             missing.append(i)
     broken = set()
     bar = tqdm(total=len(missing), desc="caching latents", unit="image", leave=False, disable=not (progress and missing))
-    for _, group in groupby(sorted(missing, key=lambda i: items[i].bucket), key=lambda i: items[i].bucket):
-        group = list(group)
-        for start in range(0, len(group), batch_size):
-            chunk, pixels = [], []
-            for i in group[start : start + batch_size]:
-                try:
-                    pixels.append(load_pixels(items[i]))
-                    masks[i] = _load_mask(items[i], _latent_shape(sd, items[i].bucket))
-                    chunk.append(i)
-                except (OSError, BadImage) as e:  # changed or removed since the scan
-                    log.warning("skipped %s: %s", items[i].path, e)
-                    dataset.skipped.append((items[i].path, str(e)))
-                    broken.add(i)
-            bar.update(len(group[start : start + batch_size]))
-            if not chunk:
-                continue
-            batch = torch.stack(pixels)  # (b, 3, H, W)
-            encoded = encode_latents(sd, torch.cat([batch, batch.flip(-1)]) if flip else batch)
-            stats.latents_encoded += len(chunk)
-            for j, i in enumerate(chunk):
-                tensors = {"latents": encoded[j].clone()} | ({"flipped": encoded[len(chunk) + j].clone()} if flip else {})
-                tensors |= {"mask": masks[i]} if masks[i] is not None else {}
-                if not all(torch.isfinite(t).all() for t in tensors.values()):  # an fp16 VAE overflows on some images
-                    why = "the VAE's latents are not finite (NaN or inf); not cached, not trained"
-                    log.warning("skipped %s: %s", items[i].path, why)
-                    dataset.skipped.append((items[i].path, why))
-                    broken.add(i)
+    try:  # closed on an interrupt too, so a one-line message never lands on the bar's line
+        for _, group in groupby(sorted(missing, key=lambda i: items[i].bucket), key=lambda i: items[i].bucket):
+            group = list(group)
+            for start in range(0, len(group), batch_size):
+                chunk, pixels = [], []
+                for i in group[start : start + batch_size]:
+                    try:
+                        pixels.append(load_pixels(items[i]))
+                        masks[i] = _load_mask(items[i], _latent_shape(sd, items[i].bucket))
+                        chunk.append(i)
+                    except (OSError, BadImage) as e:  # changed or removed since the scan
+                        log.warning("skipped %s: %s", items[i].path, e)
+                        dataset.skipped.append((items[i].path, str(e)))
+                        broken.add(i)
+                bar.update(len(group[start : start + batch_size]))
+                if not chunk:
                     continue
-                latents[i], flipped[i] = tensors["latents"], tensors.get("flipped")
-                store.save(paths[i], tensors, str(items[i].path))
-    bar.close()
+                batch = torch.stack(pixels)  # (b, 3, H, W)
+                encoded = encode_latents(sd, torch.cat([batch, batch.flip(-1)]) if flip else batch)
+                stats.latents_encoded += len(chunk)
+                for j, i in enumerate(chunk):
+                    tensors = {"latents": encoded[j].clone()} | ({"flipped": encoded[len(chunk) + j].clone()} if flip else {})
+                    tensors |= {"mask": masks[i]} if masks[i] is not None else {}
+                    if not all(torch.isfinite(t).all() for t in tensors.values()):  # an fp16 VAE overflows on some images
+                        why = "the VAE's latents are not finite (NaN or inf); not cached, not trained"
+                        log.warning("skipped %s: %s", items[i].path, why)
+                        dataset.skipped.append((items[i].path, why))
+                        broken.add(i)
+                        continue
+                    latents[i], flipped[i] = tensors["latents"], tensors.get("flipped")
+                    store.save(paths[i], tensors, str(items[i].path))
+    finally:
+        bar.close()
     keep = [i for i in range(len(items)) if i not in broken]
     dataset.items = [items[i] for i in keep]
     return [latents[i] for i in keep], [flipped[i] for i in keep], [masks[i] for i in keep]
@@ -339,20 +341,22 @@ def _cache_text(sd, tokenizers, dataset: Dataset, cache_dir, text_id: str, store
         else:
             missing.append(caption)
     bar = tqdm(total=len(missing), desc="caching text", unit="caption", leave=False, disable=not (progress and missing))
-    by_length = sorted(missing, key=lambda c: chunks[c])  # one padded length per encoder call: each caption keeps its own
-    for _, group in groupby(by_length, key=lambda c: chunks[c]):
-        group = list(group)
-        for start in range(0, len(group), batch_size):
-            captions = group[start : start + batch_size]
-            with torch.no_grad():
-                context, pooled = encode_captions(sd, tokenizers, captions)
-            for j, c in enumerate(captions):
-                text[c] = (context[j].cpu().clone(), None if pooled is None else pooled[j].cpu().clone())
-                tensors = {"context": text[c][0]} | ({} if pooled is None else {"pooled": text[c][1]})
-                store.save(paths[c], tensors, c)
-            stats.texts_encoded += len(captions)
-            bar.update(len(captions))
-    bar.close()
+    try:  # closed on an interrupt too, so a one-line message never lands on the bar's line
+        by_length = sorted(missing, key=lambda c: chunks[c])  # one padded length per encoder call: each caption keeps its own
+        for _, group in groupby(by_length, key=lambda c: chunks[c]):
+            group = list(group)
+            for start in range(0, len(group), batch_size):
+                captions = group[start : start + batch_size]
+                with torch.no_grad():
+                    context, pooled = encode_captions(sd, tokenizers, captions)
+                for j, c in enumerate(captions):
+                    text[c] = (context[j].cpu().clone(), None if pooled is None else pooled[j].cpu().clone())
+                    tensors = {"context": text[c][0]} | ({} if pooled is None else {"pooled": text[c][1]})
+                    store.save(paths[c], tensors, c)
+                stats.texts_encoded += len(captions)
+                bar.update(len(captions))
+    finally:
+        bar.close()
     return text
 
 

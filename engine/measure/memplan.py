@@ -14,7 +14,7 @@ from gesso.engine.blockswap import frozen_bytes
 from gesso.engine.config import Config
 from gesso.engine.lora import names
 from gesso.engine.measure import memtrace
-from gesso.engine.train import AMP_DTYPES, unet_network
+from gesso.engine.network_setup import AMP_DTYPES, unet_network
 from gesso.errors import ConfigError
 
 GIB = 2**30

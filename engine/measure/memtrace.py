@@ -31,7 +31,7 @@ from gesso import models
 from gesso.engine.blockswap import BlockSwap
 from gesso.engine.config import Config, ConfigError
 from gesso.engine.lora import names
-from gesso.engine.train import AMP_DTYPES, train_optimizer, unet_network
+from gesso.engine.network_setup import AMP_DTYPES, train_optimizer, unet_network
 from gesso.models.loaders import open_checkpoint
 
 GIB = 2**30

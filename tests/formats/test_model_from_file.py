@@ -8,6 +8,7 @@ from formats_testutil import export, tiny
 from safetensors.torch import save_file
 
 from gesso import cli
+from gesso.engine import prediction
 from gesso.engine.config import load_config
 from gesso.engine.lora import formats as lora_convert
 from gesso.engine.lora import tools as lora_tools
@@ -26,6 +27,7 @@ def demo_lora(tmp_path_factory):
     and its metadata), with random up weights so that every module changes the model."""
     cfg = load_config(DEMO)
     sd, model_cfg, _ = load_model(cfg)
+    cfg, model_cfg = prediction.resolve(cfg, model_cfg)  # as train does before it writes metadata
     network = inject_network(sd.unet, cfg)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
