@@ -21,6 +21,7 @@ class UNetConfig:
     adm_in_channels: int | None = 2816  # None: no label_emb (SD 1.x, SD 2.x)
     use_linear_in_transformer: bool = True  # Linear proj_in/proj_out (SDXL, SD 2.x) vs 1x1 convs (SD 1.x)
     adm_embed_dim: int = 256  # sinusoidal width of each size/crop number in the ADM vector
+    norm_groups: int = 32  # GroupNorm groups (32 in every released model; fewer keep small widths' colour)
 
     def heads_and_dim(self, channels: int) -> tuple[int, int]:
         if self.head_dim is not None:
@@ -35,6 +36,7 @@ class VAEConfig:
     ch_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
     z_channels: int = 4
+    norm_groups: int = 32
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,31 @@ TINY_SDXL = ModelConfig(
     latent_scale=0.13025,
 )
 
+# The bundled demo's pretrained base (examples/demo-base.safetensors, made by scripts/train_demo_base.py): SDXL's
+# topology at widths that train on a CPU. A GroupNorm of one channel per group removes each channel's mean, which
+# is the absolute colour of a flat image, so its norms have 4 to 8 channels a group, as SDXL's 320 and 128 wide
+# layers have 10 and 4. Widths differ from tiny-sdxl's, so a file of either is told apart by its shapes.
+DEMO_SDXL = ModelConfig(
+    name="demo-sdxl",
+    family="sdxl",
+    unet=UNetConfig(
+        model_channels=48,
+        channel_mult=(1, 2, 2),
+        transformer_depth=(0, 1, 1),
+        transformer_depth_middle=1,
+        head_dim=32,
+        context_dim=16 + 32,
+        adm_in_channels=32 + 6 * 256,
+        norm_groups=8,
+    ),
+    vae=VAEConfig(ch=16, norm_groups=4),
+    text_encoders=(
+        CLIPTextConfig(width=16, layers=2, heads=2, mlp_dim=64),
+        OpenCLIPTextConfig(width=32, layers=2, heads=2, mlp_dim=128, proj_dim=32),
+    ),
+    latent_scale=0.13025,
+)
+
 TINY_SD15 = ModelConfig(
     name="tiny-sd15",
     family="sd15",
@@ -183,7 +210,8 @@ TINY_SD2 = ModelConfig(
     prediction="v_prediction",
 )
 
-REGISTRY: dict[str, ModelConfig] = {c.name: c for c in (SDXL_BASE, SD15, SD21, TINY_SDXL, TINY_SD15, TINY_SD2)}
+REGISTRY: dict[str, ModelConfig] = {c.name: c for c in (SDXL_BASE, SD15, SD21, TINY_SDXL, DEMO_SDXL, TINY_SD15,
+                                                         TINY_SD2)}
 
 
 def get(name: str) -> ModelConfig:

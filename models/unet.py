@@ -43,17 +43,17 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=eps)
+def group_norm(channels: int, eps: float = 1e-5, groups: int = 32) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=eps)
 
 
 class ResBlock(Unit):
-    def __init__(self, channels: int, emb_channels: int, out_channels: int):
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int = 32):
         super().__init__()
-        self.in_layers = nn.Sequential(group_norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(group_norm(channels, groups=groups), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
-            group_norm(out_channels), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+            group_norm(out_channels, groups=groups), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(out_channels, out_channels, 3, padding=1)
         )
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
@@ -122,11 +122,12 @@ class BasicTransformerBlock(Unit):
 
 
 class SpatialTransformer(nn.Module):
-    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int, linear: bool):
+    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int, linear: bool,
+                 groups: int = 32):
         super().__init__()
         inner = heads * dim_head
         self.linear = linear
-        self.norm = group_norm(channels, eps=1e-6)
+        self.norm = group_norm(channels, eps=1e-6, groups=groups)
         self.proj_in = nn.Linear(channels, inner) if linear else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth)
@@ -205,7 +206,7 @@ class UNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self._checkpointing = False
-        mc = cfg.model_channels
+        mc, g = cfg.model_channels, cfg.norm_groups
         emb_dim = mc * 4
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         if cfg.adm_in_channels is not None:
@@ -215,14 +216,15 @@ class UNet(nn.Module):
 
         def transformer(ch: int, depth: int) -> SpatialTransformer:
             heads, dim_head = cfg.heads_and_dim(ch)
-            return SpatialTransformer(ch, heads, dim_head, depth, cfg.context_dim, cfg.use_linear_in_transformer)
+            return SpatialTransformer(ch, heads, dim_head, depth, cfg.context_dim, cfg.use_linear_in_transformer,
+                                      cfg.norm_groups)
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
         skip_chans = [mc]
         ch = mc
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                layers = [ResBlock(ch, emb_dim, mult * mc)]
+                layers = [ResBlock(ch, emb_dim, mult * mc, g)]
                 ch = mult * mc
                 if cfg.transformer_depth[level] > 0:
                     layers.append(transformer(ch, cfg.transformer_depth[level]))
@@ -233,13 +235,13 @@ class UNet(nn.Module):
                 skip_chans.append(ch)
 
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_dim, ch), transformer(ch, cfg.transformer_depth_middle), ResBlock(ch, emb_dim, ch)
+            ResBlock(ch, emb_dim, ch, g), transformer(ch, cfg.transformer_depth_middle), ResBlock(ch, emb_dim, ch, g)
         )
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
-                layers = [ResBlock(ch + skip_chans.pop(), emb_dim, mult * mc)]
+                layers = [ResBlock(ch + skip_chans.pop(), emb_dim, mult * mc, g)]
                 ch = mult * mc
                 if cfg.transformer_depth[level] > 0:
                     layers.append(transformer(ch, cfg.transformer_depth[level]))
@@ -247,7 +249,7 @@ class UNet(nn.Module):
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(group_norm(ch, groups=g), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
     def units(self) -> list[Unit]:
         """Every res-block and transformer block, in the order forward runs them (SDXL: 17 and 70)."""

@@ -11,16 +11,16 @@ from gesso.kernels.attention import attention
 from gesso.models.configs import VAEConfig
 
 
-def vae_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6)
+def vae_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, groups: int = 32):
         super().__init__()
-        self.norm1 = vae_norm(in_channels)
+        self.norm1 = vae_norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = vae_norm(out_channels)
+        self.norm2 = vae_norm(out_channels, groups)
         self.dropout = nn.Dropout(0.0)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
@@ -35,9 +35,9 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int = 32):
         super().__init__()
-        self.norm = vae_norm(channels)
+        self.norm = vae_norm(channels, groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -70,11 +70,11 @@ class Upsample(nn.Module):
 
 
 class MidBlock(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int = 32):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels)
+        self.block_1 = ResnetBlock(channels, channels, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -107,11 +107,11 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList()
         for level, mult in enumerate(cfg.ch_mult):
             chans = [cfg.ch * in_mult[level]] + [cfg.ch * mult] * cfg.num_res_blocks
-            blocks = [ResnetBlock(chans[i], chans[i + 1]) for i in range(cfg.num_res_blocks)]
+            blocks = [ResnetBlock(chans[i], chans[i + 1], cfg.norm_groups) for i in range(cfg.num_res_blocks)]
             self.down.append(Level(blocks, Downsample(chans[-1]) if level != last else None, "downsample"))
         ch = cfg.ch * cfg.ch_mult[-1]
-        self.mid = MidBlock(ch)
-        self.norm_out = vae_norm(ch)
+        self.mid = MidBlock(ch, cfg.norm_groups)
+        self.norm_out = vae_norm(ch, cfg.norm_groups)
         self.conv_out = nn.Conv2d(ch, 2 * cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,15 +126,15 @@ class Decoder(nn.Module):
         super().__init__()
         ch = cfg.ch * cfg.ch_mult[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, ch, 3, padding=1)
-        self.mid = MidBlock(ch)
+        self.mid = MidBlock(ch, cfg.norm_groups)
         levels = []
         for level in reversed(range(len(cfg.ch_mult))):
             out = cfg.ch * cfg.ch_mult[level]
-            blocks = [ResnetBlock(ch if i == 0 else out, out) for i in range(cfg.num_res_blocks + 1)]
+            blocks = [ResnetBlock(ch if i == 0 else out, out, cfg.norm_groups) for i in range(cfg.num_res_blocks + 1)]
             ch = out
             levels.insert(0, Level(blocks, Upsample(ch) if level != 0 else None, "upsample"))
         self.up = nn.ModuleList(levels)  # indexed by level, run from the deepest
-        self.norm_out = vae_norm(ch)
+        self.norm_out = vae_norm(ch, cfg.norm_groups)
         self.conv_out = nn.Conv2d(ch, cfg.in_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from gesso.engine.sampling.options import fit_side, split_options
 from gesso.engine.sampling.prompt import extract_lora_tags
 from gesso.errors import RenderError
 
-NATIVE_SIZE = {"sdxl": 1024, "sd15": 512, "sd2": 768, "tiny-sdxl": 128, "tiny-sd15": 128}
+NATIVE_SIZE = {"sdxl": 1024, "sd15": 512, "sd2": 768, "tiny-sdxl": 128, "tiny-sd15": 128, "demo-sdxl": 128}
 
 
 def tagged_lora_files(prompt: str, lora_dir: str | Path | None) -> list[Path]:
@@ -90,7 +90,7 @@ def settings_for(pipe: render.Pipeline, prompt: str, negative_prompt: str = "", 
         raise RenderError(f"sampler {sampler!r}: known: {', '.join(sampling.SAMPLERS)}")
     if steps < 1:
         raise RenderError(f"steps {steps}: must be at least 1")
-    size = NATIVE_SIZE.get(pipe.model_name) or NATIVE_SIZE[pipe.sd.cfg.family]
+    size = NATIVE_SIZE.get(pipe.model_name) or NATIVE_SIZE.get(pipe.sd.cfg.name) or NATIVE_SIZE[pipe.sd.cfg.family]
     width, height = width or size, height or size
     if width < 1 or height < 1:
         raise RenderError(f"size {width}x{height}: width and height must be positive")

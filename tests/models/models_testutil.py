@@ -33,6 +33,7 @@ def diffusers_unet_config(cfg: ModelConfig) -> dict:
         attention_head_dim=heads,  # diffusers' historical name for the head count
         use_linear_projection=u.use_linear_in_transformer,
         transformer_layers_per_block=[max(d, 1) for d in u.transformer_depth],
+        norm_num_groups=u.norm_groups,
     )
     assert u.transformer_depth_middle == max(u.transformer_depth[-1], 1) or not attn[-1]
     if u.adm_in_channels is not None:
@@ -68,6 +69,7 @@ def diffusers_vae_config(cfg: ModelConfig) -> dict:
         layers_per_block=v.num_res_blocks,
         latent_channels=v.z_channels,
         scaling_factor=cfg.latent_scale,
+        norm_num_groups=v.norm_groups,
     )
 
 

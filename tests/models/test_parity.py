@@ -9,7 +9,7 @@ from gesso import models
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module", params=["tiny-sdxl", "tiny-sd15", "tiny-sd2"])
+@pytest.fixture(scope="module", params=["tiny-sdxl", "demo-sdxl", "tiny-sd15", "tiny-sd2"])  # demo-sdxl: fewer norm groups
 def model(request):
     return models.build(request.param, seed=1).eval()
 
