@@ -16,6 +16,7 @@ import torch
 from gesso.engine.kohya import apply_dataset_config
 from gesso.engine.optim import build_optimizer, optimizer_options
 from gesso.engine.sampling.options import split_options
+from gesso.engine.tomlfile import read_toml
 from gesso.errors import ConfigError, PromptError
 from gesso.models.loaders import looks_like_path
 
@@ -380,12 +381,7 @@ def load_config(path: str | Path, overrides: list[str] = (), dataset_config: str
     """Read a TOML config, apply `section.key=value` overrides, resolve and check paths. dataset_config: a kohya
     dataset TOML whose subsets replace dataset.path and dataset.subsets (engine/kohya.py), before the overrides."""
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    data = read_toml(path)
     if dataset_config:
         data = apply_dataset_config(data, dataset_config)
     for item in overrides:

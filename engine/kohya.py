@@ -18,11 +18,11 @@ Paths are read as kohya reads them, relative to the current folder. Options the 
 config's values; the file's subsets replace the config's dataset.path and dataset.subsets.
 """
 import logging
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gesso.engine.tomlfile import read_toml
 from gesso.errors import ConfigError
 
 log = logging.getLogger("gesso.kohya")
@@ -128,12 +128,7 @@ def _one_value(source: str, row: Row, values: list[tuple[str, Any]]) -> Any:
 def read_dataset_config(path: str | Path) -> dict[str, dict]:
     """{"dataset": {...}, "train": {...}}: Gesso keys from a kohya dataset TOML, warnings logged one line each."""
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such dataset config file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    data = read_toml(path, "dataset config file")
     unknown = sorted(set(data) - {"general", "datasets"})
     if unknown:
         raise ConfigError(f"{path}: [{unknown[0]}] is not a kohya dataset config section (known: [general], [[datasets]])")

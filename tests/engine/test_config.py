@@ -19,7 +19,15 @@ def write(tmp_path, text):
 def test_demo_config_resolves_dataset_next_to_the_file():
     cfg = load_config(ROOT / "examples" / "demo.toml")
     assert Path(cfg.dataset.path) == ROOT / "examples" / "demo"
-    assert cfg.network.rank == 8 and cfg.dataset.trigger == "gssdemo"
+    assert Path(cfg.model.checkpoint) == ROOT / "examples" / "demo-base.safetensors"
+    assert cfg.dataset.trigger == "gssdemo"
+
+
+def test_demo_config_leaves_the_repeats_to_its_folder():
+    """Copied for one's own data, the demo config must not override `N_name` folders: its own folder carries them."""
+    cfg = load_config(ROOT / "examples" / "demo.toml")
+    assert cfg.dataset.repeats == 0
+    assert [p.name for p in (ROOT / "examples" / "demo").iterdir() if p.is_dir()] == ["10_gssdemo"]
 
 
 def test_overrides_are_typed(tmp_path):

@@ -24,7 +24,7 @@ from gesso.engine.train import train
 from gesso.errors import TrainError
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "examples" / "demo.toml"
+DEMO = ROOT / "tests" / "data" / "demo.toml"
 # 12 images x 1 repeat / batch 4 at 64 px = 3 batches per epoch, 2 epochs. Two processes take 2 batches a step: 2
 # steps per epoch, the second with one batch, so rank 1 has none there (the uneven case). A LoRA file every step.
 SETS = ["train.epochs=2", "dataset.repeats=1", "dataset.resolution=64", "sample.prompts=[]", "output.tensorboard=false",

@@ -10,7 +10,7 @@ from gesso.engine.lora.files import read_lora
 from gesso.engine.state import load_state
 from gesso.engine.train import train
 
-DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo.toml"
+DEMO = Path(__file__).resolve().parents[2] / "tests" / "data" / "demo.toml"
 
 
 def small(tmp_path, *extra):

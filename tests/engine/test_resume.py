@@ -12,7 +12,7 @@ from gesso.engine.lora.network import load_network
 from gesso.engine.train import fixed_eval_loss, prepare_run, train
 from gesso.errors import TrainError
 
-DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo.toml"
+DEMO = Path(__file__).resolve().parents[2] / "tests" / "data" / "demo.toml"
 
 
 def small(tmp_path, *extra):

@@ -18,7 +18,7 @@ from gesso.engine.state import load_state, restore_network
 from gesso.engine.train import param_groups, prepare_run, train
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "examples" / "demo.toml"
+DEMO = ROOT / "tests" / "data" / "demo.toml"
 LINEARS = ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2")
 
 

@@ -14,7 +14,7 @@ from gesso.engine.state import load_state
 from gesso.engine.train import fixed_eval_loss, prepare_run, train, train_optimizer
 from gesso.errors import TrainError
 
-DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo.toml"
+DEMO = Path(__file__).resolve().parents[2] / "tests" / "data" / "demo.toml"
 # the demo but for the network (4 vectors from "shape", a learning rate for the tiny random base) and 2 repeats
 EMBEDDING = ["network.type=embedding", "network.num_vectors=4", "network.init_word='shape'", "train.learning_rate=0.2",
              "dataset.repeats=2"]

@@ -10,7 +10,7 @@ from gesso.engine.state import load_state
 from gesso.engine.train import train
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "examples" / "demo.toml"
+DEMO = ROOT / "tests" / "data" / "demo.toml"
 # 12 images x 2 repeats / batch 4 at 64 px = 6 steps per epoch, 2 epochs: 12 steps; no per-epoch files
 SETS = ["train.epochs=2", "dataset.repeats=2", "dataset.resolution=64", "sample.prompts=[]", "output.tensorboard=false",
         "output.save_dtype='fp32'", "output.save_every_n_epochs=0", "output.save_every_n_minutes=10"]

@@ -15,7 +15,7 @@ from gesso.engine.lora.network import load_network
 from gesso.engine.train import fixed_eval_loss, inject_network, prepare_run, train
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "examples" / "demo.toml"
+DEMO = ROOT / "tests" / "data" / "demo.toml"
 KOHYA_KEY = re.compile(r"^lora_unet_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
 
 

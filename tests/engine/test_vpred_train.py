@@ -15,7 +15,7 @@ from gesso.engine.sampling import sample as single
 from gesso.engine.train import train
 from gesso.errors import RenderError
 
-DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo.toml"
+DEMO = Path(__file__).resolve().parents[2] / "tests" / "data" / "demo.toml"
 
 
 @pytest.fixture(scope="module")

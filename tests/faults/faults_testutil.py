@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from gesso import cli
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "examples" / "demo.toml"
+DEMO = ROOT / "tests" / "data" / "demo.toml"
 
 
 def gesso_cli(*args, cwd=None, timeout=600, env=None, **kwargs) -> subprocess.CompletedProcess:

@@ -126,7 +126,7 @@ def test_cli_names_the_damaged_file_and_trains(tmp_path, reference):
     victim = sorted((cache / "latents").glob("*.safetensors"))[0]
     undamaged = victim.read_bytes()
     _flip_middle(victim)
-    before = {p: b for p, b in (snapshot(cache) | snapshot(ROOT / "examples")).items() if p != victim}
+    before = {p: b for p, b in (snapshot(cache) | snapshot(DEMO.parent)).items() if p != victim}
     args = [f"--set={o}" for o in [*OVERRIDES, f"dataset.cache_dir='{cache}'"]]
     proc = gesso_cli("train", DEMO, "--output-dir", tmp_path / "out", *args)
     out = proc.stdout + proc.stderr

@@ -16,7 +16,7 @@ import gesso
 from gesso.engine.lora.files import read_lora
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "examples" / "demo.toml"
+DEMO = ROOT / "tests" / "data" / "demo.toml"
 
 
 def readme_example() -> str:

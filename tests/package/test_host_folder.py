@@ -16,7 +16,7 @@ import pytest
 from safetensors import safe_open
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "examples" / "demo.toml"
+DEMO = ROOT / "tests" / "data" / "demo.toml"
 HOST_FILES = {
     "models/__init__.py": 'HOST = "models"\nStableDiffusion = None\n',
     "engine/__init__.py": 'HOST = "engine"\ntrain = None\n',
