@@ -17,6 +17,7 @@ The text encoders stay at their seeded random init: the UNet learns to read thei
 About 35 minutes on 2 CPU cores. The file is fp16 (about 20 MB) with the recipe in its metadata.
 """
 import json
+import os
 import random
 import sys
 import time
@@ -30,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 from make_demo import COLOURS, SHAPES, base_picture, styled_picture  # noqa: E402
 
+from gesso.engine.data.images import to_pixels  # noqa: E402
 from gesso.engine.diffusion import add_noise, min_snr_weight, scaled_linear_alphas_cumprod  # noqa: E402
 from gesso.models import configs  # noqa: E402
 from gesso.models.sd import build  # noqa: E402
@@ -40,21 +42,16 @@ SIZE = 128
 VAE_STEPS, VAE_BATCH, VAE_CROP, VAE_LR = 1500, 16, 64, 2e-3
 UNET_PICTURES, UNET_STEPS, UNET_BATCH, UNET_LR, EMA = 3000, 3000, 32, 1e-3, 0.998
 CAPTION_DROPOUT = 0.1
-if __import__("os").environ.get("DEMO_BASE_SMOKE"):  # a dry run of every stage at a few steps (tests/scripts)
+if os.environ.get("DEMO_BASE_SMOKE"):  # a dry run of every stage at a few steps (tests/scripts)
     VAE_STEPS, VAE_BATCH, UNET_PICTURES, UNET_STEPS, UNET_BATCH = 2, 2, 8, 2, 2
-
-
-def to_tensor(im) -> torch.Tensor:
-    """PIL RGB -> (3, H, W) in [-1, 1]."""
-    return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(im.height, im.width, 3).permute(2, 0, 1).float() / 127.5 - 1
 
 
 def vae_picture(rng: random.Random) -> torch.Tensor:
     if rng.random() < 0.6:
-        return to_tensor(base_picture(rng, SIZE)[0])
+        return to_pixels(base_picture(rng, SIZE)[0])
     sky = tuple(tuple(rng.randrange(256) for _ in range(3)) for _ in range(2))
     fg = tuple(rng.randrange(256) for _ in range(3))
-    return to_tensor(styled_picture(rng.choice(SHAPES), fg, rng, SIZE, sky))
+    return to_pixels(styled_picture(rng.choice(SHAPES), fg, rng, SIZE, sky))
 
 
 def train_vae(sd, rng: random.Random, log) -> None:
@@ -85,7 +82,7 @@ def standardise_latents(sd, rng: random.Random) -> dict:
     """Shift and scale the latent space (exactly: quant_conv's mean rows and post_quant_conv's input) to zero mean
     per channel and one std over all of them equal to 1 / latent_scale."""
     vae = sd.vae
-    x = torch.stack([to_tensor(base_picture(rng, SIZE)[0]) for _ in range(256)])
+    x = torch.stack([to_pixels(base_picture(rng, SIZE)[0]) for _ in range(256)])
     mean, _ = vae.encode(x)
     mu = mean.mean(dim=(0, 2, 3))  # (4,)
     std = (mean - mu[None, :, None, None]).std().item()
@@ -128,7 +125,7 @@ def train_unet(sd, rng: random.Random, gen: torch.Generator, log) -> None:
     text = encode_captions(sd, tokenizers, all_captions())
     pictures = [base_picture(rng, SIZE) for _ in range(UNET_PICTURES)]
     with torch.no_grad():
-        pixels = torch.stack([to_tensor(im) for im, _ in pictures])
+        pixels = torch.stack([to_pixels(im) for im, _ in pictures])
         latents = torch.cat([sd.encode_images(pixels[i:i + 64]) for i in range(0, len(pixels), 64)])
     captions = [c for _, c in pictures]
     size = torch.tensor([[SIZE, SIZE, 0, 0, SIZE, SIZE]], dtype=torch.float32)
@@ -195,5 +192,5 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(int(__import__("os").environ.get("THREADS", "2")))
+    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     main(sys.argv[1] if len(sys.argv) > 1 else str(ROOT / "examples" / "demo-base.safetensors"))

@@ -90,7 +90,7 @@ def settings_for(pipe: render.Pipeline, prompt: str, negative_prompt: str = "", 
         raise RenderError(f"sampler {sampler!r}: known: {', '.join(sampling.SAMPLERS)}")
     if steps < 1:
         raise RenderError(f"steps {steps}: must be at least 1")
-    size = NATIVE_SIZE.get(pipe.model_name) or NATIVE_SIZE.get(pipe.sd.cfg.name) or NATIVE_SIZE[pipe.sd.cfg.family]
+    size = NATIVE_SIZE.get(pipe.sd.cfg.name) or NATIVE_SIZE[pipe.sd.cfg.family]  # a built-in's name is its config's
     width, height = width or size, height or size
     if width < 1 or height < 1:
         raise RenderError(f"size {width}x{height}: width and height must be positive")
