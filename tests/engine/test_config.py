@@ -27,7 +27,7 @@ def test_demo_config_leaves_the_repeats_to_its_folder():
     """Copied for one's own data, the demo config must not override `N_name` folders: its own folder carries them."""
     cfg = load_config(ROOT / "examples" / "demo.toml")
     assert cfg.dataset.repeats == 0
-    assert [p.name for p in (ROOT / "examples" / "demo").iterdir() if p.is_dir()] == ["10_gssdemo"]
+    assert [p.name for p in (ROOT / "examples" / "demo").iterdir() if p.is_dir() and not p.name.startswith(".")] == ["10_gssdemo"]
 
 
 def test_overrides_are_typed(tmp_path):

@@ -6,6 +6,7 @@ The resumed run's final file must equal, tensor for tensor, the file of a run th
 import ast
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ import gesso
 from gesso.engine.lora.files import read_lora
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "tests" / "data" / "demo.toml"
+EXAMPLES = ROOT / "examples"  # the README names its demo.toml
 
 
 def readme_example() -> str:
@@ -26,10 +27,12 @@ def readme_example() -> str:
 
 def test_readme_example_stops_and_resumes_to_the_uninterrupted_file(tmp_path):
     code = readme_example()
-    overrides = ast.literal_eval(re.search(r"gesso\.load_config\(sys\.argv\[1\], (\[.*?\])\)", code).group(1))
+    overrides = ast.literal_eval(re.search(r"gesso\.load_config\(sys\.argv\[1\], (\[.*?\])\)", code, re.S).group(1))
     host = tmp_path / "host"
     host.mkdir()
     (host / "embed.py").write_text(code)
+    # a copy of the clone's examples, so that the run's latent cache (beside the images) stays out of the repository
+    DEMO = shutil.copytree(EXAMPLES, tmp_path / "examples", ignore=shutil.ignore_patterns(".gesso_cache")) / "demo.toml"
     env = dict(os.environ, OMP_NUM_THREADS="1")  # one thread, as this process: the same float sums, bit for bit
     proc = subprocess.run([sys.executable, "embed.py", str(DEMO)], cwd=host, env=env, capture_output=True, text=True,
                           timeout=900)
