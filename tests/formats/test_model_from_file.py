@@ -18,7 +18,7 @@ from gesso.engine.train import inject_network, load_dataset, load_model
 from gesso.errors import LoRAFileError
 from gesso.models import configs
 
-DEMO = Path(__file__).resolve().parents[2] / "tests" / "data" / "demo.toml"
+DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo.toml"  # the demo on its pretrained base
 
 
 @pytest.fixture(scope="module")
