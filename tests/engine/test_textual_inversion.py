@@ -1,5 +1,6 @@
-"""network.type = "embedding" on the bundled demo: only the new vectors train, the fixed-evaluation loss drops, and
-the run's files are embeddings that previews, sample and a resumed state use by name."""
+"""network.type = "embedding": on the bundled demo's pretrained base the fixed-evaluation loss drops as much as the
+LoRA learning test asks; on the random-init test demo only the new vectors train and the run's files are embeddings
+that previews, sample and a resumed state use by name."""
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,9 @@ from gesso.engine.state import load_state
 from gesso.engine.train import fixed_eval_loss, prepare_run, train, train_optimizer
 from gesso.errors import TrainError
 
-DEMO = Path(__file__).resolve().parents[2] / "tests" / "data" / "demo.toml"
-# the demo but for the network (4 vectors from "shape", a learning rate for the tiny random base) and 2 repeats
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "tests" / "data" / "demo.toml"
+# a demo but for the network (4 vectors from "shape", learning rate 0.2) and 2 repeats
 EMBEDDING = ["network.type=embedding", "network.num_vectors=4", "network.init_word='shape'", "train.learning_rate=0.2",
              "dataset.repeats=2"]
 
@@ -27,18 +29,21 @@ def ti_run(tmp_path_factory):
     return cfg, train(cfg, out)
 
 
-def test_embedding_learns_on_a_fixed_evaluation_set(ti_run):
-    # the same images, timesteps and noise with the starting vectors (init_word) and with the trained ones
-    cfg, result = ti_run
+def test_embedding_learns_on_a_fixed_evaluation_set(tmp_path):
+    # The user's demo (examples/demo.toml, its pretrained base and 10_gssdemo) with an embedding in place of the
+    # LoRA: 4 vectors from "shape", 2 repeats (54 steps). The same images, timesteps and noise with the starting
+    # vectors (init_word) and with the trained ones, so a drop is the vectors' doing. The bound is the LoRA learning
+    # test's 15% (tests/engine/test_train.py); measured 0.35964 -> 0.25407 (-29%) on CPU. (On the random-init test
+    # demo the text path barely moves the UNet's output: -0.04%.)
+    cfg = load_config(ROOT / "examples" / "demo.toml", EMBEDDING + [
+        "sample.prompts=[]", "output.save_dtype=fp32", f"dataset.cache_dir='{tmp_path / 'cache'}'"])
+    result = train(cfg, tmp_path / "run", progress=False)
     sd, _, network, cache = prepare_run(cfg, torch.device("cpu"))
     before = fixed_eval_loss(sd.unet, cache)
     for param, trained in zip(network.parameters(), read_embedding(result.final, 2)):
         param.data.copy_(trained)
     after = fixed_eval_loss(sd.unet, cache)
-    # Not the LoRA test's 15%: on the random tiny base the text path moves the UNet's output very little (random
-    # cross-attention and label_emb), so no embedding can buy much; measured 1.12135 -> 1.12088 (-0.04%) on CPU.
-    # The draws are fixed, so any drop is the vectors' doing; the bound is a quarter of the measured one.
-    assert after < (1 - 1e-4) * before, f"eval loss {before:.5f} -> {after:.5f}"
+    assert after <= 0.85 * before, f"eval loss {before:.5f} -> {after:.5f}: less than a 15% drop"
 
 
 def test_only_the_new_vectors_train(ti_run):
