@@ -1,6 +1,7 @@
 """Data-parallel training: two processes under torchrun (gloo on the CPU) train as one process with the same
 effective batch, write one set of files, and a run killed under two processes resumes, under two or under one,
 to the file of the uninterrupted run."""
+import contextlib
 import dataclasses
 import json
 import os
@@ -38,8 +39,8 @@ def sets(cache: Path, accumulation: int) -> list[str]:
 
 
 def torchrun(folder: Path, cache: Path, log: Path, *extra, wait: bool = True):
-    """`torchrun --standalone --nproc_per_node 2 -m gesso.cli train ...` (a free port each time), in its own session
-    so that a kill reaches torchrun and both workers; output in `log`."""
+    """`torchrun --standalone --nproc_per_node 2 -m gesso.cli train ...` (a free port each time), in its own session;
+    output in `log`. torchrun starts each worker in a session of its own, so a kill must name them (`kill_tree`)."""
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "gesso.cli",
             "train", str(DEMO), "--output-dir", str(folder), *[a for s in sets(cache, 1) for a in ("--set", s)], *map(str, extra)]
     with open(log, "w") as out:
@@ -48,6 +49,47 @@ def torchrun(folder: Path, cache: Path, log: Path, *extra, wait: bool = True):
         code = proc.wait(timeout=600)
         assert code == 0 and "Traceback" not in log.read_text(), log.read_text()[-4000:]
     return proc
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc's parent links."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # after "pid (comm)": state, ppid, ...
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")  # dead, not reaped yet
+    except OSError:
+        return True
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its workers, as a crash or a lost machine would, and return once none of them runs.
+
+    Killing torchrun's process group alone leaves the workers running in their own sessions (torch's elastic agent
+    starts them with start_new_session), still writing the run's files while the test copies them."""
+    workers = descendants(proc.pid)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    deadline = time.monotonic() + 60
+    while not all(gone(pid) for pid in workers):
+        assert time.monotonic() < deadline, f"workers {workers} still run after SIGKILL"
+        time.sleep(0.01)
 
 
 def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -103,8 +145,7 @@ def test_a_killed_two_process_run_resumes_to_the_uninterrupted_file(tmp_path, si
         assert proc.poll() is None, (tmp_path / "log").read_text()[-4000:]
         assert time.monotonic() < deadline
         time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers, mid-run
-    proc.wait(timeout=60)
+    kill_tree(proc)  # torchrun and both workers, mid-run
     killed_at = load_state(run)["step"]
     assert killed_at < STEPS and not (run / "demo.safetensors").exists(), "the run ended before the kill"
     one = tmp_path / "one"
