@@ -257,7 +257,8 @@ def load_network(unet, path: str | Path, prefix: str = "lora_unet_", multiplier:
     names are those kohya writes for this UNet.
 
     A key that names nothing in this UNet is an error naming it, so a file for another architecture never
-    half-loads. Text-encoder modules are not applied here (`lora_tools.merge_lora` applies them); `prefix` is kept
+    half-loads. Text-encoder modules are not applied here (`lora_tools.merge_lora` and, when rendering,
+    engine/sampling/text_lora.py apply them); `prefix` is kept
     for callers of the kohya-only version and must be `lora_unet_`.
     """
     if prefix != "lora_unet_":

@@ -33,8 +33,8 @@ _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
 @dataclass(frozen=True)
 class LoraTag:
     name: str
-    unet: float  # strength on the UNet, the one the engine applies
-    te: float  # strength on the text encoders, recorded but not applied (the engine trains UNet LoRAs)
+    unet: float  # strength on the UNet
+    te: float  # strength on the text encoders (engine/sampling/text_lora.py)
 
 
 def extract_lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
@@ -174,9 +174,13 @@ def tokenize_weighted(tokenizers: list, prompts: list[str]) -> tuple[list[torch.
 
 
 def emphasis_a1111(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """z (B, 77, C) of one chunk and encoder times per-token weights (B, 77), rescaled to each prompt's original mean."""
+    """z (B, 77, C) of one chunk and encoder times per-token weights (B, 77), rescaled to each prompt's original mean.
+
+    A weighted mean of exactly 0 (a final layer norm without bias, as a random-init encoder has, makes every
+    token's mean 0 up to rounding) keeps the scaled states instead of dividing by it."""
     scaled = z * weights[..., None].to(z.dtype)
-    return scaled * (z.mean(dim=(1, 2), keepdim=True) / scaled.mean(dim=(1, 2), keepdim=True))
+    old, new = z.mean(dim=(1, 2), keepdim=True), scaled.mean(dim=(1, 2), keepdim=True)
+    return scaled * torch.where(new == 0, torch.ones_like(new), old / new)
 
 
 def emphasis_comfy(z: torch.Tensor, weights: torch.Tensor, z_empty: torch.Tensor) -> torch.Tensor:

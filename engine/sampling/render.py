@@ -7,7 +7,6 @@ size or the device ("RNG: CPU").
 """
 import hashlib
 import json
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from gesso.engine.lora import network as lora
 from gesso.engine.lora.network import load_network
 from gesso.engine.sampling import prompt as prompts
 from gesso.engine.sampling import samplers as sampling
+from gesso.engine.sampling import text_lora as te_lora
 from gesso.errors import RenderError
 from gesso.models.loaders import CheckpointError, load_model
 
@@ -55,6 +55,7 @@ class Pipeline:
     lora_dir: Path | None = None
     vae_dtype: torch.dtype = torch.float32
     attached: tuple[Path, lora.LoRANetwork] | None = None
+    text_lora: te_lora.TextLoRA | None = None  # the attached file's text-encoder modules, patched into the encoders
     text_cache: dict = field(default_factory=dict)
     progress: bool = False  # a bar over each image's sampling steps (`sample`, `grid`); training's previews have their own
 
@@ -101,7 +102,7 @@ def load_pipeline(model: str, model_seed: int = 0, device: str = "cpu", dtype: s
 def attach_lora(unet: torch.nn.Module, path: Path) -> tuple[lora.LoRANetwork, list[str]]:
     """Load a LoRA file's UNet modules (any layout load_network reads, LoCon included) at multiplier 1.
 
-    Returns the network and the file's text-encoder module names, which are not applied.
+    Returns the network and the file's text-encoder module names, which `set_lora` applies (engine/sampling/text_lora.py).
     """
     network = load_network(unet, path)
     for p in network.parameters():
@@ -112,7 +113,8 @@ def attach_lora(unet: torch.nn.Module, path: Path) -> tuple[lora.LoRANetwork, li
 
 
 def set_lora(pipe: Pipeline, tags: list[prompts.LoraTag]) -> None:
-    """Make the UNet carry exactly the tagged LoRA at its strength (none when no tag); reloads only on a new file."""
+    """Make the UNet and the text encoders carry exactly the tagged LoRA at its strengths (`<lora:name:w>` both,
+    `<lora:name:te:unet>` each; none when no tag); reloads only on a new file."""
     if len(tags) > 1:
         raise RenderError(f"{len(tags)} <lora:...> tags: stacking LoRAs is not supported yet, use one")
     path = None
@@ -124,13 +126,22 @@ def set_lora(pipe: Pipeline, tags: list[prompts.LoraTag]) -> None:
     if pipe.attached and pipe.attached[0] != path:
         pipe.attached[1].remove()
         pipe.attached = None
+        if pipe.text_lora is not None:
+            set_text_strength(pipe, 0.0)  # the encoders' own weights back
+            pipe.text_lora = None
     if path and not pipe.attached:
-        network, skipped = attach_lora(pipe.sd.unet, path)
-        if skipped:
-            print(f"note: {path.name}: {len(skipped)} text-encoder modules are not applied (UNet only)", file=sys.stderr)
+        network, text_modules = attach_lora(pipe.sd.unet, path)
         pipe.attached = (path, network)
+        pipe.text_lora = te_lora.read_text_lora(pipe.sd, path) if text_modules else None
     if pipe.attached:
         pipe.attached[1].set_multiplier(tags[0].unet)
+        if pipe.text_lora is not None:
+            set_text_strength(pipe, tags[0].te)
+
+
+def set_text_strength(pipe: Pipeline, strength: float) -> None:
+    if te_lora.set_strength(pipe.sd, pipe.text_lora, strength):
+        pipe.text_cache = {}  # encoded with the encoders as they were
 
 
 def encode_pair(pipe: Pipeline, text: str, negative: str, emphasis: str):

@@ -134,6 +134,14 @@ def test_a1111_emphasis_scales_then_restores_mean(tiny):
         assert not torch.allclose(b[1], a[1], atol=1e-3)
 
 
+def test_a1111_emphasis_of_states_with_mean_zero_is_finite():
+    # a bias-free final layer norm (random init) can give states whose mean is exactly 0: no 0/0
+    z = torch.tensor([[[1.0, -1.0], [2.0, -2.0]]])
+    assert torch.equal(prompt.emphasis_a1111(z, torch.ones(1, 2)), z)
+    weighted = prompt.emphasis_a1111(z, torch.tensor([[1.5, 1.0]]))
+    assert torch.equal(weighted, z * torch.tensor([1.5, 1.0])[None, :, None])  # scaled, the mean 0 kept
+
+
 def test_comfy_emphasis_moves_away_from_empty_prompt(tiny):
     sd, toks = tiny
     z, _ = sd.encode_text(models.tokenize(toks, ["cat dog"]))
