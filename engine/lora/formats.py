@@ -245,6 +245,15 @@ def checked(path, source: str, m: Module, shape: tuple[int, ...]) -> Module:
     return Module(down, up, m.alpha)
 
 
+def add_deltas(w: torch.Tensor, entries: list[tuple[Target, "Module | lycoris.Adapter", float]]) -> torch.Tensor:
+    """Add each module's delta at its weight into `w` (the fp32 weight of one checkpoint key, changed in place; the
+    rows of a fused q/k/v one); DoRA's delta rescales the weight it meets. Returns `w`."""
+    for target, m, weight in entries:
+        rows = slice(*target.rows) if target.rows else slice(None)
+        w[rows] += weight * m.delta(target.shape, w[rows]).reshape(w[rows].shape)
+    return w
+
+
 def require_placed(path, lo: LoRA) -> LoRA:
     if lo.unplaced:
         raise LoRAFileError(f"{path}: {len(lo.unplaced)} keys name nothing in this model, first: {lo.unplaced[0]}")

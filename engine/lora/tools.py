@@ -210,11 +210,7 @@ def merge_lora(checkpoint: str | Path, loras: list, out: str | Path, progress: b
     def add(key: str, t: torch.Tensor) -> torch.Tensor:
         if key not in by_key:
             return t
-        w = t.float()
-        for target, m, weight in by_key[key]:
-            rows = slice(*target.rows) if target.rows else slice(None)
-            w[rows] += weight * m.delta(target.shape, w[rows]).reshape(w[rows].shape)  # DoRA rescales the weight it meets
-        return w
+        return lora_convert.add_deltas(t.float(), by_key[key])
 
     meta = dict(ckpt.metadata)
     meta["gesso_merged_loras"] = json.dumps([{"file": Path(p).name, "weight": w} for p, w in loras])

@@ -16,8 +16,7 @@ from gesso.engine.lora import formats
 
 @dataclass
 class TextLoRA:
-    path: Path
-    modules: list[tuple[formats.Target, object]]  # (where it acts, a formats.Module or lycoris.Adapter)
+    modules: dict[str, list[tuple[formats.Target, object]]]  # checkpoint key -> (where it acts, Module or lycoris.Adapter)
     originals: dict[str, torch.Tensor]  # checkpoint key -> the weight before any delta, on the CPU
     strength: float = 0.0  # what the encoders carry now
 
@@ -26,12 +25,14 @@ def read_text_lora(sd: torch.nn.Module, path: Path) -> TextLoRA | None:
     """The file's text-encoder modules for `sd` (its module paths are the checkpoint keys); None when it has none."""
     lo = formats.require_placed(path, formats.read(path, sd.cfg))  # a module that names nothing here is an error
     targets = lo.layout.targets
-    modules = [(targets[n], m) for n, m in lo.modules.items() if targets[n].unet_path is None]
+    modules: dict[str, list] = {}
+    for n, m in lo.modules.items():
+        if targets[n].unet_path is None:
+            modules.setdefault(targets[n].key, []).append((targets[n], m))
     if not modules:
         return None
     params = dict(sd.named_parameters())
-    originals = {t.key: params[t.key].detach().to("cpu", copy=True) for t, _ in modules}
-    return TextLoRA(path, modules, originals)
+    return TextLoRA(modules, {key: params[key].detach().to("cpu", copy=True) for key in modules})
 
 
 @torch.no_grad()
@@ -40,18 +41,12 @@ def set_strength(sd: torch.nn.Module, tl: TextLoRA, strength: float) -> bool:
     if strength == tl.strength:
         return False
     params = dict(sd.named_parameters())
-    by_key: dict[str, list] = {}
-    for target, m in tl.modules:
-        by_key.setdefault(target.key, []).append((target, m))
     for key, original in tl.originals.items():
-        param = params[key]
         if strength == 0:
-            param.copy_(original)
+            params[key].copy_(original)
             continue
-        w = original.to(torch.float32, copy=True)  # on the CPU, one weight at a time, as the file's tensors are
-        for target, m in by_key[key]:
-            rows = slice(*target.rows) if target.rows else slice(None)
-            w[rows] += strength * m.delta(target.shape, w[rows]).reshape(w[rows].shape)  # DoRA rescales the weight it meets
-        param.copy_(w.to(param.dtype))
+        # on the CPU, one weight at a time, as the file's tensors are; a copy, so that the original stays
+        w = formats.add_deltas(original.to(torch.float32, copy=True), [(t, m, strength) for t, m in tl.modules[key]])
+        params[key].copy_(w.to(params[key].dtype))
     tl.strength = strength
     return True
