@@ -97,7 +97,7 @@ def _nearest_code(x, mids_ptr):
     """Index of the nearest of 256 sorted codes: the count of the 255 midpoints below x, 8 halvings."""
     code = tl.zeros_like(x).to(tl.int32)
     for i in tl.static_range(8):
-        step: tl.constexpr = 128 >> i
+        step = 128 >> i  # a constexpr per unrolled iteration; an annotated one could not be reassigned
         mid = tl.load(mids_ptr + code + (step - 1))
         code = tl.where(mid < x, code + step, code)
     return code
