@@ -11,8 +11,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from gesso.kernels import tiles
 from gesso.kernels.dispatch import MIN_CAPABILITY, autocast_inputs, shape_key, use_triton
-from gesso.kernels.tuning import autotuned, config, fits
+from gesso.kernels.tuning import autotuned
 
 FP8_DTYPES = (torch.float8_e4m3fn,)
 FP8_MIN_CAPABILITY = (8, 9)
@@ -78,19 +79,7 @@ def _keep_mask(seed, offs_m, offs_k, K, dropout_p):
     return tl.rand(seed, offs_m[:, None] * K + offs_k[None, :]) >= dropout_p
 
 
-# (BLOCK_M, output tile BLOCK_N, reduction step BLOCK_K): Hopper/Ada tiles first, then short-row ones (77 tokens)
-FWD_CONFIGS = [config(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64), config(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
-               config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
-               config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), config(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64)]
-# the dx pass tiles (rows, input columns) and reduces over the outputs: the same shapes with N and K swapped
-DX_CONFIGS = [config(c.num_warps, c.num_stages, BLOCK_M=c.kwargs["BLOCK_M"], BLOCK_K=c.kwargs["BLOCK_N"], BLOCK_N=64)
-              for c in FWD_CONFIGS]
-INTERPRETER_CONFIG = config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
-DOWN_BLOCKS = dict(BLOCK_M=64, BLOCK_K=64)  # d_down: fixed, its split of M over programs is sized from these
-
-
-@autotuned(FWD_CONFIGS, INTERPRETER_CONFIG, key=["M", "N", "K", "R"],
-           prune=lambda configs, args, **kw: fits(configs, {"BLOCK_M": args["M"], "BLOCK_N": args["N"]}))
+@autotuned(tiles.LORA_FWD, tiles.LORA_INTERPRETER, key=["M", "N", "K", "R"], prune=tiles.LORA_FWD_PRUNE)
 @triton.jit
 def _lora_linear_fwd_kernel(
     # pointers
@@ -150,8 +139,7 @@ def _lora_linear_fwd_kernel(
                  xa, mask=mask_m[:, None] & mask_r[None, :])
 
 
-@autotuned(DX_CONFIGS, INTERPRETER_CONFIG, key=["M", "N", "K", "R"],
-           prune=lambda configs, args, **kw: fits(configs, {"BLOCK_M": args["M"], "BLOCK_K": args["K"]}))
+@autotuned(tiles.LORA_DX, tiles.LORA_INTERPRETER, key=["M", "N", "K", "R"], prune=tiles.LORA_DX_PRUNE)
 @triton.jit
 def _lora_linear_bwd_dx_kernel(
     # pointers
@@ -323,7 +311,7 @@ def _backward(dy, x2, weight, weight_scale, down, up, xa, lora_scale, dropout_p,
         up.stride(0), up.stride(1), dx.stride(0), dx.stride(1), dyb.stride(0), dyb.stride(1),
         W_SCALE=mode, HAS_DROPOUT=dropout_p > 0.0, **meta)
     # d_down reduces over all M rows: split M so that enough programs run, then sum the partials.
-    block_m, block_k = DOWN_BLOCKS["BLOCK_M"], DOWN_BLOCKS["BLOCK_K"]
+    block_m, block_k = tiles.LORA_DOWN["BLOCK_M"], tiles.LORA_DOWN["BLOCK_K"]
     k_blocks = triton.cdiv(K, block_k)
     split = max(1, min(triton.cdiv(M, 4 * block_m), triton.cdiv(264, k_blocks)))
     rows_per_split = triton.cdiv(triton.cdiv(M, split), block_m) * block_m
@@ -332,7 +320,7 @@ def _backward(dy, x2, weight, weight_scale, down, up, xa, lora_scale, dropout_p,
     _lora_linear_bwd_down_kernel[(k_blocks, split)](
         dyb, x2, part, M, K, R, rows_per_split, dropout_p, seed,
         dyb.stride(0), dyb.stride(1), x2.stride(0), x2.stride(1), part.stride(0), part.stride(1), part.stride(2),
-        HAS_DROPOUT=dropout_p > 0.0, **DOWN_BLOCKS, **meta, num_warps=8 if meta["BLOCK_R"] >= 64 else 4, num_stages=3)
+        HAS_DROPOUT=dropout_p > 0.0, **tiles.LORA_DOWN, **meta, num_warps=8 if meta["BLOCK_R"] >= 64 else 4, num_stages=3)
     d_down = part.sum(0) * lora_scale
     d_up = torch.matmul(dy.t(), xa).float() * lora_scale  # (N, R): skinny, cuBLAS does it well
     return dx, d_down, d_up

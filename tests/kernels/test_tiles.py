@@ -12,6 +12,7 @@ from triton.runtime.errors import OutOfResources, PTXASError
 
 from gesso.kernels import attention as attn
 from gesso.kernels import lora_linear as lin
+from gesso.kernels import tiles
 from test_attention import _check as check_attention
 from test_attention import _qkv
 from test_lora_linear import _inputs, _run_and_check
@@ -36,25 +37,25 @@ def _launched(run) -> bool:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_every_lora_linear_tile(dtype, device, assert_parity, monkeypatch):
     ran = 0
-    for fwd, dx in zip(lin.FWD_CONFIGS, lin.DX_CONFIGS, strict=True):
+    for fwd, dx in zip(tiles.LORA_FWD, tiles.LORA_DX, strict=True):
         _forcing(monkeypatch, lin._lora_linear_fwd_kernel, fwd)
         _forcing(monkeypatch, lin._lora_linear_bwd_dx_kernel, dx)
         # rows 300 and features 320/384: larger than every tile, ragged at each edge
         ran += _launched(lambda: _run_and_check(assert_parity, *_inputs((2, 150, 320), 384, 16, dtype, device), scale=0.5))
-    assert ran >= len(lin.FWD_CONFIGS) - 1, f"only {ran} of {len(lin.FWD_CONFIGS)} tiles launched"
+    assert ran >= len(tiles.LORA_FWD) - 1, f"only {ran} of {len(tiles.LORA_FWD)} tiles launched"
 
 
 @pytest.mark.parametrize("head_dim", [64, 80, 160])  # one per padded class (64, 128, 256): 40 shares 64's tiles
 def test_every_attention_tile(head_dim, device, assert_parity, monkeypatch):
-    padded = min(d for d in attn.FWD_TILES if d >= head_dim)
-    tiles = [attn.FWD_TILES[padded], attn.DKDV_TILES[padded], attn.DQ_TILES[padded]]
+    padded = min(d for d in tiles.ATTENTION_FWD if d >= head_dim)
+    tiles = [tiles.ATTENTION_FWD[padded], tiles.ATTENTION_DKDV[padded], tiles.ATTENTION_DQ[padded]]
     kernels = [attn._attention_fwd_kernel, attn._attention_bwd_dkdv_kernel, attn._attention_bwd_dq_kernel]
     ran = total = 0
     for kernel, listed in zip(kernels, tiles):
         for m, n, warps, stages in listed:
             for other, others in zip(kernels, tiles):  # the other two passes keep their first tile
                 pick = (m, n, warps, stages) if other is kernel else others[0]
-                _forcing(monkeypatch, other, attn.config(pick[2], pick[3], BLOCK_M=pick[0], BLOCK_N=pick[1]))
+                _forcing(monkeypatch, other, tiles.config(pick[2], pick[3], BLOCK_M=pick[0], BLOCK_N=pick[1]))
             total += 1
             ran += _launched(lambda: check_attention(assert_parity, *_qkv(1, 2, 300, 333, head_dim, torch.bfloat16, device)))
     assert ran >= total - 1, f"only {ran} of {total} tiles launched"

@@ -3,6 +3,7 @@ import pytest
 
 from gesso.kernels import attention as attn
 from gesso.kernels import lora_linear as lin
+from gesso.kernels import tiles
 from gesso.kernels.tuning import fits, interpreted
 
 TUNED = [lin._lora_linear_fwd_kernel, lin._lora_linear_bwd_dx_kernel, attn._attention_fwd_kernel,
@@ -14,11 +15,11 @@ def _tiles(configs, *names):
 
 
 def test_lists_hold_hopper_tiles_and_small_ones():
-    big = [c for c in lin.FWD_CONFIGS if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == (128, 256)]
+    big = [c for c in tiles.LORA_FWD if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == (128, 256)]
     assert big and all(c.num_warps == 8 and c.num_stages in (3, 4) for c in big)
-    assert {(128, 128), (32, 64)} <= _tiles(lin.FWD_CONFIGS, "BLOCK_M", "BLOCK_N")
-    assert _tiles(lin.DX_CONFIGS, "BLOCK_M", "BLOCK_K") == _tiles(lin.FWD_CONFIGS, "BLOCK_M", "BLOCK_N")
-    assert set(attn.FWD_TILES) == set(attn.DKDV_TILES) == set(attn.DQ_TILES) == {64, 128, 256}
+    assert {(128, 128), (32, 64)} <= _tiles(tiles.LORA_FWD, "BLOCK_M", "BLOCK_N")
+    assert _tiles(tiles.LORA_DX, "BLOCK_M", "BLOCK_K") == _tiles(tiles.LORA_FWD, "BLOCK_M", "BLOCK_N")
+    assert set(tiles.ATTENTION_FWD) == set(tiles.ATTENTION_DKDV) == set(tiles.ATTENTION_DQ) == {64, 128, 256}
 
 
 @pytest.mark.parametrize("m,n,expected", [
@@ -27,24 +28,24 @@ def test_lists_hold_hopper_tiles_and_small_ones():
     (5, 16, {(32, 64)}),  # smaller than every tile: the smallest one alone
 ])
 def test_pruning_keeps_the_tiles_that_fit(m, n, expected):
-    kept = fits(lin.FWD_CONFIGS, {"BLOCK_M": m, "BLOCK_N": n})
-    assert _tiles(kept, "BLOCK_M", "BLOCK_N") == (expected or _tiles(lin.FWD_CONFIGS, "BLOCK_M", "BLOCK_N"))
+    kept = fits(tiles.LORA_FWD, {"BLOCK_M": m, "BLOCK_N": n})
+    assert _tiles(kept, "BLOCK_M", "BLOCK_N") == (expected or _tiles(tiles.LORA_FWD, "BLOCK_M", "BLOCK_N"))
 
 
 @pytest.mark.parametrize("block_d", [64, 128, 256])
 def test_attention_pruning_follows_the_padded_head_dim(block_d):
-    prune = attn._pruner(attn.FWD_TILES, "BLOCK_M", "Tq")
-    kept = prune(attn._configs(attn.FWD_TILES), {"Tq": 4096}, BLOCK_D=block_d)
+    prune = tiles.ATTENTION_FWD_PRUNE.shape
+    kept = prune(tiles.attention_configs(tiles.ATTENTION_FWD), {"Tq": 4096}, BLOCK_D=block_d)
     assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept} == set(
-        attn.FWD_TILES[block_d])
+        tiles.ATTENTION_FWD[block_d])
 
 
 def test_interpreter_runs_one_fixed_tile_and_a_gpu_the_lists():
     if interpreted(lin._lora_linear_fwd_kernel.fn):
         assert all(kernel.configs == [kernel.configs[0]] for kernel in TUNED)
-        assert lin._lora_linear_fwd_kernel.configs[0] is lin.INTERPRETER_CONFIG
-        assert attn._attention_fwd_kernel.configs[0] is attn.INTERPRETER_CONFIG
+        assert lin._lora_linear_fwd_kernel.configs[0] is tiles.LORA_INTERPRETER
+        assert attn._attention_fwd_kernel.configs[0] is tiles.ATTENTION_INTERPRETER
     else:
-        assert lin._lora_linear_fwd_kernel.configs is lin.FWD_CONFIGS
-        assert lin._lora_linear_bwd_dx_kernel.configs is lin.DX_CONFIGS
-        assert len(attn._attention_fwd_kernel.configs) == len({t for ts in attn.FWD_TILES.values() for t in ts})
+        assert lin._lora_linear_fwd_kernel.configs is tiles.LORA_FWD
+        assert lin._lora_linear_bwd_dx_kernel.configs is tiles.LORA_DX
+        assert len(attn._attention_fwd_kernel.configs) == len({t for ts in tiles.ATTENTION_FWD.values() for t in ts})
