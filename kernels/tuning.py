@@ -75,6 +75,13 @@ class DevicePruned:
         gpu = device.gpu(where)
         return self.fitting(shaped, named_args, kwargs, gpu.arch, gpu.shared_memory)
 
+    def refusal(self, config: triton.Config, named_args: dict, kwargs: dict, gpu: device.GPU) -> str | None:
+        """Why `gpu` cannot hold `config` for this call (its predicted shared memory is over the limit), or None."""
+        need = self.shared(config, named_args, kwargs, gpu.arch)
+        if need <= gpu.shared_memory:
+            return None
+        return f"{describe(config)} needs about {need} B of shared memory; {gpu.name} has {gpu.shared_memory} B per block"
+
     def fitting(self, configs: list, named_args: dict, kwargs: dict, arch: int, limit: int) -> list:
         """The configurations that fit `limit` bytes on sm_`arch`; where none does, the smallest alone (its launch
         raises OutOfResources, which kernels/fallback.py answers with the reference)."""
