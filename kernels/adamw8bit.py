@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gesso.kernels import fallback
 from gesso.kernels.dispatch import use_triton
 
 BLOCK = 256
@@ -221,8 +222,10 @@ class AdamW8bit(torch.optim.Optimizer):
                 args = (p, p.grad, state, group["lr"], beta1, beta2, group["eps"], group["weight_decay"], state["step"])
                 if "exp_avg" in state:
                     adamw32_step(*args)
-                elif use_triton(p):
-                    adamw8bit_step(*args)
+                elif use_triton(p, op="adamw8bit"):
+                    # a launch that fails (compile, shared memory) does so before writing: the reference does this step
+                    fallback.run("adamw8bit", str(p.dtype).removeprefix("torch."), p.device,
+                                 lambda: adamw8bit_step(*args), lambda: adamw8bit_ref(*args))
                 else:
                     adamw8bit_ref(*args)
         return loss

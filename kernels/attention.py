@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from gesso.kernels import tiles
+from gesso.kernels import fallback, tiles
 from gesso.kernels.dispatch import autocast_inputs, shape_key, use_triton
 from gesso.kernels.tuning import autotuned
 
@@ -259,6 +259,19 @@ def _backward(do, q, k, v, o, lse):
     return dq, dk, dv
 
 
+def _backward_ref(do, q, k, v):
+    """dq, dk, dv of torch's scaled_dot_product_attention at the same q, k, v: the reference's gradients."""
+    with torch.enable_grad():
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        return torch.autograd.grad(F.scaled_dot_product_attention(q, k, v), (q, k, v), do)
+
+
+def shape_class(dtype, head_dim: int) -> str:
+    """The fallback's unit (kernels/fallback.py): one family of tiles per dtype and padded head dim."""
+    padded = min(d for d in tiles.ATTENTION_FWD if d >= max(16, triton.next_power_of_2(head_dim)))
+    return f"{str(dtype).removeprefix('torch.')}, head dim<={padded}"
+
+
 class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v):
@@ -268,7 +281,9 @@ class FlashAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
-        return _backward(do, *ctx.saved_tensors)
+        q, k, v, o, lse = ctx.saved_tensors
+        return fallback.run("attention", shape_class(q.dtype, q.shape[-1]), q.device,
+                            lambda: _backward(do, q, k, v, o, lse), lambda: _backward_ref(do, q, k, v))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -282,4 +297,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     key = shape_key(*q.shape, k.shape[2], q.dtype)  # B, H, Tq, D, Tk, dtype
     if q.shape[-1] > MAX_HEAD_DIM or not use_triton(q, k, v, op="attention", key=key):
         return F.scaled_dot_product_attention(q, k, v)
-    return FlashAttentionFunction.apply(q, k, v)
+    return fallback.run("attention", shape_class(q.dtype, q.shape[-1]), q.device,
+                        lambda: FlashAttentionFunction.apply(q, k, v), lambda: F.scaled_dot_product_attention(q, k, v))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from gesso.kernels import tiles
+from gesso.kernels import fallback, tiles
 from gesso.kernels.dispatch import MIN_CAPABILITY, autocast_inputs, shape_key, use_triton
 from gesso.kernels.tuning import autotuned
 
@@ -248,9 +248,18 @@ def _dropout_keep_kernel(
              mask=(offs_m < M)[:, None] & (offs_k < K)[None, :])
 
 
+def _block_r(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
 def _meta(r: int, dtype) -> dict:
     """The constexprs the tuner does not choose; fp32 inputs (the interpreter tests) get exact fp32 products, not TF32."""
-    return dict(BLOCK_R=max(16, triton.next_power_of_2(r)), DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+    return dict(BLOCK_R=_block_r(r), DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+
+
+def shape_class(x_dtype, w_dtype, r: int) -> str:
+    """The fallback's unit (kernels/fallback.py): one compiled kernel family per dtypes and padded rank."""
+    return f"{str(x_dtype).removeprefix('torch.')} x, {str(w_dtype).removeprefix('torch.')} W, rank<={_block_r(r)}"
 
 
 def _scale_mode(weight, weight_scale) -> int:
@@ -326,6 +335,16 @@ def _backward(dy, x2, weight, weight_scale, down, up, xa, lora_scale, dropout_p,
     return dx, d_down, d_up
 
 
+def _backward_ref(dy, x2, weight, weight_scale, down, up, lora_scale, dropout_p, seed):
+    """The reference's gradients (dx, d_down, d_up) of the forward the kernel ran, with the kernel's Philox keep-mask."""
+    keep = dropout_keep_mask(seed, tuple(x2.shape), dropout_p, x2.device) if dropout_p > 0.0 else None
+    with torch.enable_grad():
+        x, a, b = (t.detach().requires_grad_() for t in (x2, down, up))
+        y = lora_linear_ref(x, weight, None, a, b, lora_scale * (1.0 - dropout_p), weight_scale=weight_scale,
+                            dropout_p=dropout_p, dropout_mask=keep)
+        return torch.autograd.grad(y, (x, a, b), dy)
+
+
 def dropout_keep_mask(seed: int, shape: tuple, dropout_p: float, device) -> torch.Tensor:
     """The bool keep-mask the Triton kernels draw for x of `shape` (..., in) with this seed."""
     K = shape[-1]
@@ -353,8 +372,11 @@ class LoRALinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x2, weight, weight_scale, down, up, xa = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
-        dx, d_down, d_up = _backward(dy2, x2, weight, weight_scale, down, up, xa,
-                                     ctx.lora_scale, ctx.dropout_p, ctx.seed)
+        args = (dy2, x2, weight, weight_scale, down, up)
+        dx, d_down, d_up = fallback.run(
+            "lora_linear", shape_class(x2.dtype, weight.dtype, down.shape[0]), x2.device,
+            lambda: _backward(*args, xa, ctx.lora_scale, ctx.dropout_p, ctx.seed),
+            lambda: _backward_ref(*args, ctx.lora_scale, ctx.dropout_p, ctx.seed))
         d_bias = dy2.float().sum(0).to(dy.dtype) if ctx.bias_needs_grad else None
         return (dx.reshape(ctx.x_shape), None, d_bias, d_down.to(down.dtype), d_up.to(up.dtype),
                 None, None, None, None)
@@ -377,5 +399,7 @@ def lora_linear(x, weight, bias, down, up, scale: float, *, weight_scale=None,
     assert not weight.requires_grad, "the Triton path never computes dW: freeze the base weight (requires_grad_(False))"
     if dropout_seed is None:
         dropout_seed = int(torch.randint(0, 2**31 - 1, ()).item()) if dropout_p > 0.0 else 0
-    return LoRALinearFunction.apply(x, weight, bias, down, up, float(scale), weight_scale,
-                                    float(dropout_p), dropout_seed)
+    return fallback.run(
+        "lora_linear", shape_class(x.dtype, weight.dtype, down.shape[0]), x.device,
+        lambda: LoRALinearFunction.apply(x, weight, bias, down, up, float(scale), weight_scale, float(dropout_p), dropout_seed),
+        lambda: lora_linear_ref(x, weight, bias, down, up, scale, weight_scale=weight_scale, dropout_p=dropout_p))
