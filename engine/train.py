@@ -1,4 +1,5 @@
 """The training loop: cache the dataset, inject LoRA into the UNet (and text encoders), optimise the diffusion loss."""
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -26,6 +27,8 @@ from gesso.engine.saving import Saver, check_resumable
 from gesso.engine.schedules import build_schedule
 from gesso.engine.state import STATE_FILE, Position, load_state, restore
 from gesso.errors import TrainError
+from gesso.kernels import device as gpus
+from gesso.kernels.selfcheck import preflight
 
 @dataclass
 class TrainResult:
@@ -212,6 +215,7 @@ def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | Non
            progress: bool, world: World, clock: Callable[[], float]) -> TrainResult:
     state = _load_resume(resume, cfg, world.size) if resume else None
     device = world.device(pick_device(cfg.train.device))
+    cfg = _resolve_precision(cfg, device)
     if cfg.train.memory == "auto":
         cfg = _auto_memory(cfg, device)
     torch.manual_seed(cfg.train.seed)
@@ -219,6 +223,8 @@ def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | Non
     cfg, model_cfg = prediction.resolve(cfg, model_cfg)
     sd.cfg = model_cfg  # previews sample with the prediction the run trains
     unet, tc = sd.unet, cfg.train
+    preflight(device, AMP_DTYPES.get(tc.mixed_precision, torch.float32), fp8_base=tc.fp8_base, progress=progress,
+              adamw8bit=tc.optimizer == "adamw8bit", rank=cfg.network.rank, head_dims=_head_dims(model_cfg.unet))
     # The frozen UNet is stored in mixed_precision's dtype and computes in it, without autocast: autocast would
     # run every GroupNorm and LayerNorm in fp32 and keep their fp32 outputs for backward, twice the activation
     # memory of the same step in bf16 (which the benchmark measures). The LoRA parameters stay fp32.
@@ -348,6 +354,19 @@ def _show(bar: tqdm, event: dict) -> None:
 def _current_lr(opt: torch.optim.Optimizer) -> float:
     group = opt.param_groups[0]
     return group["lr"] * group.get("d", 1.0)  # Prodigy's step is d * lr
+
+
+def _resolve_precision(cfg: Config, device: torch.device) -> Config:
+    """mixed_precision = auto as the device supports it (kernels/device.py); the run, its files and state use the result."""
+    chosen = gpus.precision(cfg.train.mixed_precision, device)
+    if cfg.train.mixed_precision == "auto" and device.type == "cuda":
+        print(f"mixed_precision = auto: {chosen} on {gpus.gpu(device).name}", flush=True)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mixed_precision=chosen))
+
+
+def _head_dims(u) -> set[int]:
+    """The attention head dims of a UNet config (SDXL: 64; SD 1.5: 40, 80, 160), for the kernels' self-check."""
+    return {u.heads_and_dim(u.model_channels * mult)[1] for mult, depth in zip(u.channel_mult, u.transformer_depth) if depth}
 
 
 def _auto_memory(cfg: Config, device: torch.device) -> Config:
