@@ -55,10 +55,13 @@ def _kernel_sources() -> str:
     return h.hexdigest()[:12]
 
 
+def gesso_version() -> str:
+    return getattr(importlib.import_module("gesso"), "__version__", "?")
+
+
 def device_key(gpu: gpus.GPU) -> str:
-    gesso = getattr(importlib.import_module("gesso"), "__version__", "?")
     return (f"{gpu.name} sm_{gpu.arch} | driver {driver_version()} | triton {triton.__version__} | "
-            f"gesso {gesso} ({_kernel_sources()})")
+            f"gesso {gesso_version()} ({_kernel_sources()})")
 
 
 class Verdicts:
