@@ -62,7 +62,7 @@ def _warnings(capsys) -> list[str]:
 def test_a_forward_launch_that_fails_gives_way_once_with_one_line(error, auto, monkeypatch, capsys):
     failing = Failing(ERRORS[error]())
     monkeypatch.setattr(lin, "_lora_linear_fwd_kernel", failing)
-    x, w, b, down, up = _inputs((2, 20, 48), 40, 8, torch.float32, "cpu")
+    x, w, b, down, up = _inputs((2, 20, 48), 40, 8, torch.float32, "cpu")  # CPU tensors reach no real launch
     for _ in range(2):
         y = lin.lora_linear(x, w, b, down, up, 0.5)
         assert torch.equal(y, lin.lora_linear_ref(x, w, b, down, up, 0.5))
@@ -73,17 +73,17 @@ def test_a_forward_launch_that_fails_gives_way_once_with_one_line(error, auto, m
 
 
 @pytest.mark.parametrize("error", ERRORS)
-def test_a_backward_launch_that_fails_is_answered_by_the_references_gradients(error, auto, monkeypatch, capsys):
+def test_a_backward_launch_that_fails_is_answered_by_the_references_gradients(error, auto, device, monkeypatch, capsys):
     monkeypatch.setattr(lin, "_lora_linear_bwd_dx_kernel", Failing(ERRORS[error]()))
     monkeypatch.setattr(attn, "_attention_bwd_dkdv_kernel", Failing(ERRORS[error]()))
-    x, w, b, down, up = _inputs((2, 20, 48), 40, 8, torch.float32, "cpu")
+    x, w, b, down, up = _inputs((2, 20, 48), 40, 8, torch.float32, device)
     y = lin.lora_linear(x, w, b, down, up, 0.5)  # the forward kernel ran; its backward cannot
     dy = torch.randn_like(y)
     got = torch.autograd.grad(y, (x, down, up), dy)
     want = torch.autograd.grad(lin.lora_linear_ref(x, w, b, down, up, 0.5), (x, down, up), dy)
     for g, r in zip(got, want):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
-    q, k, v = _qkv(1, 2, 30, 21, 40, torch.float32, "cpu")
+    q, k, v = _qkv(1, 2, 30, 21, 40, torch.float32, device)
     o = attn.attention(q, k, v)
     do = torch.randn_like(o)
     got = torch.autograd.grad(o, (q, k, v), do)
@@ -93,11 +93,12 @@ def test_a_backward_launch_that_fails_is_answered_by_the_references_gradients(er
     lines = _warnings(capsys)
     assert [line.split(" (")[0] for line in lines] == ["gesso: warning: Triton kernel lora_linear",
                                                       "gesso: warning: Triton kernel attention"]
+    assert all(f": {error}: " in line for line in lines)
 
 
 @pytest.mark.parametrize("error", ERRORS)
-def test_an_optimizer_launch_that_fails_takes_the_reference_step(error, auto, monkeypatch, capsys):
-    p0, g = torch.randn(70, 64), torch.randn(70, 64)  # 4480 elements: 8-bit states
+def test_an_optimizer_launch_that_fails_takes_the_reference_step(error, auto, device, monkeypatch, capsys):
+    p0, g = torch.randn(70, 64, device=device), torch.randn(70, 64, device=device)  # 4480 elements: 8-bit states
     monkeypatch.setattr(opt8, "_adamw8bit_kernel", Failing(ERRORS[error]()))
     runs = []
     for mode in ("auto", "reference"):

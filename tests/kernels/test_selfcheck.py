@@ -12,9 +12,6 @@ from gesso.kernels import device as gpus
 from gesso.kernels import dispatch, fallback, selfcheck
 from test_fallback import ERRORS, Failing
 
-CPU = torch.device("cpu")
-
-
 @pytest.fixture
 def store(monkeypatch, tmp_path):
     """`auto` dispatch sending CPU tensors to the kernels, and the verdicts of a stub RTX 4090 in a fresh cache."""
@@ -31,12 +28,17 @@ def store(monkeypatch, tmp_path):
     gpus._gpu.cache_clear()
 
 
-def _preflight(**kw):
-    selfcheck.preflight(CPU, torch.float32, **{"fp8_base": False, "adamw8bit": True, "rank": 8, "head_dims": (40, 64, 512), **kw})
+@pytest.fixture
+def preflight(device):
+    """The self-check of an fp32 run with AdamW8bit, rank 8 and head dims 40, 64 and 512, on this test's device."""
+    def run(**kw):
+        selfcheck.preflight(torch.device(device), torch.float32,
+                            **{"fp8_base": False, "adamw8bit": True, "rank": 8, "head_dims": (40, 64, 512), **kw})
+    return run
 
 
-def test_the_first_run_checks_each_kernel_once_and_later_runs_skip_it(store, monkeypatch, capsys):
-    _preflight()
+def test_the_first_run_checks_each_kernel_once_and_later_runs_skip_it(store, preflight, monkeypatch, capsys):
+    preflight()
     out = capsys.readouterr()
     assert "compiling kernels for NVIDIA GeForce RTX 4090 (first run only)" in out.err
     uses = {(op, cls): v["use"] for op, classes in store.ops.items() for cls, v in classes.items()}
@@ -47,33 +49,33 @@ def test_the_first_run_checks_each_kernel_once_and_later_runs_skip_it(store, mon
     again = fallback.Verdicts(store.gpu, store.path)  # the next run reads them back
     monkeypatch.setattr(fallback, "verdicts", lambda device: again)
     monkeypatch.setattr(selfcheck, "lora_check", lambda *a: pytest.fail("checked again"))
-    _preflight()
+    preflight()
     assert again.found and capsys.readouterr().err == ""
 
 
-def test_a_kernel_that_disagrees_is_turned_off_with_one_line(store, monkeypatch, capsys):
+def test_a_kernel_that_disagrees_is_turned_off_with_one_line(store, preflight, device, monkeypatch, capsys):
     real = attn._forward
     monkeypatch.setattr(attn, "_forward", lambda q, k, v: (lambda o, lse: (o * 1.001, lse))(*real(q, k, v)))
-    _preflight(adamw8bit=False)
+    preflight(adamw8bit=False)
     (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gesso: warning")]
     assert "Triton kernel attention (float32, head dim<=64)" in line and "disagrees with its reference: o max err" in line
     assert store.use("attention", "float32, head dim<=64") == "reference"
     assert store.use("lora_linear", "float32 x, float32 W, rank<=16") == "triton"
-    q = torch.randn(1, 2, 9, 64)
+    q = torch.randn(1, 2, 9, 64, device=device)
     assert torch.equal(attn.attention(q, q, q), torch.nn.functional.scaled_dot_product_attention(q, q, q))  # SDPA now
 
 
-def test_a_kernel_that_fails_in_the_check_is_turned_off(store, monkeypatch, capsys):
+def test_a_kernel_that_fails_in_the_check_is_turned_off(store, preflight, monkeypatch, capsys):
     monkeypatch.setattr(opt8, "_adamw8bit_kernel", Failing(ERRORS["OutOfResources"]()))
-    _preflight(head_dims=())
+    preflight(head_dims=())
     assert store.use("adamw8bit", "float32") == "reference"
     assert store.ops["adamw8bit"]["float32"]["why"].startswith("OutOfResources: out of resource: shared memory")
     assert "Triton kernel adamw8bit (float32) cannot run" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mode", ["triton", "reference"])
-def test_a_forced_mode_checks_nothing(mode, store, monkeypatch):
+def test_a_forced_mode_checks_nothing(mode, store, preflight, monkeypatch):
     monkeypatch.setenv(dispatch.ENV_VAR, mode)
     monkeypatch.setattr(selfcheck, "lora_check", lambda *a: pytest.fail("checked under a forced mode"))
-    _preflight()
+    preflight()
     assert store.ops == {}
