@@ -13,7 +13,8 @@ setup(
     python_requires=">=3.11",
     packages=PACKAGES,
     package_dir={"gesso": "."},
-    package_data={"gesso.models": ["tokenizers/clip/*"]},
+    # the dispatch table a GPU session measured (kernels/dispatch.py): absent until one has, installed once it exists
+    package_data={"gesso.models": ["tokenizers/clip/*"], "gesso.kernels": ["dispatch_table.json"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
