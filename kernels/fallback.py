@@ -126,6 +126,7 @@ def gpu_name(device: torch.device) -> str:
 
 
 _switched: set = set()  # (device, op, cls) switched to the reference in this process
+given_way: list = []  # {"op", "cls", "device", "why"} of every switch in this process, in order (benchmark rows cite them)
 
 
 def switched(op: str, cls: str, device: torch.device) -> bool:
@@ -139,6 +140,7 @@ def switched(op: str, cls: str, device: torch.device) -> bool:
 def give_way(op: str, cls: str, device: torch.device, why: str) -> None:
     """Switch `op` at `cls` to its reference on this device from now on: one warning line, and the verdict kept."""
     _switched.add((str(device), op, cls))
+    given_way.append(dict(op=op, cls=cls, device=gpu_name(device), why=why))
     # through tqdm, which keeps a progress bar on the terminal (training's, the self-check's) whole
     tqdm.write(f"gesso: warning: Triton kernel {op} ({cls}) cannot run on {gpu_name(device)}: {why}; "
                f"using its PyTorch reference from now on", file=sys.stderr)
