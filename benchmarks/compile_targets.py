@@ -3,6 +3,7 @@
     python -m benchmarks.compile_targets                 # the quick subset: rank 16, head dim 64, bf16/fp16/fp8
     python -m benchmarks.compile_targets --full          # SDXL and SD 1.5 shapes, ranks 16 and 128, fp32 too
     python -m benchmarks.compile_targets --json OUT.json # every compile's record as well
+    python -m benchmarks.compile_targets --warm          # on a GPU: one SDXL step's kernels into Triton's cache
 
 Each kernel is launched by its own host launcher (`_forward`, `_backward`, `adamw8bit_step`) on meta tensors of a
 real shape, with the kernel objects swapped for recorders, so the arguments are exactly those a GPU run passes. Each
@@ -31,7 +32,9 @@ import triton
 
 from benchmarks import aot
 from gesso.kernels import adamw8bit, attention, lora_linear
+from gesso.kernels import device as gpus
 from gesso.kernels.device import SHARED_MEMORY_OPTIN
+from gesso.kernels.fallback import describe as describe_error
 from gesso.kernels.tuning import describe
 
 TARGETS = (80, 86, 89, 90, 120)
@@ -151,22 +154,20 @@ def quick() -> list[Shape]:
 
 
 def full() -> list[Shape]:
-    """Every target; SDXL and SD 1.5 shapes at ranks 16 and 128 in bf16, fp16 and fp8 weights (with either); head
-    dims 64, 40, 80 and 160; fp32, which only GESSO_KERNELS=triton reaches (the GPU parity tests), at one shape per
-    op and head dim; the optimizer's three parameter dtypes; LoRA dropout's variant and its mask kernel."""
+    """Every target; SDXL and SD 1.5 shapes at ranks 16 and 128 in bf16, fp16 and fp8 weights (with either); head dims
+    64, 80 and 160 (self- and cross-attention) and 40 (self); fp32, which only GESSO_KERNELS=triton or a measured
+    dispatch table reaches (the GPU parity tests force it at small shapes), at one shape per op; the optimizer's three
+    parameter dtypes; LoRA dropout's variant and its mask kernel."""
     shapes = []
     for dtype in ("bf16", "fp16"):
         for rank in (16, 128):
             for fp8 in (False, True):
                 shapes += sdxl_lora(rank, dtype, fp8) + sd15_lora(rank, dtype, fp8)
-        shapes += attention_shapes(dtype, (64, 40, 80, 160))
-    shapes += [lora("SDXL 640 out/proj", 4096, 640, 640, r, "fp32") for r in (16, 128)]
-    shapes += [s for s in attention_shapes("fp32", (64, 40, 80, 160)) if "self" in s.label]
+        shapes += attention_shapes(dtype, (64, 80, 160)) + [s for s in attention_shapes(dtype, (40,)) if "self" in s.label]
+    shapes += [lora("SDXL 640 out/proj", 4096, 640, 640, 16, "fp32"), attn("SDXL self 4096", 10, 4096, 4096, 64, "fp32")]
     shapes += [adamw("SDXL 640x16 down", 640 * 16, d) for d in ("fp32", "bf16", "fp16")]
     shapes += [lora("SDXL 640 out/proj", 4096, 640, 640, 16, "bf16", dropout=True)]
     return shapes
-
-
 
 
 def plan(shapes: list[Shape]) -> tuple[list[dict], dict]:
@@ -254,14 +255,52 @@ def table(uses: list[dict], results: dict) -> str:
     return "\n".join(lines)
 
 
+def _warm_one(work: tuple) -> str | None:
+    """Compile one job for this process's GPU through the JIT's own path (`warmup`: its cache key, no launch)."""
+    module, name, arch, args, kwargs = work
+    try:
+        aot.jit_of(getattr(sys.modules[module], name)).warmup(*args, grid=(1,), **kwargs)
+    except Exception as e:  # a kernel that cannot compile here is the step's business (kernels/fallback.py)
+        return f"{name}: {describe_error(e)}"
+    return None
+
+
+def warm(workers: int) -> int:
+    """On a GPU: compile every launch of one SDXL LoRA step (1024 px, rank 16, bf16 base, and fp8 from sm_89) that
+    the tuner will compile here, `workers` processes at a time, into Triton's cache; the step's first run then loads
+    them (about 110 kernels, each 1-3 s when compiled one after another by the tuner)."""
+    gpu = gpus.gpu(torch.device("cuda"))
+    shapes = sdxl_lora(16, "bf16", False) + (sdxl_lora(16, "bf16", True) if gpu.fp8 else []) + \
+        attention_shapes("bf16", (64,)) + [adamw("SDXL 640x16 down", 640 * 16, "fp32")]
+    uses, jobs = plan([dataclasses.replace(s, targets=(gpu.arch,)) for s in shapes])
+    kept = set()
+    for u in uses:  # what the device pruning keeps (kernels/tuning.py): the tuner compiles nothing else
+        named = dict(zip(aot.jit_of(u["kernel"]).arg_names, u["args"]))
+        candidates = [v["config"] for v in uses if v["kernel"] is u["kernel"] and v["args"] is u["args"]]
+        if u["config"] is None or any(u["config"] is c for c in u["kernel"].early_config_prune.fitting(
+                candidates, named, u["kwargs"], gpu.arch, gpu.shared_memory)):
+            kept.add(u["key"])
+    start = time.perf_counter()
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        errors = [e for e in pool.map(_warm_one, [jobs[k] for k in kept]) if e]
+    print(f"Triton's cache now holds {len(kept) - len(errors)} of one SDXL step's {len(kept)} kernels for {gpu.name} "
+          f"({time.perf_counter() - start:.0f} s, {workers} processes)" + "".join(f"\n  {e}" for e in errors), flush=True)
+    return 0
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.compile_targets", description=__doc__.split("\n\n")[0])
     p.add_argument("--full", action="store_true", help="the whole matrix (about an hour or more on two cores)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="compiling processes (default: one per core)")
     p.add_argument("--json", help="write every compile's record here")
+    p.add_argument("--warm", action="store_true", help="on a GPU: compile one SDXL step's kernels into Triton's cache")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         p.error("TRITON_INTERPRET=1 is set: the kernels are interpreted, there is nothing to compile")
+    if args.warm:
+        if not torch.cuda.is_available():
+            p.error("--warm compiles for this machine's GPU, and it has none")
+        return warm(args.workers)
     # a fresh cache: ptxas must run for every compile to report registers and spills
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="gesso-aot-")
     start = time.perf_counter()

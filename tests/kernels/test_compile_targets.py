@@ -1,8 +1,8 @@
 """Every kernel compiled for real GPU targets with no GPU (benchmarks/compile_targets.py): Triton's own compiler and
 bundled ptxas, sm_80 to sm_120. It runs in a fresh process without TRITON_INTERPRET (the interpreter accepts code the
 compiler refuses, as the 8-bit AdamW's reassigned constexpr was). The quick subset runs in the default suite (about
-two minutes on two cores); the whole matrix (SDXL and SD 1.5 shapes, ranks 16 and 128, every head dim, fp32) is
-behind `-m slow`."""
+three minutes on two busy cores); the whole matrix (SDXL and SD 1.5 shapes, ranks 16 and 128, every head dim, fp32)
+is behind `-m slow`."""
 import json
 import os
 import subprocess
