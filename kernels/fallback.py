@@ -1,14 +1,16 @@
 """A Triton failure never loses a run: the kernel gives way to its PyTorch reference, for the rest of the process.
 
 Any Triton error (`triton.errors.TritonError`: CompilationError, PTXASError, OutOfResources, ...) raised when a
-kernel compiles or launches switches that kernel, for that dtype and shape class (`cls`, e.g. "bfloat16 rank<=16"),
+kernel compiles or launches switches that kernel, for that dtype and shape class (`cls`, e.g. "bfloat16 x,
+float8_e4m3fn W, rank<=16"),
 to its reference, with one warning line naming the kernel, the GPU and the error. A launch fails before it writes
 anything, so the call is answered by the reference and nothing of the step is lost; a failure in a backward pass
 is answered by the reference's gradients of the same forward.
 
 Verdicts ("triton" or "reference", and why) are kept per GPU, driver, Triton and Gesso version in
 `<cache>/gesso/kernel-verdicts.json` (`$XDG_CACHE_HOME`, else ~/.cache), so the next run starts on the right path.
-The file is JSON written atomically; an unreadable or malformed one counts as absent. Only `auto` dispatch is
+The file is JSON written atomically; an unreadable or malformed one counts as absent, and one that cannot be written
+(a read-only home) leaves the verdicts in memory with one note. Only `auto` dispatch is
 guarded: `GESSO_KERNELS=triton` forces the kernels and lets their errors raise (the GPU parity tests need them).
 """
 import datetime
@@ -71,6 +73,7 @@ class Verdicts:
         self.gpu, self.path, self.key = gpu, path, device_key(gpu)
         self.ops = read_verdicts(path).get(self.key, {})
         self.found = bool(self.ops)  # an earlier run on this GPU, driver, Triton and Gesso left verdicts
+        self.unwritable = False
 
     def use(self, op: str, cls: str) -> str | None:
         return self.ops.get(op, {}).get(cls, {}).get("use")
@@ -80,7 +83,13 @@ class Verdicts:
         self.ops.setdefault(op, {})[cls] = {"use": use, "why": why, "date": datetime.date.today().isoformat()}
         everything = read_verdicts(self.path)  # another process may have written other GPUs' verdicts meanwhile
         everything[self.key] = self.ops
-        write_atomic(self.path, json.dumps(everything, indent=1, sort_keys=True) + "\n")
+        try:
+            write_atomic(self.path, json.dumps(everything, indent=1, sort_keys=True) + "\n")
+        except OSError as e:
+            if not self.unwritable:
+                tqdm.write(f"gesso: note: cannot keep kernel verdicts in {self.path} ({e.strerror or e}); "
+                           "they hold for this run only", file=sys.stderr)
+            self.unwritable = True
 
 
 def read_verdicts(path: Path) -> dict:

@@ -159,3 +159,14 @@ def test_a_damaged_verdict_file_counts_as_absent_and_is_rewritten(content, auto,
     (ops,) = json.loads(path.read_text()).values()
     assert ops == {"attention": {"bfloat16, head dim<=64": {"use": "triton", "why": "agrees", "date": ops["attention"][
         "bfloat16, head dim<=64"]["date"]}}}
+
+
+def test_a_cache_folder_that_cannot_be_written_costs_one_note_not_the_run(auto, stub_gpu, tmp_path, capsys):
+    blocked = tmp_path / "cache" / "gesso"
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("a file where the folder should be")
+    for cls in ("bfloat16, head dim<=64", "bfloat16, head dim<=128"):
+        fallback.give_way("attention", cls, stub_gpu, "PTXASError: x")
+    err = capsys.readouterr().err
+    assert err.count("gesso: note: cannot keep kernel verdicts in") == 1 and err.count("gesso: warning") == 2
+    assert fallback.switched("attention", "bfloat16, head dim<=128", stub_gpu)  # held for this run
