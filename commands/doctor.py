@@ -13,7 +13,7 @@ import torch
 import triton
 from triton import knobs
 
-from gesso.engine.config import load_config
+from gesso.engine.config import ConfigError, load_config
 from gesso.engine.measure import memplan, memtrace
 from gesso.kernels import device as gpus
 from gesso.kernels import fallback, selfcheck
@@ -88,8 +88,12 @@ def plan(cfg, device: torch.device) -> list[str]:
     lines.append(f"memory plan: {memtrace.predict(cfg).describe()}")
     if device.type == "cuda":
         free = memplan.free_gib(device)
-        chosen, peak = memplan.plan(cfg, free)
-        lines.append(memplan.describe(peak, free))
+        try:
+            chosen, peak = memplan.plan(cfg, free)
+        except ConfigError as e:  # no mode fits this GPU's free memory: the plan's answer, not doctor's failure
+            lines.append(str(e))
+        else:
+            lines.append(memplan.describe(peak, free))
     else:
         lines.append("(predicted for a GPU, in bf16 where the config says auto; this machine has none)")
     return lines
