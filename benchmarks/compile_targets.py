@@ -185,10 +185,16 @@ def plan(shapes: list[Shape]) -> tuple[list[dict], dict]:
 
 
 def compile_all(jobs: dict, workers: int) -> dict:
-    """{job key: compile_one's record}, compiled in `workers` processes (each compile is single-threaded)."""
-    keys = list(jobs)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        return dict(zip(keys, pool.map(aot.compile_one, [jobs[k] for k in keys])))
+    """{job key: compile_one's record}, in `workers` processes (each compile is single-threaded), one target at a time:
+    a process compiles for one target only, as a GPU's own process does. Triton 3.6 carries state from one target's
+    compile to the next in a process: sm_90 first, then the fp8-weight LoRA forward for sm_89 with bf16 activations
+    emits Hopper's `cvt.bf16.f16`, which ptxas refuses for sm_89 (the same compile in a fresh process succeeds)."""
+    results = {}
+    for arch in sorted({job[2] for job in jobs.values()}):
+        keys = [k for k, job in jobs.items() if job[2] == arch]
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            results.update(zip(keys, pool.map(aot.compile_one, [jobs[k] for k in keys])))
+    return results
 
 
 def judge(uses: list[dict], results: dict) -> list[str]:
