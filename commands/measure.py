@@ -7,9 +7,10 @@ import math
 
 import torch
 
-from gesso.engine.config import ConfigError, load_config
+from gesso.engine.config.load import load_config
 from gesso.engine.io import write_bytes_atomic
 from gesso.engine.measure import bench, harness, memplan, memtrace
+from gesso.errors import ConfigError
 
 
 def add_parsers(subparsers) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from gesso.engine import distributed, rundir
-from gesso.engine.config import load_config
+from gesso.engine.config.load import load_config
 from gesso.engine.events import StopTraining
 from gesso.engine.train import train
 from gesso.errors import TrainError

@@ -4,7 +4,7 @@ importing the loop that plans with them."""
 import torch
 
 from gesso.engine import fp8, textual_inversion
-from gesso.engine.config import Config
+from gesso.engine.config.sections import Config
 from gesso.engine.lora import lycoris, names
 from gesso.engine.lora import network as lora
 from gesso.engine.optim import build_optimizer

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from gesso.engine import diffusion
-from gesso.engine.config import LossSection
+from gesso.engine.config.sections import LossSection
 
 
 @dataclass

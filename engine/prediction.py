@@ -7,7 +7,7 @@ and the samplers, so a v-prediction LoRA is previewed as it is trained.
 """
 from dataclasses import replace
 
-from gesso.engine.config import Config
+from gesso.engine.config.sections import Config
 from gesso.errors import TrainError
 from gesso.models.configs import ModelConfig
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from gesso.engine.config import Config
+from gesso.engine.config.sections import Config
 from gesso.engine.events import Events
 from gesso.engine.lora.files import save_lora
 from gesso.engine.lora.metadata import at_save

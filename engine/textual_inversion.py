@@ -10,7 +10,7 @@ import re
 
 import torch
 
-from gesso.engine.config import Config
+from gesso.engine.config.sections import Config
 from gesso.engine.embedding import Embeddings, file_tensors, save_embedding
 from gesso.errors import TrainError
 

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from gesso import models
 from gesso.engine import blockswap, diffusion, objective, prediction, textual_inversion
-from gesso.engine.config import Config
+from gesso.engine.config.sections import Config
 from gesso.engine.data.cache import Cache, prepare_cache
 from gesso.engine.data.dataset import Dataset, DatasetOptions, Subset, build_dataset
 from gesso.engine.distributed import SINGLE, NoLog, World

@@ -8,7 +8,7 @@ import json
 import time
 from collections import Counter
 
-from gesso.engine.config import Config
+from gesso.engine.config.sections import Config
 from gesso.engine.data.dataset import Dataset, Item
 from gesso.engine.lora import lycoris
 

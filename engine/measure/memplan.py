@@ -11,7 +11,7 @@ import os
 import torch
 
 from gesso.engine.blockswap import frozen_bytes
-from gesso.engine.config import Config
+from gesso.engine.config.sections import Config
 from gesso.engine.lora import names
 from gesso.engine.measure import memtrace
 from gesso.engine.network_setup import AMP_DTYPES, unet_network

@@ -29,9 +29,10 @@ from torch.utils._pytree import tree_map_only
 
 from gesso import models
 from gesso.engine.blockswap import BlockSwap
-from gesso.engine.config import Config, ConfigError
+from gesso.engine.config.sections import Config
 from gesso.engine.lora import names
 from gesso.engine.network_setup import AMP_DTYPES, train_optimizer, unet_network
+from gesso.errors import ConfigError
 from gesso.models.loaders import open_checkpoint
 
 GIB = 2**30

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from gesso.engine.config import Config
+from gesso.engine.config.sections import Config
 from gesso.engine.sampling import render
 from gesso.engine.sampling.options import fit_side, split_options
 

@@ -10,7 +10,8 @@ from safetensors import safe_open
 
 from gesso import models
 from gesso.engine import diffusion, objective
-from gesso.engine.config import LossSection, build_config
+from gesso.engine.config.load import build_config
+from gesso.engine.config.sections import LossSection
 from gesso.engine.data.cache import prepare_cache
 from gesso.engine.data.dataset import DatasetOptions, Sample, Subset, build_dataset
 from gesso.engine.train import unet_network

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from gesso.engine import diffusion, objective
-from gesso.engine.config import LossSection, load_config
+from gesso.engine.config.load import load_config
+from gesso.engine.config.sections import LossSection
 from gesso.engine.data.cache import prepare_cache
 from gesso.engine.data.dataset import balance_reg
 from gesso.engine.train import Plan, load_dataset

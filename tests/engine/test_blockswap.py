@@ -7,9 +7,9 @@ import torch
 from gesso import models
 from gesso.engine import fp8
 from gesso.engine.blockswap import BlockSwap, frozen_bytes
-from gesso.engine.config import ConfigError
 from gesso.engine.lora import names
 from gesso.engine.lora import network as lora
+from gesso.errors import ConfigError
 
 
 def _unet(fp8_base: bool, locon: bool = True):

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from gesso.engine.config import ConfigError, load_config
+from gesso.engine.config.load import load_config
+from gesso.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,7 +7,8 @@ from diffusers import DDPMScheduler
 from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as diffusers_rescale
 
 from gesso.engine import diffusion, objective, prediction
-from gesso.engine.config import LossSection, build_config
+from gesso.engine.config.load import build_config
+from gesso.engine.config.sections import LossSection
 from gesso.errors import ConfigError, TrainError
 from gesso.models import configs
 

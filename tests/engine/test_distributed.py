@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gesso.engine.config import load_config
+from gesso.engine.config.load import load_config
 from gesso.engine.data.dataset import shard
 from gesso.engine.distributed import World, from_environment
 from gesso.engine.lora.files import read_lora

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gesso.engine.config import load_config
+from gesso.engine.config.load import load_config
 from gesso.engine.events import StopTraining
 from gesso.engine.lora.files import read_lora
 from gesso.engine.state import load_state

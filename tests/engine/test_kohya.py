@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from gesso import cli
-from gesso.engine.config import load_config
+from gesso.engine.config.load import load_config
 from gesso.engine.train import load_dataset
 from gesso.errors import ConfigError
 

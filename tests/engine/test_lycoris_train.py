@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gesso import models
-from gesso.engine.config import build_config, load_config
+from gesso.engine.config.load import build_config, load_config
 from gesso.engine.lora import lycoris
 from gesso.engine.lora.files import read_lora
 from gesso.engine.lora.network import load_network

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from gesso.engine.config import load_config
+from gesso.engine.config.load import load_config
 from gesso.engine.measure import memtrace
 from tests.engine.memory_testutil import SDXL_1024, predict
 from tests.engine.test_train import DEMO

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from unittest import mock
 
-from gesso.engine.config import load_config
+from gesso.engine.config.load import load_config
 from gesso.engine.measure import memtrace
 from gesso.models import configs
 from gesso.models.configs import UNetConfig
@@ -32,7 +32,7 @@ import gc, json, resource, sys
 import torch
 import torch.nn.functional as F
 torch.set_num_threads(1)
-from gesso.engine.config import load_config
+from gesso.engine.config.load import load_config
 from gesso.engine.train import train_optimizer, unet_network
 from gesso.models import configs
 from gesso.models.unet import UNet

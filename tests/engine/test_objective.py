@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gesso.engine import diffusion, objective
-from gesso.engine.config import LossSection
+from gesso.engine.config.sections import LossSection
 
 AC = diffusion.scaled_linear_alphas_cumprod()
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gesso.engine.config import load_config
+from gesso.engine.config.load import load_config
 from gesso.engine.lora.files import read_lora
 from gesso.engine.lora.network import load_network
 from gesso.engine.train import fixed_eval_loss, prepare_run, train

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from gesso import models
-from gesso.engine.config import load_config
+from gesso.engine.config.load import load_config
 from gesso.engine.lora import formats as lora_convert
 from gesso.engine.lora import names
 from gesso.engine.lora import network as lora

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gesso.engine.config import load_config
+from gesso.engine.config.load import load_config
 from gesso.engine.embedding import read_embedding
 from gesso.engine.lora.files import read_lora_header
 from gesso.engine.sampling import sample as single

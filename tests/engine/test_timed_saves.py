@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from gesso.engine import train as train_module
-from gesso.engine.config import load_config
+from gesso.engine.config.load import load_config
 from gesso.engine.state import load_state
 from gesso.engine.train import train
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gesso import models
-from gesso.engine.config import load_config
+from gesso.engine.config.load import load_config
 from gesso.engine.lora import names
 from gesso.engine.lora import network as lora
 from gesso.engine.lora.files import read_lora

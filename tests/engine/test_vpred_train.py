@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from gesso import models
 from gesso.engine import objective
-from gesso.engine.config import load_config
+from gesso.engine.config.load import load_config
 from gesso.engine.lora.files import read_lora
 from gesso.engine.sampling import render
 from gesso.engine.sampling import sample as single

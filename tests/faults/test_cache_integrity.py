@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from gesso import models
-from gesso.engine.config import load_config
+from gesso.engine.config.load import load_config
 from gesso.engine.data.cache import cache_metadata, prepare_cache
 from gesso.engine.data.dataset import DatasetOptions, Subset, build_dataset, load_pixels
 from gesso.engine.lora.files import read_lora

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from faults_testutil import DEMO, assert_one_line_error, assert_unchanged, gesso_cli, snapshot
 
-from gesso.engine.config import MAX_SEED, MAX_SIDE, Config, build_config, load_config
+from gesso.engine.config.load import build_config, load_config
+from gesso.engine.config.sections import MAX_SEED, MAX_SIDE, Config
 from gesso.errors import ConfigError
 
 NUMERIC = [(s.name, f.name, f.type) for s in fields(Config) for f in fields(s.default_factory) if f.type in (int, float)]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from faults_testutil import DEMO, assert_one_line_error, assert_unchanged, gesso_cli, snapshot, temp_litter
 
-from gesso.engine.config import load_config
+from gesso.engine.config.load import load_config
 from gesso.engine.events import Events
 from gesso.engine.saving import Saver
 from gesso.engine.state import Position

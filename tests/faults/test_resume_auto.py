@@ -13,7 +13,7 @@ import torch
 from faults_testutil import DEMO, ROOT, assert_one_line_error, assert_unchanged, gesso_main, snapshot
 from safetensors.torch import save_file
 
-from gesso.engine.config import load_config
+from gesso.engine.config.load import load_config
 from gesso.engine.lora.files import read_lora
 from gesso.engine.train import train
 

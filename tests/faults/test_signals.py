@@ -15,7 +15,7 @@ import torch
 from faults_testutil import DEMO, ROOT, assert_unchanged, loadable, snapshot, temp_litter
 
 from gesso.engine import train as train_module
-from gesso.engine.config import load_config
+from gesso.engine.config.load import load_config
 from gesso.engine.lora.files import read_lora
 from gesso.engine.state import load_state
 from gesso.engine.train import train
@@ -178,7 +178,7 @@ def test_an_interrupt_at_the_optimizer_update_saves_only_an_exact_state(tmp_path
 ZYGOTE = r"""
 import json, os, sys
 from gesso import cli
-from gesso.engine.config import load_config
+from gesso.engine.config.load import load_config
 load_config(sys.argv[1], sys.argv[2:])
 ended = {}
 for line in sys.stdin:

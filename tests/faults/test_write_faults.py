@@ -29,7 +29,7 @@ from faults_testutil import (
 from PIL import Image
 from safetensors.torch import save_file
 
-from gesso.engine.config import load_config
+from gesso.engine.config.load import load_config
 from gesso.engine.events import StopTraining
 from gesso.engine.io import write_atomic, write_bytes_atomic
 from gesso.engine.logs import Board, RunLog

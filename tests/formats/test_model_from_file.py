@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from gesso import cli
 from gesso.engine import prediction
-from gesso.engine.config import load_config
+from gesso.engine.config.load import load_config
 from gesso.engine.lora import formats as lora_convert
 from gesso.engine.lora import tools as lora_tools
 from gesso.engine.lora.files import read_lora, save_lora

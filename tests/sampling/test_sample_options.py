@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from gesso import cli
-from gesso.engine.config import load_config
+from gesso.engine.config.load import load_config
 from gesso.engine.sampling.options import PromptOptions, fit_side, split_options
 from gesso.engine.sampling.preview import preview_settings
 from gesso.engine.sampling.sample import sample

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gesso.engine.tomlfile import read_toml
+from gesso.engine.config.tomlfile import read_toml
 from gesso.errors import ConfigError
 
 log = logging.getLogger("gesso.kohya")
