@@ -25,9 +25,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
-from gesso.engine import distributed, rundir
+from gesso.engine import distributed
 from gesso.engine.config.load import load_config
-from gesso.engine.events import StopTraining
+from gesso.engine.run import rundir
+from gesso.engine.run.events import StopTraining
 from gesso.engine.train import train
 from gesso.errors import TrainError
 

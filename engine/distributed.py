@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from gesso.engine import rundir
 from gesso.engine.data.dataset import shard
-from gesso.engine.events import Events, StopTraining
+from gesso.engine.run import rundir
+from gesso.engine.run.events import Events, StopTraining
 from gesso.errors import GessoError, TrainError
 
 # rank 0 alone caches the dataset and renders previews while the others wait in a collective: more than the

@@ -14,17 +14,17 @@ from gesso.engine.config.sections import Config
 from gesso.engine.data.cache import Cache, prepare_cache
 from gesso.engine.data.dataset import Dataset, DatasetOptions, Subset, build_dataset
 from gesso.engine.distributed import SINGLE, NoLog, World
-from gesso.engine.events import Events, StopTraining
-from gesso.engine.logs import RunLog
 from gesso.engine.lora import network as lora
-from gesso.engine.lora.metadata import training_metadata
 from gesso.engine.measure import memplan
+from gesso.engine.run.events import Events, StopTraining
+from gesso.engine.run.logs import RunLog
+from gesso.engine.run.metadata import training_metadata
 # the network's setup lives beside the memory prediction's; callers of the loop still find it here
 from gesso.engine.network_setup import AMP_DTYPES, inject_network, param_groups, train_optimizer, unet_network  # noqa: F401
+from gesso.engine.run.saving import Saver, check_resumable
+from gesso.engine.run.state import STATE_FILE, Position, load_state, restore
 from gesso.engine.sampling.preview import render_previews
-from gesso.engine.saving import Saver, check_resumable
 from gesso.engine.schedules import build_schedule
-from gesso.engine.state import STATE_FILE, Position, load_state, restore
 from gesso.errors import TrainError
 
 @dataclass
@@ -187,13 +187,13 @@ def train(cfg: Config, output_dir: str | Path, on_event: Callable[[dict], None] 
           clock: Callable[[], float] = time.monotonic) -> TrainResult:
     """Train a LoRA as `cfg` says, writing its files to `output_dir`.
 
-    on_event: called with each event (engine/events.py): every optimizer step's metrics, every file written;
+    on_event: called with each event (engine/run/events.py): every optimizer step's metrics, every file written;
     raising `StopTraining` in it ends the run with its state saved. resume: a folder holding a state.pt from an
     earlier run of the same config; training goes on from there and ends with the files an uninterrupted run
     writes. progress: the terminal progress bar (a host showing its own turns it off). overwrite: replace the
     files of an earlier run in `output_dir`; without it (and without resuming that run) such a folder is refused.
 
-    One run at a time holds `output_dir` (engine/rundir.py): a second one is refused with a TrainError naming the
+    One run at a time holds `output_dir` (engine/run/rundir.py): a second one is refused with a TrainError naming the
     first one's pid; temporary files a killed run left there are removed first.
 
     world: this process's rank under torchrun (engine/distributed.py), inside its process group; rank 0 alone

@@ -35,7 +35,7 @@ def render_previews(sd, tokenizers, cfg: Config, folder: Path, epoch: int, devic
     """One PNG per prompt in `folder`, named <name>-e<epoch>-<i>.png, with A1111 parameters in each.
 
     lora_file: the LoRA file saved at this epoch, named in the infotext. bar: the training bar (tqdm), told which
-    preview is rendering. log: the run's RunLog (engine/logs.py), which gets each image for TensorBoard at `step`.
+    preview is rendering. log: the run's RunLog (engine/run/logs.py), which gets each image for TensorBoard at `step`.
     """
     vae_device = next(sd.vae.parameters()).device
     text_device = [next(e.parameters()).device for e in sd.text_encoders]

@@ -14,7 +14,7 @@ from gesso.engine.lora import names
 from gesso.engine.lora import network as lora
 from gesso.engine.lora import tools as lora_tools
 from gesso.engine.lora.files import read_lora, save_lora
-from gesso.engine.state import load_state, restore_network
+from gesso.engine.run.state import load_state, restore_network
 from gesso.engine.train import param_groups, prepare_run, train
 
 ROOT = Path(__file__).resolve().parents[2]

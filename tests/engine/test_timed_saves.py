@@ -6,7 +6,7 @@ import pytest
 
 from gesso.engine import train as train_module
 from gesso.engine.config.load import load_config
-from gesso.engine.state import load_state
+from gesso.engine.run.state import load_state
 from gesso.engine.train import train
 
 ROOT = Path(__file__).resolve().parents[2]

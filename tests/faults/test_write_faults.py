@@ -30,9 +30,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from gesso.engine.config.load import load_config
-from gesso.engine.events import StopTraining
 from gesso.engine.io import write_atomic, write_bytes_atomic
-from gesso.engine.logs import Board, RunLog
+from gesso.engine.run.events import StopTraining
+from gesso.engine.run.logs import Board, RunLog
 from gesso.engine.sampling.render import save_png
 from gesso.engine.train import train
 from gesso.errors import OutputError

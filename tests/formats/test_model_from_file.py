@@ -13,7 +13,7 @@ from gesso.engine.config.load import load_config
 from gesso.engine.lora import formats as lora_convert
 from gesso.engine.lora import tools as lora_tools
 from gesso.engine.lora.files import read_lora, save_lora
-from gesso.engine.lora.metadata import training_metadata
+from gesso.engine.run.metadata import training_metadata
 from gesso.engine.train import inject_network, load_dataset, load_model
 from gesso.errors import LoRAFileError
 from gesso.models import configs

@@ -1,4 +1,5 @@
-"""The `ss_*` and `modelspec.*` metadata that kohya's scripts write and the consumers read.
+"""The `ss_*` and `modelspec.*` metadata that kohya's scripts write and the consumers read, as a run records it
+in every file it saves. It reads the config and the dataset, so it lives with the run: engine/lora/ knows neither.
 
 AUTOMATIC1111 lists a LoRA under SDXL only when `ss_base_model_version` starts with `sdxl_`, and parses
 values that start with `{` as JSON, so JSON-valued keys are always valid JSON strings. `cfg` is the resolved
@@ -11,10 +12,9 @@ from collections import Counter
 from gesso.engine.config.sections import Config
 from gesso.engine.data.dataset import Dataset, Item
 from gesso.engine.lora import lycoris
+from gesso.engine.lora.formats import BASE_MODEL_VERSION, MODELSPEC_ARCHITECTURE
 
-BASE_MODEL_VERSION = {"sdxl": "sdxl_base_v1-0", "sd15": "sd_v1", "sd2": "sd_v2"}
 MODELSPEC_PREDICTION = {"epsilon": "epsilon", "v_prediction": "v"}  # kohya's sai_model_spec PRED_TYPE_EPSILON, PRED_TYPE_V
-MODELSPEC_ARCHITECTURE = {"sdxl": "stable-diffusion-xl-v1-base/lora", "sd15": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2/lora"}
 
 
 def tag_frequency(items: list[Item]) -> dict[str, dict[str, int]]:

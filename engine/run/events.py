@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from gesso.engine.logs import peak_memory_gib
+from gesso.engine.run.logs import peak_memory_gib
 
 
 class StopTraining(Exception):

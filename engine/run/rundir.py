@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from gesso.engine.io import TEMP_NAME, output_error
-from gesso.engine.state import STATE_FILE
+from gesso.engine.run.state import STATE_FILE
 from gesso.errors import TrainError
 
 if os.name == "nt":

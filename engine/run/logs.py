@@ -60,7 +60,7 @@ class RunLog:
 
     def step(self, record: dict, steps_per_s: float, peak_memory_gib: float | None) -> None:
         """`record` (step, epoch, loss, lr) as a metrics.jsonl row; TensorBoard also gets the rate and peak memory the
-        step event measured (engine/events.py), so the log, the bar and the host show the same numbers."""
+        step event measured (engine/run/events.py), so the log, the bar and the host show the same numbers."""
         try:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()

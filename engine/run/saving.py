@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 
 from gesso.engine.config.sections import Config
-from gesso.engine.events import Events
 from gesso.engine.lora.files import save_lora
-from gesso.engine.lora.metadata import at_save
-from gesso.engine.state import STATE_FILE, Position, save_state
+from gesso.engine.run.events import Events
+from gesso.engine.run.metadata import at_save
+from gesso.engine.run.state import STATE_FILE, Position, save_state
 from gesso.errors import TrainError
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
