@@ -9,18 +9,19 @@ import torch
 from tqdm import tqdm
 
 from gesso import models
-from gesso.engine import blockswap, diffusion, objective, prediction, textual_inversion
+from gesso.engine import diffusion, objective, prediction, textual_inversion
 from gesso.engine.config.sections import Config
 from gesso.engine.data.cache import Cache, prepare_cache
 from gesso.engine.data.dataset import Dataset, DatasetOptions, Subset, build_dataset
 from gesso.engine.distributed import SINGLE, NoLog, World
 from gesso.engine.lora import network as lora
-from gesso.engine.measure import memplan
+from gesso.engine.memory import blockswap
+from gesso.engine.memory import memplan
 from gesso.engine.run.events import Events, StopTraining
 from gesso.engine.run.logs import RunLog
 from gesso.engine.run.metadata import training_metadata
 # the network's setup lives beside the memory prediction's; callers of the loop still find it here
-from gesso.engine.network_setup import AMP_DTYPES, inject_network, param_groups, train_optimizer, unet_network  # noqa: F401
+from gesso.engine.memory.network_setup import (AMP_DTYPES, inject_network, param_groups, train_optimizer, unet_network)  # noqa: F401
 from gesso.engine.run.saving import Saver, check_resumable
 from gesso.engine.run.state import STATE_FILE, Position, load_state, restore
 from gesso.engine.sampling.preview import render_previews

@@ -74,7 +74,7 @@ class TrainSection:
     mixed_precision: str = "no"  # no, bf16, fp16 (with loss scaling)
     gradient_checkpointing: bool = False
     fp8_base: bool = False  # store the frozen UNet weights in fp8 (e4m3, per-channel scale): half of bf16's memory
-    blocks_to_swap: int = 0  # frozen weights of the N largest UNet blocks in host memory (engine/blockswap.py); 0 = off
+    blocks_to_swap: int = 0  # frozen weights of the N largest UNet blocks in host memory (engine/memory/blockswap.py); 0 = off
     memory: str = "manual"  # manual: the three keys above; auto: the fastest mode the GPU's free memory holds
     seed: int = 42  # seeds data order, timesteps and noise
     device: str = "auto"  # auto (cuda when present), cpu, cuda

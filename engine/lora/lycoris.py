@@ -180,7 +180,7 @@ class Adapter:
 
 
 def base_weight(base: nn.Module) -> torch.Tensor:
-    """The frozen weight in fp32; an fp8 base (engine/fp8.py) is dequantised with its per-output-channel scale."""
+    """The frozen weight in fp32; an fp8 base (engine/memory/fp8.py) is dequantised with its per-output-channel scale."""
     w = base.weight.float()
     scale = getattr(base, "weight_scale", None)
     return w if scale is None else w * scale.float().reshape(-1, *[1] * (w.dim() - 1))

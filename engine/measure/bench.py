@@ -23,10 +23,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from gesso import models
-from gesso.engine import diffusion, fp8
-from gesso.engine.blockswap import BlockSwap
+from gesso.engine import diffusion
 from gesso.engine.lora import names
 from gesso.engine.lora import network as lora
+from gesso.engine.memory import fp8
+from gesso.engine.memory.blockswap import BlockSwap
 from gesso.kernels.adamw8bit import AdamW8bit
 from gesso.kernels.dispatch import forced
 from gesso.models.configs import UNetConfig
@@ -55,9 +56,9 @@ class Case:
     resolution: int
     batch: int
     rank: int
-    fp8_base: bool = False  # frozen UNet weights stored in fp8 e4m3 (engine.fp8.quantize_frozen)
+    fp8_base: bool = False  # frozen UNet weights stored in fp8 e4m3 (engine.memory.fp8.quantize_frozen)
     gradient_checkpointing: bool = True
-    blocks_to_swap: int = 0  # engine.blockswap: the N largest blocks' frozen weights wait in pinned host memory
+    blocks_to_swap: int = 0  # engine.memory.blockswap: the N largest blocks' frozen weights wait in pinned host memory
 
 
 @dataclass

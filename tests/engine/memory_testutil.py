@@ -1,5 +1,5 @@
 """Full-size SDXL predictions shared by the memory tests of one session (each is seconds of meta-device tracing)."""
-from gesso.engine.measure import memtrace
+from gesso.engine.memory import memtrace
 
 SDXL_1024 = ["model.name='sdxl'", "network.conv_rank=0", "network.rank=16", "network.alpha=16", "dataset.resolution=1024",
              "train.batch_size=1", "train.mixed_precision='bf16'", "train.optimizer='adamw8bit'"]

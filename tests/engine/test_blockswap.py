@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from gesso import models
-from gesso.engine import fp8
-from gesso.engine.blockswap import BlockSwap, frozen_bytes
 from gesso.engine.lora import names
 from gesso.engine.lora import network as lora
+from gesso.engine.memory import fp8
+from gesso.engine.memory.blockswap import BlockSwap, frozen_bytes
 from gesso.errors import ConfigError
 
 

@@ -5,9 +5,9 @@ import torch
 import torch.nn as nn
 
 from gesso import models
-from gesso.engine import fp8
 from gesso.engine.lora import names
 from gesso.engine.lora import network as lora
+from gesso.engine.memory import fp8
 
 FP8_TYPES = (fp8.FP8Linear, fp8.FP8Conv2d)
 

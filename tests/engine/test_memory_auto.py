@@ -6,7 +6,7 @@ import pytest
 
 from gesso.engine import train as train_module
 from gesso.engine.config.load import load_config
-from gesso.engine.measure import memplan, memtrace
+from gesso.engine.memory import memplan, memtrace
 from gesso.errors import ConfigError
 from tests.engine import memory_testutil
 from tests.engine.test_train import DEMO

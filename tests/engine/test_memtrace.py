@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from gesso.engine.config.load import load_config
-from gesso.engine.measure import memtrace
+from gesso.engine.memory import memtrace
 from tests.engine.memory_testutil import SDXL_1024, predict
 from tests.engine.test_train import DEMO
 
@@ -52,7 +52,7 @@ def test_full_size_sdxl_weights_are_counted_exactly(full_size):
 
 def test_full_size_sdxl_step_fits_the_memory_modes(full_size):
     # issue 14's targets at 1024x1024, batch 1, rank 16, AdamW8bit. A prediction, not a GPU measurement (see
-    # engine/measure/memtrace.py for what it leaves out); it fails if the step's memory regresses, e.g. attention
+    # engine/memory/memtrace.py for what it leaves out); it fails if the step's memory regresses, e.g. attention
     # that stores its 4096 x 4096 scores (+1.2 GB per transformer) or coarser checkpointing.
     bf16, fp8, bf16_swap, fp8_swap = full_size
     assert bf16.peak_gib <= 5.5 and fp8.peak_gib <= 3.3, (bf16.describe(), fp8.describe())

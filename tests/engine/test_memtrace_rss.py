@@ -16,7 +16,7 @@ import sys
 from unittest import mock
 
 from gesso.engine.config.load import load_config
-from gesso.engine.measure import memtrace
+from gesso.engine.memory import memtrace
 from gesso.models import configs
 from gesso.models.configs import UNetConfig
 from tests.engine.test_train import DEMO

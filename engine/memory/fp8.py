@@ -46,7 +46,7 @@ class _FP8Conv2dFunction(torch.autograd.Function):
     """conv2d(x, W) + b with W dequantised in forward and again in backward, read from the module then.
 
     Nothing is saved for backward: the codes are the module's own frozen buffers, read where backward runs
-    (engine/blockswap.py has them in place then). A saved tensor would make a checkpointed block's
+    (engine/memory/blockswap.py has them in place then). A saved tensor would make a checkpointed block's
     recomputation run this whole conv only to save its weight again (a custom Function saves after its
     forward has computed, aten's ops before), 0.37 TFLOP per SDXL step at 1024 px for nothing.
     """
@@ -90,7 +90,7 @@ class _FP8Module(nn.Module):
         try:
             super()._apply(fn, recurse)
         finally:
-            # where, and in what dtype, fn puts floats; None: swapped out to the host (engine/blockswap.py), left there
+            # where, and in what dtype, fn puts floats; None: swapped out to the host (engine/memory/blockswap.py), left there
             probe = fn(torch.empty(0, dtype=self.dtype, device="cpu" if codes is None else codes.device))
             self.dtype = probe.dtype
             self._buffers["weight"] = None if codes is None else codes.to(probe.device)

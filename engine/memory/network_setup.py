@@ -1,19 +1,20 @@
 """The trained network and its optimizer as a run sets them up: shared by the training loop (engine/train.py) and
-the memory prediction (engine/measure/memtrace.py, memplan.py), which must build the very same step without
+the memory prediction (engine/memory/memtrace.py, memplan.py), which must build the very same step without
 importing the loop that plans with them."""
 import torch
 
-from gesso.engine import fp8, textual_inversion
+from gesso.engine import textual_inversion
 from gesso.engine.config.sections import Config
 from gesso.engine.lora import lycoris, names
 from gesso.engine.lora import network as lora
+from gesso.engine.memory import fp8
 from gesso.engine.optim import build_optimizer
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def unet_network(unet, cfg: Config) -> lora.LoRANetwork:
-    """The UNet's LoRA as training sets it up (engine/measure/memtrace.py predicts the same): `inject_network`, then the
+    """The UNet's LoRA as training sets it up (engine/memory/memtrace.py predicts the same): `inject_network`, then the
     frozen bases in fp8 when train.fp8_base, after injection so that the LoRA bases become fp8 too."""
     network = inject_network(unet, cfg)
     if cfg.train.fp8_base:
@@ -22,7 +23,7 @@ def unet_network(unet, cfg: Config) -> lora.LoRANetwork:
 
 
 def train_optimizer(network: lora.LoRANetwork, tc) -> torch.optim.Optimizer:
-    """The optimizer `train` (and engine/measure/memtrace.py) builds over the network's param groups."""
+    """The optimizer `train` (and engine/memory/memtrace.py) builds over the network's param groups."""
     return build_optimizer(tc.optimizer, param_groups(network, tc), tc.learning_rate, tc.weight_decay,
                            betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon, **tc.optimizer_args)
 

@@ -3,18 +3,18 @@
 Modes from fastest to leanest: plain (half-precision bases), gradient checkpointing, fp8 bases with
 checkpointing, then block swap on top of that with the smallest number of blocks that fits (each swapped
 block's weights cross the bus twice per step). Each candidate is predicted on the meta device
-(engine/measure/memtrace.py); the first that fits with the margin below is chosen. Auto trains in bf16
+(engine/memory/memtrace.py); the first that fits with the margin below is chosen. Auto trains in bf16
 (fp16 when mixed_precision says fp16), whatever mixed_precision says otherwise.
 """
 import os
 
 import torch
 
-from gesso.engine.blockswap import frozen_bytes
 from gesso.engine.config.sections import Config
 from gesso.engine.lora import names
-from gesso.engine.measure import memtrace
-from gesso.engine.network_setup import AMP_DTYPES, unet_network
+from gesso.engine.memory import memtrace
+from gesso.engine.memory.blockswap import frozen_bytes
+from gesso.engine.memory.network_setup import AMP_DTYPES, unet_network
 from gesso.errors import ConfigError
 
 GIB = 2**30

@@ -9,7 +9,7 @@ the count) are added: the peak is that of every step after the first. Attention 
 SDPA picks on a GPU for these shapes and saves what the Triton kernel saves (q, k, v, o and the row
 log-sum-exp); on the meta device SDPA would decompose into the math path and hold every score matrix.
 
-With block swap (engine/blockswap.py) only the resident weights count as weights; the swapped units' copies
+With block swap (engine/memory/blockswap.py) only the resident weights count as weights; the swapped units' copies
 on the device are allocations inside the step, counted as they live, and reported as the swap buffers.
 
 What it does not see: the CUDA context (a few hundred MB, outside torch's allocator), cuBLAS and
@@ -28,10 +28,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
 from gesso import models
-from gesso.engine.blockswap import BlockSwap
 from gesso.engine.config.sections import Config
 from gesso.engine.lora import names
-from gesso.engine.network_setup import AMP_DTYPES, train_optimizer, unet_network
+from gesso.engine.memory.blockswap import BlockSwap
+from gesso.engine.memory.network_setup import AMP_DTYPES, train_optimizer, unet_network
 from gesso.errors import ConfigError
 from gesso.models.loaders import open_checkpoint
 

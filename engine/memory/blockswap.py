@@ -10,14 +10,14 @@ backward begins (its recomputation's pre-hook too), and prefetches the one befor
 
 Why it is safe: a unit's weights are fresh tensors each time they are installed. What autograd saved holds
 its own reference, so a dropped copy is freed only when nothing needs it; the fp8 conv, which reads its
-module's codes in backward (engine/fp8.py), finds them installed because a unit stays installed from the start
+module's codes in backward (engine/memory/fp8.py), finds them installed because a unit stays installed from the start
 of its backward until the backward of a unit two places before it begins. By then its backward is done: each
 unit's output reaches every later unit, so an earlier unit's backward waits for theirs (two places, not one:
 a checkpoint recomputes up to two consecutive units, models/unet.py). On the GPU, each copy is recorded on
 the compute stream, so the caching allocator never reuses its memory while a kernel may still read it.
 
 On the CPU the same code runs with the CPU as both host and device (copies, no streams); on the meta device
-(engine/measure/memtrace.py) the copies are allocations that the predictor counts.
+(engine/memory/memtrace.py) the copies are allocations that the predictor counts.
 """
 import functools
 import weakref
