@@ -9,11 +9,12 @@ import torch
 from tqdm import tqdm
 
 from gesso import models
-from gesso.engine import diffusion, objective, prediction, textual_inversion
+from gesso.engine import diffusion, objective, prediction
 from gesso.engine.config.sections import Config
 from gesso.engine.data.cache import Cache, prepare_cache
 from gesso.engine.data.dataset import Dataset, DatasetOptions, Subset, build_dataset
 from gesso.engine.distributed import SINGLE, NoLog, World
+from gesso.engine.embedding import inversion as textual_inversion
 from gesso.engine.lora import network as lora
 from gesso.engine.memory import blockswap
 from gesso.engine.memory import memplan

@@ -3,8 +3,8 @@ the memory prediction (engine/memory/memtrace.py, memplan.py), which must build 
 importing the loop that plans with them."""
 import torch
 
-from gesso.engine import textual_inversion
 from gesso.engine.config.sections import Config
+from gesso.engine.embedding import inversion as textual_inversion
 from gesso.engine.lora import lycoris, names
 from gesso.engine.lora import network as lora
 from gesso.engine.memory import fp8

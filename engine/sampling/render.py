@@ -18,7 +18,8 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from gesso import models
-from gesso.engine import diffusion, embedding
+from gesso.engine import diffusion
+from gesso.engine.embedding import vectors as embedding
 from gesso.engine.io import write_atomic
 from gesso.engine.lora import network as lora
 from gesso.engine.lora.network import load_network

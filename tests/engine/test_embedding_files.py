@@ -13,7 +13,7 @@ from diffusers.loaders import TextualInversionLoaderMixin
 from safetensors.torch import load_file, save_file
 
 from gesso import models
-from gesso.engine import embedding
+from gesso.engine.embedding import vectors as embedding
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 from models_testutil import SDXL_BIGG, hf_clip, hf_openclip, rel_err  # noqa: E402

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from gesso.engine.config.load import load_config
-from gesso.engine.embedding import read_embedding
+from gesso.engine.embedding.vectors import read_embedding
 from gesso.engine.lora.files import read_lora_header
 from gesso.engine.run.state import load_state
 from gesso.engine.sampling import sample as single

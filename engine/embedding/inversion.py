@@ -1,6 +1,6 @@
 """Training a textual-inversion embedding: `network.type = "embedding"`.
 
-The UNet and both text encoders stay frozen; only the new token vectors (engine/embedding.py) train, in every text
+The UNet and both text encoders stay frozen; only the new token vectors (engine/embedding/vectors.py) train, in every text
 encoder at once (CLIP-L and bigG for SDXL). Captions keep their text: the word `network.token` (default: the
 dataset trigger) is spelled as the placeholders, so the vectors learn what that word shows. The run's files are
 embeddings (`emb_params`, or `clip_l` / `clip_g`), named <output.name>.safetensors, so AUTOMATIC1111 uses them by
@@ -11,7 +11,7 @@ import re
 import torch
 
 from gesso.engine.config.sections import Config
-from gesso.engine.embedding import Embeddings, file_tensors, save_embedding
+from gesso.engine.embedding.vectors import Embeddings, file_tensors, save_embedding
 from gesso.errors import TrainError
 
 ARCHITECTURE_SUFFIX = "/textual-inversion"  # kohya sai_model_spec ADAPTER_TEXTUAL_INVERSION
