@@ -152,7 +152,9 @@ def prepare_run(cfg: Config, device: torch.device, progress: bool = False, world
         encoder.to(device)
     embedding = cfg.network.type == "embedding"  # new token vectors, trained through the frozen encoders
     if embedding:
-        network = textual_inversion.inject(sd, tokenizers, cfg, [it.caption for it in dataset.items])
+        n = cfg.network
+        names = textual_inversion.spellings(n.token or cfg.dataset.trigger, cfg.output.name)
+        network = textual_inversion.inject(sd, tokenizers, names, n.init_word, n.num_vectors, [it.caption for it in dataset.items])
     train_te = cfg.network.train_text_encoders or embedding  # either way captions are encoded per step
     with world.main_first():  # under torchrun rank 0 fills the cache, then the others read it
         cache = prepare_cache(sd, tokenizers, dataset, device, cfg.dataset.cache_dir or None, train_text_encoders=train_te,

@@ -10,7 +10,6 @@ import re
 
 import torch
 
-from gesso.engine.config.sections import Config
 from gesso.engine.embedding.vectors import Embeddings, file_tensors, save_embedding
 from gesso.errors import TrainError
 
@@ -74,19 +73,19 @@ def init_vectors(sd, tokenizers: list, word: str, count: int) -> list[torch.Tens
     return out
 
 
-def names_of(cfg: Config) -> list[str]:
-    """The spellings of the trained embedding: the caption word, then the file name."""
-    token = cfg.network.token or cfg.dataset.trigger or cfg.output.name
-    return list(dict.fromkeys([token, cfg.output.name]))
+def spellings(token: str, file_name: str) -> list[str]:
+    """The spellings of the trained embedding: the caption word (network.token, else the dataset trigger, else the
+    file name), then the file name (output.name)."""
+    return list(dict.fromkeys([token or file_name, file_name]))
 
 
-def inject(sd, tokenizers: list, cfg: Config, captions: list[str]) -> EmbeddingNetwork:
-    """New trainable vectors of `network.num_vectors` rows per text encoder, spelled by names_of(cfg)."""
-    names = names_of(cfg)
+def inject(sd, tokenizers: list, names: list[str], init_word: str, count: int, captions: list[str]) -> EmbeddingNetwork:
+    """New trainable vectors of `count` rows (network.num_vectors) per text encoder, starting from `init_word`'s
+    (network.init_word) and spelled as `names` (spellings)."""
     if not any(re.search(rf"(?<![\w:-]){re.escape(names[0])}(?![\w-])", c) for c in captions):
         raise TrainError(f"network.token {names[0]!r} appears in no caption: nothing would train the embedding "
                          "(set dataset.trigger, or network.token to a word the captions hold)")
-    start = init_vectors(sd, tokenizers, cfg.network.init_word, cfg.network.num_vectors)
+    start = init_vectors(sd, tokenizers, init_word, count)
     embeddings = Embeddings(sd, tokenizers)
     if embeddings.count:
         raise TrainError("the model already carries embeddings; train one embedding per run")
