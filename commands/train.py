@@ -11,7 +11,7 @@ Ctrl-C (SIGINT) and SIGTERM (a scheduler, a cloud pre-emption) stop a run withou
 
 `--resume auto` lets one unchanged command (a notebook cell) start a run, go on with it after a disconnect, and
 exit 0 once it has finished. Under `torchrun --nproc_per_node N -m gesso.cli train ...` each process is one rank
-(engine/distributed.py), which this command reads from torchrun's environment.
+(engine/loop/distributed.py), which this command reads from torchrun's environment.
 """
 import argparse
 import importlib.util
@@ -25,11 +25,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
-from gesso.engine import distributed
 from gesso.engine.config.load import load_config
+from gesso.engine.loop import distributed
+from gesso.engine.loop.train import train
 from gesso.engine.run import rundir
 from gesso.engine.run.events import StopTraining
-from gesso.engine.train import train
 from gesso.errors import TrainError
 
 CONFIG_HELP = "Every config key, its default and meaning: README.md, section 'Config reference'."

@@ -189,7 +189,7 @@ def build(case: Case, device: torch.device, dtype: torch.dtype) -> tuple[UNet, l
         network = lora.inject(unet, names.attention_targets(unet), "lora_unet_", case.rank, case.rank)
     unet.gradient_checkpointing = case.gradient_checkpointing
     if case.fp8_base:
-        fp8.quantize_frozen(unet)  # after injection, as engine/train.py does: LoRA bases become fp8, LoRA weights never
+        fp8.quantize_frozen(unet)  # after injection, as engine/loop/train.py does: LoRA bases become fp8, LoRA weights never
     if case.blocks_to_swap:  # the swapped weights leave the device for pinned host memory, as in training
         BlockSwap(unet, case.blocks_to_swap, device)
     return unet, network

@@ -1,4 +1,4 @@
-"""The trained network and its optimizer as a run sets them up: shared by the training loop (engine/train.py) and
+"""The trained network and its optimizer as a run sets them up: shared by the training loop (engine/loop/train.py) and
 the memory prediction (engine/memory/memtrace.py, memplan.py), which must build the very same step without
 importing the loop that plans with them."""
 import torch

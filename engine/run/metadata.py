@@ -3,7 +3,7 @@ in every file it saves. It reads the config and the dataset, so it lives with th
 
 AUTOMATIC1111 lists a LoRA under SDXL only when `ss_base_model_version` starts with `sdxl_`, and parses
 values that start with `{` as JSON, so JSON-valued keys are always valid JSON strings. `cfg` is the resolved
-config (engine/prediction.py), so the prediction keys say what was trained.
+config (engine/loop/prediction.py), so the prediction keys say what was trained.
 """
 import json
 import time

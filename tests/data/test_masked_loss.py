@@ -9,12 +9,13 @@ from PIL import Image
 from safetensors import safe_open
 
 from gesso import models
-from gesso.engine import diffusion, objective
+from gesso.engine import diffusion
 from gesso.engine.config.load import build_config
 from gesso.engine.config.sections import LossSection
 from gesso.engine.data.cache import prepare_cache
 from gesso.engine.data.dataset import DatasetOptions, Sample, Subset, build_dataset
-from gesso.engine.train import unet_network
+from gesso.engine.loop import objective
+from gesso.engine.loop.train import unet_network
 from gesso.errors import ConfigError
 
 AC = diffusion.scaled_linear_alphas_cumprod()

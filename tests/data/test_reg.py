@@ -4,12 +4,13 @@ from collections import Counter
 import pytest
 import torch
 
-from gesso.engine import diffusion, objective
+from gesso.engine import diffusion
 from gesso.engine.config.load import load_config
 from gesso.engine.config.sections import LossSection
 from gesso.engine.data.cache import prepare_cache
 from gesso.engine.data.dataset import balance_reg
-from gesso.engine.train import Plan, load_dataset
+from gesso.engine.loop import objective
+from gesso.engine.loop.train import Plan, load_dataset
 
 AC = diffusion.scaled_linear_alphas_cumprod()
 

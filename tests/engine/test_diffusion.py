@@ -6,9 +6,10 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as diffusers_rescale
 
-from gesso.engine import diffusion, objective, prediction
+from gesso.engine import diffusion
 from gesso.engine.config.load import build_config
 from gesso.engine.config.sections import LossSection
+from gesso.engine.loop import objective, prediction
 from gesso.errors import ConfigError, TrainError
 from gesso.models import configs
 

@@ -17,11 +17,11 @@ import torch
 
 from gesso.engine.config.load import load_config
 from gesso.engine.data.dataset import shard
-from gesso.engine.distributed import World, from_environment
+from gesso.engine.loop.distributed import World, from_environment
+from gesso.engine.loop.train import train
 from gesso.engine.lora.files import read_lora
 from gesso.engine.run.saving import batch_shape, check_resumable
 from gesso.engine.run.state import load_state
-from gesso.engine.train import train
 from gesso.errors import TrainError
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from gesso.engine.config.load import load_config
+from gesso.engine.loop.train import train
 from gesso.engine.lora.files import read_lora
 from gesso.engine.run.events import StopTraining
 from gesso.engine.run.state import load_state
-from gesso.engine.train import train
 
 DEMO = Path(__file__).resolve().parents[2] / "tests" / "data" / "demo.toml"
 

@@ -9,10 +9,10 @@ import torch
 
 from gesso import models
 from gesso.engine.config.load import build_config, load_config
+from gesso.engine.loop.train import train
 from gesso.engine.lora import lycoris
 from gesso.engine.lora.files import read_lora
 from gesso.engine.lora.network import load_network
-from gesso.engine.train import train
 from gesso.errors import ConfigError
 
 DEMO = Path(__file__).resolve().parents[2] / "tests" / "data" / "demo.toml"

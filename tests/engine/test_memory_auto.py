@@ -4,8 +4,8 @@ from unittest import mock
 
 import pytest
 
-from gesso.engine import train as train_module
 from gesso.engine.config.load import load_config
+from gesso.engine.loop import train as train_module
 from gesso.engine.memory import memplan, memtrace
 from gesso.errors import ConfigError
 from tests.engine import memory_testutil

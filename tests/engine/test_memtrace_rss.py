@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 torch.set_num_threads(1)
 from gesso.engine.config.load import load_config
-from gesso.engine.train import train_optimizer, unet_network
+from gesso.engine.loop.train import train_optimizer, unet_network
 from gesso.models import configs
 from gesso.models.unet import UNet
 from tests.engine.test_memtrace_rss import MID

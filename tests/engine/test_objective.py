@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from gesso.engine import diffusion, objective
+from gesso.engine import diffusion
 from gesso.engine.config.sections import LossSection
+from gesso.engine.loop import objective
 
 AC = diffusion.scaled_linear_alphas_cumprod()
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from gesso.engine.config.load import load_config
+from gesso.engine.loop.train import fixed_eval_loss, prepare_run, train
 from gesso.engine.lora.files import read_lora
 from gesso.engine.lora.network import load_network
-from gesso.engine.train import fixed_eval_loss, prepare_run, train
 from gesso.errors import TrainError
 
 DEMO = Path(__file__).resolve().parents[2] / "tests" / "data" / "demo.toml"
@@ -95,7 +95,7 @@ def test_prodigy_and_adamw8bit_reduce_the_loss_like_adamw(tmp_path, adamw_drop):
 
 
 def test_divergence_stops_with_a_clear_error(tmp_path):
-    from gesso.engine.train import TrainError
+    from gesso.engine.loop.train import TrainError
 
     cfg = load_config(DEMO, ["train.epochs=1", "train.learning_rate=1e6", "train.max_grad_norm=0", f"dataset.cache_dir='{tmp_path / 'c'}'"])
     with pytest.raises(TrainError, match=r"loss is (nan|inf) at step \d+ .*lower train.learning_rate"):

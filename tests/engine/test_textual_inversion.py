@@ -9,10 +9,10 @@ from safetensors.torch import load_file
 
 from gesso.engine.config.load import load_config
 from gesso.engine.embedding.vectors import read_embedding
+from gesso.engine.loop.train import fixed_eval_loss, prepare_run, train, train_optimizer
 from gesso.engine.lora.files import read_lora_header
 from gesso.engine.run.state import load_state
 from gesso.engine.sampling import sample as single
-from gesso.engine.train import fixed_eval_loss, prepare_run, train, train_optimizer
 from gesso.errors import TrainError
 
 ROOT = Path(__file__).resolve().parents[2]

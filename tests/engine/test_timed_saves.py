@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from gesso.engine import train as train_module
 from gesso.engine.config.load import load_config
+from gesso.engine.loop import train as train_module
+from gesso.engine.loop.train import train
 from gesso.engine.run.state import load_state
-from gesso.engine.train import train
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "tests" / "data" / "demo.toml"

@@ -7,12 +7,12 @@ import torch
 from safetensors.torch import save_file
 
 from gesso import models
-from gesso.engine import objective
 from gesso.engine.config.load import load_config
+from gesso.engine.loop import objective
+from gesso.engine.loop.train import train
 from gesso.engine.lora.files import read_lora
 from gesso.engine.sampling import render
 from gesso.engine.sampling import sample as single
-from gesso.engine.train import train
 from gesso.errors import RenderError
 
 DEMO = Path(__file__).resolve().parents[2] / "tests" / "data" / "demo.toml"

@@ -13,9 +13,9 @@ from faults_testutil import DEMO, assert_one_line_error, assert_unchanged, gesso
 from safetensors.torch import save as safetensors_bytes
 
 from gesso.engine.config.load import load_config
+from gesso.engine.loop.train import prepare_run, train, train_optimizer
 from gesso.engine.run.state import STATE_FILE, load_state, restore
 from gesso.engine.schedules import build_schedule
-from gesso.engine.train import prepare_run, train, train_optimizer
 from gesso.errors import TrainError
 
 

@@ -5,8 +5,8 @@ import pytest
 
 from gesso import cli
 from gesso.engine.config.load import load_config
+from gesso.engine.loop.preview import preview_settings
 from gesso.engine.sampling.options import PromptOptions, fit_side, split_options
-from gesso.engine.sampling.preview import preview_settings
 from gesso.engine.sampling.sample import sample
 from gesso.errors import ConfigError, PromptError
 

@@ -9,12 +9,13 @@ import torch
 from tqdm import tqdm
 
 from gesso import models
-from gesso.engine import diffusion, objective, prediction
+from gesso.engine import diffusion
 from gesso.engine.config.sections import Config
 from gesso.engine.data.cache import Cache, prepare_cache
 from gesso.engine.data.dataset import Dataset, DatasetOptions, Subset, build_dataset
-from gesso.engine.distributed import SINGLE, NoLog, World
 from gesso.engine.embedding import inversion as textual_inversion
+from gesso.engine.loop import objective, prediction
+from gesso.engine.loop.distributed import SINGLE, NoLog, World
 from gesso.engine.lora import network as lora
 from gesso.engine.memory import blockswap
 from gesso.engine.memory import memplan
@@ -22,10 +23,10 @@ from gesso.engine.run.events import Events, StopTraining
 from gesso.engine.run.logs import RunLog
 from gesso.engine.run.metadata import training_metadata
 # the network's setup lives beside the memory prediction's; callers of the loop still find it here
+from gesso.engine.loop.preview import render_previews
 from gesso.engine.memory.network_setup import (AMP_DTYPES, inject_network, param_groups, train_optimizer, unet_network)  # noqa: F401
 from gesso.engine.run.saving import Saver, check_resumable
 from gesso.engine.run.state import STATE_FILE, Position, load_state, restore
-from gesso.engine.sampling.preview import render_previews
 from gesso.engine.schedules import build_schedule
 from gesso.errors import TrainError
 
@@ -200,7 +201,7 @@ def train(cfg: Config, output_dir: str | Path, on_event: Callable[[dict], None] 
     One run at a time holds `output_dir` (engine/run/rundir.py): a second one is refused with a TrainError naming the
     first one's pid; temporary files a killed run left there are removed first.
 
-    world: this process's rank under torchrun (engine/distributed.py), inside its process group; rank 0 alone
+    world: this process's rank under torchrun (engine/loop/distributed.py), inside its process group; rank 0 alone
     writes. clock: monotonic seconds, which output.save_every_n_minutes counts in (tests pass a fake one).
     """
     output_dir = Path(output_dir)
