@@ -10,7 +10,7 @@ from gesso.engine.sampling.options import PromptOptions, fit_side, split_options
 from gesso.engine.sampling.sample import sample
 from gesso.errors import ConfigError, PromptError
 
-DEMO = Path(__file__).resolve().parents[2] / "tests" / "data" / "demo.toml"
+DEMO = Path(__file__).resolve().parents[3] / "tests" / "data" / "demo.toml"
 
 
 @pytest.mark.parametrize("line, prompt, options", [

@@ -1,5 +1,5 @@
 """LoRA on the text encoders: kohya's te1/te2 names, OpenCLIP's q/k/v on rows of the fused in_proj, training, and
-agreement with the reader and merger that tests/formats checks against diffusers."""
+agreement with the reader and merger that tests/engine/lora/test_diffusers_interop.py checks against diffusers."""
 import dataclasses
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from gesso.engine.lora import tools as lora_tools
 from gesso.engine.lora.files import read_lora, save_lora
 from gesso.engine.run.state import load_state, restore_network
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 DEMO = ROOT / "tests" / "data" / "demo.toml"
 LINEARS = ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2")
 
@@ -147,7 +147,7 @@ def test_fused_qkv_lora_equals_weight_merge_on_its_rows():
 
 
 def test_saved_te_lora_merged_by_lora_tools_equals_injected(tmp_path):
-    # lora_tools.merge_lora places te2 q/k/v by lora_convert's layout, which tests/formats checks against diffusers
+    # lora_tools.merge_lora places te2 q/k/v by lora_convert's layout, which tests/engine/lora/test_diffusers_interop.py checks against diffusers
     base = models.build("tiny-sdxl", seed=6).eval()
     save_file({k: v for k, v in base.state_dict().items()}, str(tmp_path / "base.safetensors"))
     network = randomised(lora.inject_text_encoders(base, 4, 2.0), 7)

@@ -10,7 +10,7 @@ from gesso.engine.lora.files import read_lora
 from gesso.engine.run.events import StopTraining
 from gesso.engine.run.state import load_state
 
-DEMO = Path(__file__).resolve().parents[2] / "tests" / "data" / "demo.toml"
+DEMO = Path(__file__).resolve().parents[3] / "tests" / "data" / "demo.toml"
 
 
 def small(tmp_path, *extra):

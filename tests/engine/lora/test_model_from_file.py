@@ -18,7 +18,7 @@ from gesso.engine.run.metadata import training_metadata
 from gesso.errors import LoRAFileError
 from gesso.models import configs
 
-DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo.toml"  # the demo on its pretrained base
+DEMO = Path(__file__).resolve().parents[3] / "examples" / "demo.toml"  # the demo on its pretrained base
 
 
 @pytest.fixture(scope="module")

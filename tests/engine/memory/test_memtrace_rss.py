@@ -19,7 +19,7 @@ from gesso.engine.config.load import load_config
 from gesso.engine.memory import memtrace
 from gesso.models import configs
 from gesso.models.configs import UNetConfig
-from tests.engine.test_train import DEMO
+from tests.engine.loop.test_train import DEMO
 
 MID = dataclasses.replace(configs.TINY_SDXL, name="mid-sdxl",
                   unet=UNetConfig(model_channels=64, channel_mult=(1, 2, 4), transformer_depth=(0, 1, 2),
@@ -36,7 +36,7 @@ from gesso.engine.config.load import load_config
 from gesso.engine.loop.train import train_optimizer, unet_network
 from gesso.models import configs
 from gesso.models.unet import UNet
-from tests.engine.test_memtrace_rss import MID
+from tests.engine.memory.test_memtrace_rss import MID
 
 demo, overrides, checkpointing = json.loads(sys.argv[1])
 configs.REGISTRY[MID.name] = MID
@@ -85,7 +85,7 @@ print(json.dumps({"base": base, "resident": resident, "peak": hwm}))
 def _measured(checkpointing: bool) -> int:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", MALLOC_ARENA_MAX="1",
                OMP_NUM_THREADS="1", ONEDNN_PRIMITIVE_CACHE_CAPACITY="0")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     out = subprocess.run([sys.executable, "-c", CHILD, json.dumps([str(DEMO), OVERRIDES, checkpointing])],
                          capture_output=True, text=True, env=env, cwd=root, timeout=300)

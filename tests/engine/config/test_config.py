@@ -7,7 +7,7 @@ import pytest
 from gesso.engine.config.load import load_config
 from gesso.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def write(tmp_path, text):

@@ -24,7 +24,7 @@ from gesso.engine.run.saving import batch_shape, check_resumable
 from gesso.engine.run.state import load_state
 from gesso.errors import TrainError
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 DEMO = ROOT / "tests" / "data" / "demo.toml"
 # 12 images x 1 repeat / batch 4 at 64 px = 3 batches per epoch, 2 epochs. Two processes take 2 batches a step: 2
 # steps per epoch, the second with one batch, so rank 1 has none there (the uneven case). A LoRA file every step.

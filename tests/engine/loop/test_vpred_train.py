@@ -15,7 +15,7 @@ from gesso.engine.sampling import render
 from gesso.engine.sampling import sample as single
 from gesso.errors import RenderError
 
-DEMO = Path(__file__).resolve().parents[2] / "tests" / "data" / "demo.toml"
+DEMO = Path(__file__).resolve().parents[3] / "tests" / "data" / "demo.toml"
 
 
 @pytest.fixture(scope="module")

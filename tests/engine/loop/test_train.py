@@ -14,7 +14,7 @@ from gesso.engine.lora import network as lora
 from gesso.engine.lora.files import read_lora
 from gesso.engine.lora.network import load_network
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 DEMO = ROOT / "tests" / "data" / "demo.toml"
 KOHYA_KEY = re.compile(r"^lora_unet_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
 

@@ -12,7 +12,7 @@ from gesso.engine.lora.files import read_lora
 from gesso.engine.lora.network import load_network
 from gesso.errors import TrainError
 
-DEMO = Path(__file__).resolve().parents[2] / "tests" / "data" / "demo.toml"
+DEMO = Path(__file__).resolve().parents[3] / "tests" / "data" / "demo.toml"
 
 
 def small(tmp_path, *extra):
@@ -103,7 +103,7 @@ def test_divergence_stops_with_a_clear_error(tmp_path):
 
 
 def test_fp8_base_weights_train_like_full_precision(tmp_path, adamw_drop):
-    # fp8 storage rounds each frozen weight by up to 2^-4 relative (tests/engine/test_fp8.py); the LoRA still
+    # fp8 storage rounds each frozen weight by up to 2^-4 relative (tests/engine/memory/test_fp8.py); the LoRA still
     # learns: at least 80% of the full-precision run's eval-loss drop after two demo epochs.
     full = adamw_drop
     fp8 = eval_drop(tmp_path, "output.name='fp8'", "train.fp8_base=true")

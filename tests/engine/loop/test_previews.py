@@ -11,7 +11,7 @@ from tensorboardX.proto.event_pb2 import Event
 from gesso import cli
 from gesso.engine.sampling.render import lora_hash
 
-DEMO = Path(__file__).resolve().parents[2] / "tests" / "data" / "demo.toml"
+DEMO = Path(__file__).resolve().parents[3] / "tests" / "data" / "demo.toml"
 
 
 def events(folder: Path) -> list[Event]:

@@ -8,8 +8,8 @@ from gesso.engine.config.load import load_config
 from gesso.engine.loop import train as train_module
 from gesso.engine.memory import memplan, memtrace
 from gesso.errors import ConfigError
-from tests.engine import memory_testutil
-from tests.engine.test_train import DEMO
+from tests.engine.memory import memory_testutil
+from tests.engine.loop.test_train import DEMO
 
 ORDER = [(False, False, 0), (False, True, 0), (True, True, 0)]  # plain, checkpointing, fp8 bases + checkpointing
 

@@ -4,8 +4,8 @@ import torch
 
 from gesso.engine.config.load import load_config
 from gesso.engine.memory import memtrace
-from tests.engine.memory_testutil import SDXL_1024, predict
-from tests.engine.test_train import DEMO
+from tests.engine.memory.memory_testutil import SDXL_1024, predict
+from tests.engine.loop.test_train import DEMO
 
 SDXL_UNET_PARAMS = 2_567_463_684  # REFERENCE.md; models/tests check the same count
 FULL_SIZE = SDXL_1024 + ["train.gradient_checkpointing=true"]

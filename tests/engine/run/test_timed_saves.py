@@ -9,7 +9,7 @@ from gesso.engine.loop import train as train_module
 from gesso.engine.loop.train import train
 from gesso.engine.run.state import load_state
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 DEMO = ROOT / "tests" / "data" / "demo.toml"
 # 12 images x 2 repeats / batch 4 at 64 px = 6 steps per epoch, 2 epochs: 12 steps; no per-epoch files
 SETS = ["train.epochs=2", "dataset.repeats=2", "dataset.resolution=64", "sample.prompts=[]", "output.tensorboard=false",

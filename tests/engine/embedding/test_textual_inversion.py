@@ -15,7 +15,7 @@ from gesso.engine.run.state import load_state
 from gesso.engine.sampling import sample as single
 from gesso.errors import TrainError
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 DEMO = ROOT / "tests" / "data" / "demo.toml"
 # a demo but for the network (4 vectors from "shape", learning rate 0.2) and 2 repeats
 EMBEDDING = ["network.type=embedding", "network.num_vectors=4", "network.init_word='shape'", "train.learning_rate=0.2",
@@ -33,7 +33,7 @@ def test_embedding_learns_on_a_fixed_evaluation_set(tmp_path):
     # The user's demo (examples/demo.toml, its pretrained base and 10_gssdemo) with an embedding in place of the
     # LoRA: 4 vectors from "shape", 2 repeats (54 steps). The same images, timesteps and noise with the starting
     # vectors (init_word) and with the trained ones, so a drop is the vectors' doing. The bound is the LoRA learning
-    # test's 15% (tests/engine/test_train.py); measured 0.35964 -> 0.25407 (-29%) on CPU. (On the random-init test
+    # test's 15% (tests/engine/loop/test_train.py); measured 0.35964 -> 0.25407 (-29%) on CPU. (On the random-init test
     # demo the text path barely moves the UNet's output: -0.04%.)
     cfg = load_config(ROOT / "examples" / "demo.toml", EMBEDDING + [
         "sample.prompts=[]", "output.save_dtype=fp32", f"dataset.cache_dir='{tmp_path / 'cache'}'"])

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from gesso import models
 from gesso.engine.embedding import vectors as embedding
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "models"))
 from models_testutil import SDXL_BIGG, hf_clip, hf_openclip, rel_err  # noqa: E402
 
 PROMPT = "a photo of {}, best quality"

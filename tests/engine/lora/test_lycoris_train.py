@@ -15,7 +15,7 @@ from gesso.engine.lora.files import read_lora
 from gesso.engine.lora.network import load_network
 from gesso.errors import ConfigError
 
-DEMO = Path(__file__).resolve().parents[2] / "tests" / "data" / "demo.toml"
+DEMO = Path(__file__).resolve().parents[3] / "tests" / "data" / "demo.toml"
 ZERO_INIT = {"dora": "lora_up.weight", "loha": "hada_w2_a", "lokr": ("lokr_w2_b", "lokr_w2")}  # the half that starts at 0
 
 

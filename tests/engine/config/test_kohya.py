@@ -10,7 +10,7 @@ from gesso.engine.config.load import load_config
 from gesso.engine.loop.train import load_dataset
 from gesso.errors import ConfigError
 
-DEMO = Path(__file__).resolve().parents[2] / "tests" / "data" / "demo.toml"
+DEMO = Path(__file__).resolve().parents[3] / "tests" / "data" / "demo.toml"
 IMAGES = DEMO.parent / "demo"
 
 KOHYA = """
