@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gesso.kernels.lora_linear import FrozenFP8Linear
+from gesso.kernels.lora_linear import FrozenFP8Linear, dequantize_weight  # the one dequantisation, linears' and convs'
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
@@ -24,11 +24,6 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.where(absmax > 0, absmax / FP8_MAX, torch.ones_like(absmax))
     codes = (w / _per_row(scale, w.dim())).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)  # e4m3fn has no inf: clamp
     return codes, scale
-
-
-def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """fp8 codes (out, ...) times their per-row scale (out,), in `dtype` (bitwise what kernels.lora_linear's reference computes)."""
-    return (codes.float() * _per_row(scale.float(), codes.dim())).to(dtype)
 
 
 def _per_row(scale: torch.Tensor, dim: int) -> torch.Tensor:
