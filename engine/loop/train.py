@@ -16,15 +16,13 @@ from gesso.engine.data.dataset import Dataset, DatasetOptions, Subset, build_dat
 from gesso.engine.embedding import inversion as textual_inversion
 from gesso.engine.loop import objective, prediction
 from gesso.engine.loop.distributed import SINGLE, NoLog, World
+from gesso.engine.loop.preview import render_previews
 from gesso.engine.lora import network as lora
-from gesso.engine.memory import blockswap
 from gesso.engine.memory import memplan
+from gesso.engine.memory.network_setup import AMP_DTYPES, prepare_unet, train_optimizer
 from gesso.engine.run.events import Events, StopTraining
 from gesso.engine.run.logs import RunLog
 from gesso.engine.run.metadata import training_metadata
-# the network's setup lives beside the memory prediction's; callers of the loop still find it here
-from gesso.engine.loop.preview import render_previews
-from gesso.engine.memory.network_setup import (AMP_DTYPES, inject_network, param_groups, train_optimizer, unet_network)  # noqa: F401
 from gesso.engine.run.saving import Saver, check_resumable
 from gesso.engine.run.state import STATE_FILE, Position, load_state, restore
 from gesso.engine.schedules import build_schedule
@@ -161,13 +159,11 @@ def prepare_run(cfg: Config, device: torch.device, progress: bool = False, world
         cache = prepare_cache(sd, tokenizers, dataset, device, cfg.dataset.cache_dir or None, train_text_encoders=train_te,
                               progress=progress and world.main)
     cache.release_encoders()  # the VAE (and the text encoders when text is cached) leave the GPU
+    unet_lora, _ = prepare_unet(sd.unet, cfg, device)  # before the move: swapped blocks' weights stay in host memory
     if not embedding:
-        network = unet_network(sd.unet, cfg)  # LoRA weights are made in fp32 whatever the base's precision
+        network = unet_lora
     if cfg.network.train_text_encoders:
         network = lora.combine(network, lora.inject_text_encoders(sd, cfg.network.rank, cfg.network.alpha))
-    sd.unet.gradient_checkpointing = cfg.train.gradient_checkpointing
-    if cfg.train.blocks_to_swap:  # before the move: the swapped blocks' weights stay in (pinned) host memory
-        blockswap.BlockSwap(sd.unet, cfg.train.blocks_to_swap, device)
     sd.unet.to(device)
     return sd, model_cfg, network, cache
 

@@ -24,10 +24,9 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from gesso import models
 from gesso.engine import diffusion
-from gesso.engine.lora import names
+from gesso.engine.config.sections import Config, NetworkSection, TrainSection
 from gesso.engine.lora import network as lora
-from gesso.engine.memory import fp8
-from gesso.engine.memory.blockswap import BlockSwap
+from gesso.engine.memory.network_setup import prepare_unet
 from gesso.kernels.adamw8bit import AdamW8bit
 from gesso.kernels.dispatch import forced
 from gesso.models.configs import UNetConfig
@@ -178,20 +177,24 @@ def release(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def training_config(case: Case) -> Config:
+    """The config a training run of this case would have: LoRA of `rank` (alpha = rank) on kohya's default targets,
+    and the case's memory mode."""
+    return Config(network=NetworkSection(rank=case.rank, alpha=float(case.rank)),
+                  train=TrainSection(fp8_base=case.fp8_base, gradient_checkpointing=case.gradient_checkpointing,
+                                     blocks_to_swap=case.blocks_to_swap))
+
+
 def build(case: Case, device: torch.device, dtype: torch.dtype) -> tuple[UNet, lora.LoRANetwork]:
-    """Random UNet with LoRA of `rank` on kohya's default targets, frozen base in `dtype` (or fp8), same for a seed."""
+    """Random UNet, frozen base in `dtype`, set up as training sets it up (engine/memory/network_setup.py: LoRA, fp8
+    bases, checkpointing, block swap's host copies), the same for a seed."""
     cfg = models.configs.get(case.model)
     cuda = [device.index or 0] if device.type == "cuda" else []
-    # initialised on the device itself: the full SDXL UNet takes seconds there, minutes on the host CPU
-    with torch.random.fork_rng(devices=cuda), torch.device(device):
+    with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(0)
-        unet = UNet(cfg.unet).to(dtype).requires_grad_(False)
-        network = lora.inject(unet, names.attention_targets(unet), "lora_unet_", case.rank, case.rank)
-    unet.gradient_checkpointing = case.gradient_checkpointing
-    if case.fp8_base:
-        fp8.quantize_frozen(unet)  # after injection, as engine/loop/train.py does: LoRA bases become fp8, LoRA weights never
-    if case.blocks_to_swap:  # the swapped weights leave the device for pinned host memory, as in training
-        BlockSwap(unet, case.blocks_to_swap, device)
+        with torch.device(device):  # initialised on the device itself: the full SDXL UNet takes seconds there, minutes on the host CPU
+            unet = UNet(cfg.unet).to(dtype).requires_grad_(False)
+        network, _ = prepare_unet(unet, training_config(case), device)  # LoRA made where its base weight is
     return unet, network
 
 

@@ -14,7 +14,7 @@ from gesso.engine.config.sections import Config
 from gesso.engine.lora import names
 from gesso.engine.memory import memtrace
 from gesso.engine.memory.blockswap import frozen_bytes
-from gesso.engine.memory.network_setup import AMP_DTYPES, unet_network
+from gesso.engine.memory.network_setup import AMP_DTYPES, prepare_unet
 from gesso.errors import ConfigError
 
 GIB = 2**30
@@ -39,7 +39,7 @@ def _unit_bytes(cfg: Config) -> list[int]:
     """Frozen bytes of each block as training stores it (fp8 bases when cfg says so), largest first."""
     unet = names.meta_unet(memtrace.model_config(cfg).unet).requires_grad_(False)
     unet.to(AMP_DTYPES.get(cfg.train.mixed_precision, torch.float32))
-    unet_network(unet, cfg)
+    prepare_unet(unet, cfg, torch.device("meta"))  # a mode without block swap: every block's weights still in place
     return sorted((frozen_bytes(u) for u in unet.units()), reverse=True)
 
 

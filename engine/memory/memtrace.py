@@ -30,8 +30,7 @@ from torch.utils._pytree import tree_map_only
 from gesso import models
 from gesso.engine.config.sections import Config
 from gesso.engine.lora import names
-from gesso.engine.memory.blockswap import BlockSwap
-from gesso.engine.memory.network_setup import AMP_DTYPES, train_optimizer, unet_network
+from gesso.engine.memory.network_setup import AMP_DTYPES, prepare_unet, train_optimizer
 from gesso.errors import ConfigError
 from gesso.models.loaders import open_checkpoint
 
@@ -139,11 +138,12 @@ def predict(cfg: Config, resolution: int | None = None, batch: int | None = None
     tc = cfg.train
     resolution = resolution or cfg.dataset.resolution
     batch = batch or tc.batch_size
+    if cfg.network.type == "embedding":
+        raise ConfigError("network.type = embedding: the memory prediction (gesso memory, train.memory = auto) covers "
+                          "LoRA and LyCORIS networks; set the memory keys by hand")
     unet = names.meta_unet(mcfg.unet).requires_grad_(False)
     unet.to(AMP_DTYPES.get(tc.mixed_precision, torch.float32))  # as train loads it, before injection
-    network = unet_network(unet, cfg)
-    unet.gradient_checkpointing = tc.gradient_checkpointing
-    swap = BlockSwap(unet, tc.blocks_to_swap, torch.device("meta")) if tc.blocks_to_swap else None
+    network, swap = prepare_unet(unet, cfg, torch.device("meta"))
     trainable = list(network.parameters())
     ids = {id(p) for p in trainable}
     frozen = [t for t in (*unet.parameters(), *unet.buffers()) if id(t) not in ids]  # swapped ones are None: not here

@@ -1,6 +1,6 @@
-"""The trained network and its optimizer as a run sets them up: shared by the training loop (engine/loop/train.py) and
-the memory prediction (engine/memory/memtrace.py, memplan.py), which must build the very same step without
-importing the loop that plans with them."""
+"""The trained network and its optimizer as a run sets them up: one setup shared by the training loop
+(engine/loop/train.py), the memory prediction and planner (engine/memory/memtrace.py, memplan.py) and the step benchmark
+(engine/measure/bench.py), so that what is predicted and timed is the very step that trains."""
 import torch
 
 from gesso.engine.config.sections import Config
@@ -8,18 +8,24 @@ from gesso.engine.embedding import inversion as textual_inversion
 from gesso.engine.lora import lycoris, names
 from gesso.engine.lora import network as lora
 from gesso.engine.memory import fp8
+from gesso.engine.memory.blockswap import BlockSwap
 from gesso.engine.optim import build_optimizer
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def unet_network(unet, cfg: Config) -> lora.LoRANetwork:
-    """The UNet's LoRA as training sets it up (engine/memory/memtrace.py predicts the same): `inject_network`, then the
-    frozen bases in fp8 when train.fp8_base, after injection so that the LoRA bases become fp8 too."""
-    network = inject_network(unet, cfg)
+def prepare_unet(unet, cfg: Config, device: torch.device) -> tuple[lora.LoRANetwork | None, BlockSwap | None]:
+    """The frozen UNet as a run trains it, in the order that matters: LoRA injected as network.* says (none when
+    the run trains an embedding, on the text side); the frozen bases in fp8 when train.fp8_base, after injection so
+    that the LoRA bases become fp8 and the LoRA weights never do; gradient checkpointing; block swap's host copies
+    of the N largest blocks. Call it before the UNet moves to `device`, so the swapped weights stay in host memory.
+    Returns the UNet's LoRA network (None for an embedding) and the block swap (None without one)."""
+    network = None if cfg.network.type == "embedding" else inject_network(unet, cfg)  # fp32 whatever the base's dtype
     if cfg.train.fp8_base:
         fp8.quantize_frozen(unet)
-    return network
+    unet.gradient_checkpointing = cfg.train.gradient_checkpointing
+    swap = BlockSwap(unet, cfg.train.blocks_to_swap, device) if cfg.train.blocks_to_swap else None
+    return network, swap
 
 
 def train_optimizer(network: lora.LoRANetwork, tc) -> torch.optim.Optimizer:

@@ -13,7 +13,8 @@ from faults_testutil import DEMO, assert_one_line_error, assert_unchanged, gesso
 from safetensors.torch import save as safetensors_bytes
 
 from gesso.engine.config.load import load_config
-from gesso.engine.loop.train import prepare_run, train, train_optimizer
+from gesso.engine.loop.train import prepare_run, train
+from gesso.engine.memory.network_setup import train_optimizer
 from gesso.engine.run.state import STATE_FILE, load_state, restore
 from gesso.engine.schedules import build_schedule
 from gesso.errors import TrainError

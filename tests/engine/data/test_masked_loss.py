@@ -15,7 +15,7 @@ from gesso.engine.config.sections import LossSection
 from gesso.engine.data.cache import prepare_cache
 from gesso.engine.data.dataset import DatasetOptions, Sample, Subset, build_dataset
 from gesso.engine.loop import objective
-from gesso.engine.loop.train import unet_network
+from gesso.engine.memory.network_setup import prepare_unet
 from gesso.errors import ConfigError
 
 AC = diffusion.scaled_linear_alphas_cumprod()
@@ -109,7 +109,7 @@ def test_lora_gradients_come_only_from_the_unmasked_half(masked_set, tiny):
     weight, mask = cache.weighting(samples)
     unet = models.build("tiny-sdxl", seed=0).unet
     unet.requires_grad_(False)
-    network = unet_network(unet, build_config({"network": {"rank": 2, "alpha": 2.0}}))
+    network, _ = prepare_unet(unet, build_config({"network": {"rank": 2, "alpha": 2.0}}), torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     for p in network.parameters():
         p.data.normal_(0, 0.1, generator=g)  # up weights off zero: every LoRA parameter gets a gradient

@@ -9,8 +9,9 @@ from safetensors.torch import load_file
 
 from gesso.engine.config.load import load_config
 from gesso.engine.embedding.vectors import read_embedding
-from gesso.engine.loop.train import fixed_eval_loss, prepare_run, train, train_optimizer
+from gesso.engine.loop.train import fixed_eval_loss, prepare_run, train
 from gesso.engine.lora.files import read_lora_header
+from gesso.engine.memory.network_setup import train_optimizer
 from gesso.engine.run.state import load_state
 from gesso.engine.sampling import sample as single
 from gesso.errors import TrainError

@@ -8,11 +8,12 @@ import torch
 
 from gesso import models
 from gesso.engine.config.load import load_config
-from gesso.engine.loop.train import fixed_eval_loss, inject_network, prepare_run, train
+from gesso.engine.loop.train import fixed_eval_loss, prepare_run, train
 from gesso.engine.lora import names
 from gesso.engine.lora import network as lora
 from gesso.engine.lora.files import read_lora
 from gesso.engine.lora.network import load_network
+from gesso.engine.memory.network_setup import inject_network
 
 ROOT = Path(__file__).resolve().parents[3]
 DEMO = ROOT / "tests" / "data" / "demo.toml"

@@ -10,10 +10,11 @@ from safetensors.torch import save_file
 from gesso import cli
 from gesso.engine.config.load import load_config
 from gesso.engine.loop import prediction
-from gesso.engine.loop.train import inject_network, load_dataset, load_model
+from gesso.engine.loop.train import load_dataset, load_model
 from gesso.engine.lora import formats as lora_convert
 from gesso.engine.lora import tools as lora_tools
 from gesso.engine.lora.files import read_lora, save_lora
+from gesso.engine.memory.network_setup import inject_network
 from gesso.engine.run.metadata import training_metadata
 from gesso.errors import LoRAFileError
 from gesso.models import configs

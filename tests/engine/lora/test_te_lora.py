@@ -9,12 +9,13 @@ from safetensors.torch import save_file
 
 from gesso import models
 from gesso.engine.config.load import load_config
-from gesso.engine.loop.train import param_groups, prepare_run, train
+from gesso.engine.loop.train import prepare_run, train
 from gesso.engine.lora import formats as lora_convert
 from gesso.engine.lora import names
 from gesso.engine.lora import network as lora
 from gesso.engine.lora import tools as lora_tools
 from gesso.engine.lora.files import read_lora, save_lora
+from gesso.engine.memory.network_setup import param_groups
 from gesso.engine.run.state import load_state, restore_network
 
 ROOT = Path(__file__).resolve().parents[3]

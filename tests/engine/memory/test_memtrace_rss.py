@@ -33,14 +33,14 @@ import torch
 import torch.nn.functional as F
 torch.set_num_threads(1)
 from gesso.engine.config.load import load_config
-from gesso.engine.loop.train import train_optimizer, unet_network
+from gesso.engine.memory.network_setup import prepare_unet, train_optimizer
 from gesso.models import configs
 from gesso.models.unet import UNet
 from tests.engine.memory.test_memtrace_rss import MID
 
 demo, overrides, checkpointing = json.loads(sys.argv[1])
 configs.REGISTRY[MID.name] = MID
-cfg = load_config(demo, overrides)
+cfg = load_config(demo, overrides + [f"train.gradient_checkpointing={str(checkpointing).lower()}"])  # as the parent's
 
 
 def rss():
@@ -52,8 +52,7 @@ def train(steps):
     # the model as training builds it, `steps` steps of it; returns the RSS after the first
     torch.manual_seed(0)
     unet = UNet(MID.unet).requires_grad_(False)
-    network = unet_network(unet, cfg)
-    unet.gradient_checkpointing = checkpointing
+    network, _ = prepare_unet(unet, cfg, torch.device("cpu"))
     opt = train_optimizer(network, cfg.train)
     side, b = cfg.dataset.resolution // 8, cfg.train.batch_size
     resident = None
