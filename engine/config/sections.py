@@ -16,6 +16,11 @@ class ModelSection:
     seed: int = 0  # seed of the random init when no checkpoint is given
     prediction: str = "auto"  # auto (the checkpoint's v_pred marker key, else the architecture's), epsilon, v_prediction
 
+    @property
+    def source(self) -> tuple[str, str]:
+        """What names the base model, and its key: the checkpoint when one is set, else the built-in name."""
+        return (self.checkpoint, "model.checkpoint") if self.checkpoint else (self.name, "model.name")
+
 
 @dataclass(frozen=True)
 class DatasetSection:

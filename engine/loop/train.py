@@ -95,21 +95,12 @@ def pick_device(name: str) -> torch.device:
 
 def load_model(cfg: Config, dtype: torch.dtype = torch.float32):
     """The base model, on the CPU, and its tokenizers: a checkpoint (file, diffusers folder, Hub id) when
-    `model.checkpoint` is set, else the built-in architecture `model.name` at random init from `model.seed`.
-    The UNet and text encoders come in `dtype`, the VAE in fp32 (SDXL's overflows in fp16)."""
-    if cfg.model.checkpoint:
-        # raises CheckpointError naming the file
-        sd = models.load_model(cfg.model.checkpoint, dtype=dtype, device="cpu", vae_dtype=torch.float32)
-        return sd, sd.cfg, models.load_tokenizers(sd.cfg, cfg.model.checkpoint)
-    try:
-        model_cfg = models.configs.get(cfg.model.name)
-    except KeyError as e:
-        raise TrainError(f"model.name: {e.args[0]}") from None
-    sd = models.build(model_cfg, seed=cfg.model.seed, device="cpu")
-    sd.unet.to(dtype)
-    for encoder in sd.text_encoders:
-        encoder.to(dtype)
-    return sd, model_cfg, models.load_tokenizers(model_cfg)
+    `model.checkpoint` is set, else the built-in architecture `model.name` at random init from `model.seed`
+    (models/lookup.py, which raises CheckpointError naming the key). The UNet and text encoders come in `dtype`, the
+    VAE in fp32 (SDXL's overflows in fp16)."""
+    model = models.find_model(*cfg.model.source)
+    sd = model.load(dtype, "cpu", seed=cfg.model.seed, vae_dtype=torch.float32)
+    return sd, sd.cfg, model.tokenizers()
 
 
 def load_dataset(cfg: Config) -> Dataset:

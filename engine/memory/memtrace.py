@@ -32,7 +32,6 @@ from gesso.engine.config.sections import Config
 from gesso.engine.lora import names
 from gesso.engine.memory.network_setup import AMP_DTYPES, prepare_unet, train_optimizer
 from gesso.errors import ConfigError
-from gesso.models.loaders import open_checkpoint
 
 GIB = 2**30
 
@@ -110,12 +109,7 @@ def _flash_sdpa(q, k, v, *args, **kwargs):
 
 
 def model_config(cfg: Config):
-    if cfg.model.checkpoint:
-        return open_checkpoint(cfg.model.checkpoint).comparison.config  # headers only
-    try:
-        return models.configs.get(cfg.model.name)
-    except KeyError as e:
-        raise ConfigError(f"model.name: {e.args[0]}") from None
+    return models.find_model(*cfg.model.source).config  # headers only
 
 
 def _nbytes(tensors) -> int:

@@ -14,6 +14,7 @@ from gesso.engine.lora.files import read_lora
 from gesso.engine.sampling import render
 from gesso.engine.sampling import sample as single
 from gesso.errors import RenderError
+from gesso.models.lookup import find_model
 
 DEMO = Path(__file__).resolve().parents[3] / "tests" / "data" / "demo.toml"
 
@@ -77,8 +78,8 @@ def test_sample_and_grid_pick_the_prediction(vpred_run):
 def test_v_sampling_differs_from_epsilon_sampling_of_the_same_weights(vpred_run):
     root, _, _ = vpred_run
     s = render.Settings("gssdemo, a red circle", steps=3, sampler="euler", seed=3, width=64, height=64)
-    v = render.generate(render.load_pipeline(str(root / "noob.safetensors")), s)
-    eps = render.generate(render.load_pipeline(str(root / "noob.safetensors"), prediction="epsilon", zero_terminal_snr=False), s)
+    v = render.generate(render.load_pipeline(find_model(str(root / "noob.safetensors"))), s)
+    eps = render.generate(render.load_pipeline(find_model(str(root / "noob.safetensors")), prediction="epsilon", zero_terminal_snr=False), s)
     assert torch.isfinite(v).all() and (v - eps).abs().max() > 1e-2
     with pytest.raises(RenderError, match="zero terminal SNR needs a v-prediction model"):
-        render.load_pipeline(str(root / "noob.safetensors"), prediction="epsilon", zero_terminal_snr=True)
+        render.load_pipeline(find_model(str(root / "noob.safetensors")), prediction="epsilon", zero_terminal_snr=True)

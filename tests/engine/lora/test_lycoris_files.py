@@ -32,6 +32,7 @@ from gesso.engine.lora.files import read_lora, save_lora
 from gesso.engine.lora.network import load_network
 from gesso.engine.lora.tools import merge_lora
 from gesso.engine.sampling import render
+from gesso.models.lookup import find_model
 
 COMFYUI = {  # suffixes each ComfyUI adapter reads, with load_lora's alpha and dora_scale
     "dora": {"lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha", "dora_scale"},
@@ -164,7 +165,7 @@ def test_grid_renders_lycoris_epochs_at_each_strength(files, tmp_path):
     run = {"run-000001": "loha", "run-000002": "lokr"}  # a run's epoch files, as the grid's epoch axis finds them
     for stem, algo in run.items():
         shutil.copy(tmp / f"{algo}.safetensors", tmp_path / f"{stem}.safetensors")
-    pipe = render.load_pipeline("tiny-sdxl", 1, lora_dir=tmp_path)
+    pipe = render.load_pipeline(find_model("tiny-sdxl"), 1, lora_dir=tmp_path)
     base = render.Settings("gssdemo, a red circle", "", steps=2, cfg_scale=5.0, seed=11, width=64, height=64)
     grid, singles = render.render_grid(pipe, base, render.Axis("epoch", tuple(run)), render.Axis("strength", (0.0, 1.0)),
                                        tmp_path / "out")

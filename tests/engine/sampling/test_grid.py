@@ -14,6 +14,7 @@ from gesso import cli, models
 from gesso.engine.lora import names
 from gesso.engine.lora.files import save_lora
 from gesso.engine.sampling import render
+from gesso.models.lookup import find_model
 
 SIZE, STEPS = 64, 3
 BASE = render.Settings("gssdemo, a red circle", "blurry", steps=STEPS, cfg_scale=5.0, seed=11, width=SIZE, height=SIZE)
@@ -46,7 +47,7 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipe(run_dir):
-    return render.load_pipeline("tiny-sdxl", 0, lora_dir=run_dir)
+    return render.load_pipeline(find_model("tiny-sdxl"), 0, lora_dir=run_dir)
 
 
 def parse_infotext(text: str) -> dict:
@@ -141,7 +142,7 @@ def test_img2img_strength_controls_change(pipe):
 
 def test_sdxl_vae_never_fp16():
     with pytest.raises(render.RenderError, match="fp16"):
-        render.load_pipeline("tiny-sdxl", vae_dtype="fp16")
+        render.load_pipeline(find_model("tiny-sdxl"), vae_dtype="fp16")
 
 
 def test_cli_sample_and_errors(run_dir, tmp_path, capsys):
@@ -163,7 +164,7 @@ def test_checkpoint_file_renders_like_the_built_model(pipe, tmp_path):
 
     sd = models.build("tiny-sdxl", seed=0)
     save_file({k: v.contiguous() for k, v in sd.state_dict().items()}, tmp_path / "tiny.safetensors")
-    loaded = render.load_pipeline(str(tmp_path / "tiny.safetensors"))
+    loaded = render.load_pipeline(find_model(str(tmp_path / "tiny.safetensors")))
     s = render.replace(BASE, seed=21)
     (a, text), = render.render(loaded, s)
     (b, _), = render.render(pipe, s)

@@ -8,7 +8,7 @@ from gesso import models
 from gesso.engine.lora import names
 from gesso.engine.lora.files import save_lora
 from gesso.engine.sampling.sample import sample
-from gesso.errors import PromptError, RenderError
+from gesso.errors import CheckpointError, PromptError, RenderError
 
 PROMPT = "gssdemo, a red circle"
 FAST = dict(steps=2, sampler="euler", width=64, height=96)  # non-square, multiples of 32 for the tiny UNet
@@ -83,7 +83,8 @@ def test_init_image_as_path_or_image_gives_the_same_picture(tmp_path):
     (dict(model="tiny-sdxl", init_image="{tmp}/not_an_image.png"), RenderError, "not_an_image.png: not a readable image"),
     (dict(prompt=PROMPT + " <lora:absent:1>", lora_dir="{tmp}"), RenderError, "absent.safetensors: no such LoRA file"),
     (dict(prompt=PROMPT + " <lora:demo:1>"), RenderError, "<lora:demo:...>: no LoRA folder given; pass lora_dir"),
-    (dict(model="{tmp}/nockpt.safetensors"), RenderError, "no such file: {tmp}/nockpt.safetensors"),
+    (dict(model="{tmp}/nockpt.safetensors"), CheckpointError, "model: no such file: {tmp}/nockpt.safetensors"),
+    (dict(model="sdxl-turbo"), CheckpointError, "model: unknown model config 'sdxl-turbo'; built-in: demo-sdxl, sd15"),
     (dict(model=None), RenderError, "pass model"),  # no LoRA file to take it from
     (dict(model="tiny-sdxl", width=65), RenderError, "size 65x96: width and height must be multiples of 32"),
     (dict(model="tiny-sdxl", sampler="heun_pp"), RenderError, "sampler 'heun_pp'"),
