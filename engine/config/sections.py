@@ -8,6 +8,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from gesso.engine.lora import lycoris
+from gesso.engine.optim import OPTIMIZERS
+from gesso.engine.sampling.samplers import SAMPLERS
+from gesso.engine.schedules import SCHEDULES
+
 
 @dataclass(frozen=True)
 class ModelSection:
@@ -45,13 +50,12 @@ class DatasetSection:
 
 @dataclass(frozen=True)
 class NetworkSection:
-    type: str = "lora"  # lora, or embedding (textual inversion: new token vectors, UNet and text encoders frozen)
+    type: str = "lora"  # lora, a LyCORIS adapter (dora, loha, lokr: engine/lora/lycoris.py), or embedding (textual inversion)
     rank: int = 16  # LoRA dim
     alpha: float = 16.0  # scale = alpha / rank
     conv_rank: int = 0  # LoCon: also the res-block, down- and upsampler convs (3x3 at this rank); 0 = off
     conv_alpha: float = 1.0
     train_text_encoders: bool = False  # LoRA on the text encoders too (lora_te1_/lora_te2_, SD 1.x lora_te_); no text cache
-    type: str = "lora"  # lora, a LyCORIS adapter (dora, loha, lokr: engine/lora/lycoris.py), or embedding
     lokr_factor: int = 0  # LoKr: split each dimension at this factor (LyCORIS `factor`); 0 = the most balanced split
     dora_wd_on_output: bool = False  # DoRA: norm per output row (LyCORIS wd_on_output); off = per input column, as A1111 reads
     num_vectors: int = 1  # embedding: token vectors per text encoder
@@ -64,7 +68,7 @@ class TrainSection:
     epochs: int = 10
     batch_size: int = 1
     gradient_accumulation_steps: int = 1
-    optimizer: str = "adamw"  # adamw, adamw8bit, prodigy, adafactor
+    optimizer: str = "adamw"  # a name in engine/optim.py OPTIMIZERS
     learning_rate: float = 1e-4  # UNet LoRA; Prodigy wants 1.0
     text_encoder_lr: float = 0.0  # text-encoder LoRA (network.train_text_encoders); 0: learning_rate
     optimizer_args: dict = field(default_factory=dict)  # passed to the optimizer, e.g. {d_coef = 1.0}
@@ -72,7 +76,7 @@ class TrainSection:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
-    lr_scheduler: str = "constant"  # constant, constant_with_warmup, cosine, cosine_with_restarts, linear
+    lr_scheduler: str = "constant"  # a name in engine/schedules.py SCHEDULES
     lr_warmup_steps: int = 0
     lr_scheduler_num_cycles: int = 1
     max_grad_norm: float = 1.0  # 0 disables gradient clipping
@@ -121,7 +125,7 @@ class SampleSection:
     prompts: list = field(default_factory=list)  # preview prompts (A1111 syntax); empty: no previews
     negative_prompt: str = ""
     every_n_epochs: int = 1  # previews after every N epochs (when prompts are set); 0: none
-    sampler: str = "euler"  # euler, euler_a, dpmpp_2m_karras, ddim
+    sampler: str = "euler"  # a name in engine/sampling/samplers.py SAMPLERS
     steps: int = 20
     cfg_scale: float = 6.0
     seed: int = 42  # seed of the first preview; prompt i uses seed + i
@@ -138,18 +142,19 @@ class Config:
     output: OutputSection = field(default_factory=OutputSection)
 
 
+# the values a key may take; names that a registry keeps (optimizers, LR schedules, samplers, LyCORIS adapters) come
+# from it, so a new entry there is a new value here
 CHOICES = {
-    ("network", "type"): ("lora", "embedding"),
+    ("network", "type"): ("lora", *lycoris.ALGOS, "embedding"),
     ("train", "device"): ("auto", "cpu", "cuda"),
-    ("train", "optimizer"): ("adamw", "adamw8bit", "prodigy", "adafactor"),
-    ("train", "lr_scheduler"): ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear"),
+    ("train", "optimizer"): tuple(OPTIMIZERS),
+    ("train", "lr_scheduler"): tuple(SCHEDULES),
     ("train", "mixed_precision"): ("no", "bf16", "fp16"),
     ("model", "prediction"): ("auto", "epsilon", "v_prediction"),
     ("loss", "prediction"): ("auto", "epsilon", "v_prediction"),
-    ("network", "type"): ("lora", "dora", "loha", "lokr", "embedding"),
     ("train", "memory"): ("manual", "auto"),
     ("loss", "loss_type"): ("l2", "huber"),
-    ("sample", "sampler"): ("euler", "euler_a", "dpmpp_2m_karras", "ddim"),
+    ("sample", "sampler"): tuple(SAMPLERS),
     ("output", "save_dtype"): ("fp16", "bf16", "fp32"),
 }
 

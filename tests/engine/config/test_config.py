@@ -4,7 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from gesso.engine.config.load import load_config
+from gesso.engine.config.load import build_config, load_config
+from gesso.engine.lora import lycoris
+from gesso.engine.optim import OPTIMIZERS
+from gesso.engine.sampling.samplers import SAMPLERS
+from gesso.engine.schedules import SCHEDULES
 from gesso.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -63,3 +67,17 @@ def test_cli_reports_bad_key_in_one_line_and_exits_2(tmp_path):
 def test_cli_reports_missing_config_file(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "train", str(tmp_path / "nope.toml")], capture_output=True, text=True)
     assert proc.returncode == 2 and "nope.toml: no such config file" in proc.stderr
+
+
+@pytest.mark.parametrize("section, key, registry", [
+    ("train", "optimizer", OPTIMIZERS),
+    ("train", "lr_scheduler", SCHEDULES),
+    ("sample", "sampler", SAMPLERS),
+    ("network", "type", {"lora": None, **dict.fromkeys(lycoris.ALGOS), "embedding": None}),
+])
+def test_a_name_key_takes_exactly_its_registry_s_names(tmp_path, section, key, registry):
+    for name in registry:  # every entry of the registry is a value the config takes
+        assert getattr(getattr(build_config({section: {key: name}}), section), key) == name
+    with pytest.raises(ConfigError) as info:
+        build_config({section: {key: "none_of_them"}}, "run.toml")
+    assert str(info.value) == f"run.toml: {section}.{key} = 'none_of_them', expected one of {', '.join(registry)}"
