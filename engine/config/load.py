@@ -121,8 +121,31 @@ def _parse_override(item: str) -> tuple[str, str, Any]:
     return section, name.strip(), value
 
 
-def build_config(data: dict[str, Any], source: str = "config") -> Config:
-    """Typed Config from a nested dict, rejecting unknown sections and keys by name."""
+def build_config(data: dict[str, Any], source: str = "config", base: str | Path | None = None) -> Config:
+    """A checked Config from a nested dict shaped like the TOML, with every check load_config makes: unknown sections
+    and keys, types, values, ranges and relations, then dataset.path (or dataset.subsets) required and each path
+    resolved against `base` (default: the current folder), its folders required to exist. `source` names the
+    config in messages."""
+    cfg = _typed(data, source)
+    return _resolved(cfg, source, Path(base) if base is not None else Path.cwd())
+
+
+def load_config(path: str | Path, overrides: list[str] = (), dataset_config: str | Path | None = None) -> Config:
+    """Read a TOML config, apply `section.key=value` overrides, then build_config with paths relative to the file's
+    folder. dataset_config: a kohya dataset TOML whose subsets replace dataset.path and dataset.subsets
+    (engine/config/kohya.py), before the overrides."""
+    path = Path(path)
+    data = read_toml(path)
+    if dataset_config:
+        data = apply_dataset_config(data, dataset_config)
+    for item in overrides:
+        section, key, value = _parse_override(item)
+        data.setdefault(section, {})[key] = value
+    return build_config(data, str(path), path.parent)
+
+
+def _typed(data: dict[str, Any], source: str) -> Config:
+    """Typed Config from a nested dict, rejecting unknown sections and keys by name, and every value out of its rules."""
     sections = {}
     for f in fields(Config):
         raw = data.get(f.name, {})
@@ -149,25 +172,17 @@ def build_config(data: dict[str, Any], source: str = "config") -> Config:
     return cfg
 
 
-def load_config(path: str | Path, overrides: list[str] = (), dataset_config: str | Path | None = None) -> Config:
-    """Read a TOML config, apply `section.key=value` overrides, resolve and check paths. dataset_config: a kohya
-    dataset TOML whose subsets replace dataset.path and dataset.subsets (engine/kohya.py), before the overrides."""
-    path = Path(path)
-    data = read_toml(path)
-    if dataset_config:
-        data = apply_dataset_config(data, dataset_config)
-    for item in overrides:
-        section, key, value = _parse_override(item)
-        data.setdefault(section, {})[key] = value
-    cfg = build_config(data, str(path))
+def _resolved(cfg: Config, source: str, base: Path) -> Config:
+    """dataset.path required; dataset and mask folders resolved against `base` and checked, the cache folder and a
+    checkpoint path resolved (a Hub repo id stays as it is)."""
     if not cfg.dataset.path and not cfg.dataset.subsets:
-        raise ConfigError(f"{path}: dataset.path is required")
-    dataset = _folder(f"{path}: dataset.path", path.parent / cfg.dataset.path) if cfg.dataset.path else ""
-    mask_dir = str(_folder(f"{path}: dataset.mask_dir", path.parent / cfg.dataset.mask_dir)) if cfg.dataset.mask_dir else ""
-    subsets = _subsets(str(path), cfg.dataset.subsets, path.parent)
-    cache_dir = str((path.parent / cfg.dataset.cache_dir).resolve()) if cfg.dataset.cache_dir else ""
+        raise ConfigError(f"{source}: dataset.path is required")
+    dataset = _folder(f"{source}: dataset.path", base / cfg.dataset.path) if cfg.dataset.path else ""
+    mask_dir = str(_folder(f"{source}: dataset.mask_dir", base / cfg.dataset.mask_dir)) if cfg.dataset.mask_dir else ""
+    subsets = _subsets(source, cfg.dataset.subsets, base)
+    cache_dir = str((base / cfg.dataset.cache_dir).resolve()) if cfg.dataset.cache_dir else ""
     model = cfg.model
-    if model.checkpoint and ((path.parent / model.checkpoint).exists() or looks_like_path(model.checkpoint)):  # else a Hub id
-        model = dataclasses.replace(model, checkpoint=str((path.parent / model.checkpoint).resolve()))
+    if model.checkpoint and ((base / model.checkpoint).exists() or looks_like_path(model.checkpoint)):  # else a Hub id
+        model = dataclasses.replace(model, checkpoint=str((base / model.checkpoint).resolve()))
     data = dataclasses.replace(cfg.dataset, path=str(dataset), subsets=subsets, cache_dir=cache_dir, mask_dir=mask_dir)
     return dataclasses.replace(cfg, model=model, dataset=data)

@@ -1,5 +1,6 @@
 """Zero-terminal-SNR betas against diffusers, kohya's v-loss scaling, and how a run resolves its parameterisation."""
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from gesso.engine.config.sections import LossSection
 from gesso.engine.loop import objective, prediction
 from gesso.errors import ConfigError, TrainError
 from gesso.models import configs
+
+DEMO_IMAGES = Path(__file__).resolve().parents[1] / "data" / "demo"
 
 
 def test_zero_terminal_snr_betas_equal_diffusers():
@@ -46,7 +49,7 @@ def test_v_loss_scaled_like_noise_prediction():
 
 
 def resolved(model_cfg=configs.TINY_SDXL, **sections):
-    cfg = build_config(sections)
+    cfg = build_config({"dataset": {"path": str(DEMO_IMAGES)}, **sections})
     return prediction.resolve(cfg, model_cfg)
 
 

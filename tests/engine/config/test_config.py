@@ -77,7 +77,35 @@ def test_cli_reports_missing_config_file(tmp_path):
 ])
 def test_a_name_key_takes_exactly_its_registry_s_names(tmp_path, section, key, registry):
     for name in registry:  # every entry of the registry is a value the config takes
-        assert getattr(getattr(build_config({section: {key: name}}), section), key) == name
+        assert getattr(getattr(build_config({"dataset": {"path": str(tmp_path)}, section: {key: name}}), section), key) == name
     with pytest.raises(ConfigError) as info:
         build_config({section: {key: "none_of_them"}}, "run.toml")
     assert str(info.value) == f"run.toml: {section}.{key} = 'none_of_them', expected one of {', '.join(registry)}"
+
+
+def test_build_config_makes_the_checks_load_config_makes(tmp_path, monkeypatch):
+    path = write(tmp_path, '[model]\ncheckpoint = "models/base.safetensors"\n[dataset]\npath = "data"\ncache_dir = "cache"\n')
+    data = {"model": {"checkpoint": "models/base.safetensors"}, "dataset": {"path": "data", "cache_dir": "cache"}}
+    # the same dict as the same file: relative paths resolved against the file's folder, given as `base`
+    assert build_config(data, str(path), base=tmp_path) == load_config(path)
+    monkeypatch.chdir(tmp_path)  # without a base, against the current folder, as a host's relative paths mean
+    cfg = build_config(data)
+    assert cfg.dataset.path == str(tmp_path / "data") and cfg.dataset.cache_dir == str(tmp_path / "cache")
+    assert cfg.model.checkpoint == str(tmp_path / "models" / "base.safetensors")
+    assert build_config({**data, "model": {"checkpoint": "someone/sdxl-finetune"}}).model.checkpoint == "someone/sdxl-finetune"
+
+
+@pytest.mark.parametrize("data, message", [
+    ({}, "config: dataset.path is required"),
+    ({"train": {"epochs": 2}}, "config: dataset.path is required"),
+    ({"dataset": {"path": "missing"}}, "config: dataset.path: no such folder: {tmp}/missing"),
+    ({"dataset": {"path": "data", "mask_dir": "masks"}, "loss": {"masked": True}},
+     "config: dataset.mask_dir: no such folder: {tmp}/masks"),
+    ({"dataset": {"subsets": [{"path": "other"}]}}, "config: dataset.subsets[0].path: no such folder: {tmp}/other"),
+])
+def test_build_config_refuses_a_missing_dataset_in_one_line(tmp_path, monkeypatch, data, message):
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        build_config(data)
+    assert str(info.value) == message.format(tmp=tmp_path)

@@ -109,7 +109,7 @@ def test_lora_gradients_come_only_from_the_unmasked_half(masked_set, tiny):
     weight, mask = cache.weighting(samples)
     unet = models.build("tiny-sdxl", seed=0).unet
     unet.requires_grad_(False)
-    network, _ = prepare_unet(unet, build_config({"network": {"rank": 2, "alpha": 2.0}}), torch.device("cpu"))
+    network, _ = prepare_unet(unet, build_config({"dataset": {"path": str(masked_set)}, "network": {"rank": 2, "alpha": 2.0}}), torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     for p in network.parameters():
         p.data.normal_(0, 0.1, generator=g)  # up weights off zero: every LoRA parameter gets a gradient
@@ -139,7 +139,10 @@ def test_lora_gradients_come_only_from_the_unmasked_half(masked_set, tiny):
     {"dataset": {"alpha_mask": True}},  # a mask source without masked loss: kohya would mask, we say so
     {"dataset": {"subsets": [{"path": "x", "mask_dir": "m"}]}},
 ])
-def test_mask_keys_need_each_other(data):
+def test_mask_keys_need_each_other(data, tmp_path):
     with pytest.raises(ConfigError, match="loss.masked, dataset.alpha_mask, dataset.mask_dir"):
         build_config(data)
-    build_config({**data, "loss": {"masked": True}, "dataset": data.get("dataset", {"alpha_mask": True})})
+    for folder in ("x", "m"):
+        (tmp_path / folder).mkdir()
+    dataset = {"path": ".", **data.get("dataset", {"alpha_mask": True})}
+    build_config({**data, "loss": {"masked": True}, "dataset": dataset}, base=tmp_path)
