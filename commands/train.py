@@ -27,7 +27,7 @@ from typing import NoReturn
 
 from gesso.engine.config.load import load_config
 from gesso.engine.loop import distributed
-from gesso.engine.loop.train import train
+from gesso.engine.loop.train import run_training
 from gesso.engine.run import rundir
 from gesso.engine.run.events import StopTraining
 from gesso.errors import TrainError
@@ -72,7 +72,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     world = distributed.from_environment(os.environ)  # torchrun's ranks; one process without it
     stop = StopOnSignal()
     with distributed.joined(world, cfg.train.device), stop.installed():
-        result = train(cfg, output_dir, on_event=stop.on_event, resume=resume, overwrite=args.overwrite, world=world)
+        result = run_training(cfg, output_dir, on_event=stop.on_event, resume=resume, overwrite=args.overwrite,
+                              world=world)
     if result.stopped_early:
         print(f"interrupted ({signal.Signals(stop.signum).name}) at step {result.step}: resume with --resume {output_dir}",
               file=sys.stderr)

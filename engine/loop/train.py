@@ -175,8 +175,7 @@ def fixed_eval_loss(unet, cache: Cache, seed: int = 1234, draws: int = 4, batch_
 
 
 def train(cfg: Config, output_dir: str | Path, on_event: Callable[[dict], None] | None = None,
-          resume: str | Path | None = None, progress: bool = True, overwrite: bool = False, world: World = SINGLE,
-          clock: Callable[[], float] = time.monotonic) -> TrainResult:
+          resume: str | Path | None = None, progress: bool = True, overwrite: bool = False) -> TrainResult:
     """Train a LoRA as `cfg` says, writing its files to `output_dir`.
 
     on_event: called with each event (engine/run/events.py): every optimizer step's metrics, every file written;
@@ -187,10 +186,16 @@ def train(cfg: Config, output_dir: str | Path, on_event: Callable[[dict], None] 
 
     One run at a time holds `output_dir` (engine/run/rundir.py): a second one is refused with a TrainError naming the
     first one's pid; temporary files a killed run left there are removed first.
-
-    world: this process's rank under torchrun (engine/loop/distributed.py), inside its process group; rank 0 alone
-    writes. clock: monotonic seconds, which output.save_every_n_minutes counts in (tests pass a fake one).
     """
+    return run_training(cfg, output_dir, on_event, resume, progress, overwrite)
+
+
+def run_training(cfg: Config, output_dir: str | Path, on_event: Callable[[dict], None] | None = None,
+                 resume: str | Path | None = None, progress: bool = True, overwrite: bool = False,
+                 world: World = SINGLE, clock: Callable[[], float] = time.monotonic) -> TrainResult:
+    """`train` in one process of a torchrun world: `world` is this process's rank (engine/loop/distributed.py), inside
+    its process group, and rank 0 alone writes; `clock` gives the monotonic seconds output.save_every_n_minutes counts
+    in (tests pass a fake one). `gesso train` calls this; a host calls `train`."""
     output_dir = Path(output_dir)
     # resuming a run in its own folder goes on with that run's files; any other run would replace them
     fresh = not overwrite and not (resume and Path(resume).resolve() == output_dir.resolve())

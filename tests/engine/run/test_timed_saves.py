@@ -6,7 +6,7 @@ import pytest
 
 from gesso.engine.config.load import load_config
 from gesso.engine.loop import train as train_module
-from gesso.engine.loop.train import train
+from gesso.engine.loop.train import run_training
 from gesso.engine.run.state import load_state
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -42,7 +42,7 @@ def run_with_clock(folder: Path, cache: Path, monkeypatch, *extra: str) -> list[
 
     monkeypatch.setattr(train_module, "train_optimizer", timed_optimizer)
     cfg = load_config(DEMO, [*SETS, f"dataset.cache_dir='{cache}'", *extra])
-    train(cfg, folder, progress=False, clock=clock,
+    run_training(cfg, folder, progress=False, clock=clock,
           on_event=lambda e: saves.append((e["kind"], e["step"])) if e["event"] == "save" else None)
     return saves
 
