@@ -1,6 +1,7 @@
 """What a training run tells its host: one event per optimizer step, one per file written, and a way to stop.
 
-Events are plain dicts, so a host can forward them as JSON (a web UI, a ComfyUI node's progress bar):
+Events are plain dicts of JSON values (numbers, strings, None; a path is its string), so a host forwards them
+with json.dumps as they are (a web UI, a ComfyUI node's progress bar):
 
 - `{"event": "start", "step", "total_steps", "epoch"}` once, before the first step (`step` > 0 when resuming);
 - `{"event": "step", "step", "total_steps", "epoch", "loss", "lr", "steps_per_s", "peak_memory_gib"}` after each
@@ -59,4 +60,4 @@ class Events:
         return event
 
     def saved(self, kind: str, path: Path, step: int, epoch: int) -> None:
-        self.emit({"event": "save", "kind": kind, "path": Path(path), "step": step, "epoch": epoch})
+        self.emit({"event": "save", "kind": kind, "path": str(path), "step": step, "epoch": epoch})

@@ -1,4 +1,5 @@
 """What `train` tells its host: step and save events, a stop from the callback, and a callback that fails."""
+import json
 from pathlib import Path
 
 import pytest
@@ -37,11 +38,15 @@ def test_every_step_and_every_file_written_is_an_event(tmp_path):
     assert [e["loss"] for e in steps] == result.losses
     saves = [e for e in events if e["event"] == "save"]
     written = {p for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != "metrics.jsonl"}
-    assert {e["path"] for e in saves} == written  # every file the run left, and no other
-    kinds = [(e["kind"], e["path"].name) for e in saves if e["kind"] != "state"]
+    assert {Path(e["path"]) for e in saves} == written  # every file the run left, and no other
+    kinds = [(e["kind"], Path(e["path"]).name) for e in saves if e["kind"] != "state"]
     assert kinds == [("step", "demo-step00000004.safetensors"), ("epoch", "demo-000001.safetensors"),
                      ("step", "demo-step00000008.safetensors"), ("epoch", "demo-000002.safetensors"),
                      ("preview", "demo-e000002-00.png"), ("final", "demo.safetensors")]
+    # every kind of event, saves of every kind among them, goes through JSON and back unchanged: a host forwards them
+    assert {e["event"] for e in events} == {"start", "step", "save"}
+    assert {e["kind"] for e in saves} == {"step", "epoch", "state", "preview", "final"}
+    assert all(json.loads(json.dumps(e)) == e for e in events)
 
 
 def test_stop_from_the_callback_saves_state_and_resume_finishes_the_same_file(tmp_path):

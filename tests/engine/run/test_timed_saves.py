@@ -1,5 +1,6 @@
 """output.save_every_n_minutes: a resumable state (and with output.timed_lora the step's LoRA file) by the clock,
 counted from the last state saved, shown with a fake clock on which every optimizer step takes 4 minutes."""
+import json
 from pathlib import Path
 
 import pytest
@@ -42,8 +43,10 @@ def run_with_clock(folder: Path, cache: Path, monkeypatch, *extra: str) -> list[
 
     monkeypatch.setattr(train_module, "train_optimizer", timed_optimizer)
     cfg = load_config(DEMO, [*SETS, f"dataset.cache_dir='{cache}'", *extra])
-    run_training(cfg, folder, progress=False, clock=clock,
-          on_event=lambda e: saves.append((e["kind"], e["step"])) if e["event"] == "save" else None)
+    events = []
+    run_training(cfg, folder, progress=False, clock=clock, on_event=events.append)
+    assert all(json.loads(json.dumps(e)) == e for e in events)  # timed saves' events go through JSON as the others do
+    saves += [(e["kind"], e["step"]) for e in events if e["event"] == "save"]
     return saves
 
 
