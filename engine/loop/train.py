@@ -28,6 +28,7 @@ from gesso.engine.run.state import STATE_FILE, Position, load_state, restore
 from gesso.engine.schedules import build_schedule
 from gesso.errors import TrainError
 
+
 @dataclass
 class TrainResult:
     """What a run left: its folder, the final LoRA file (None when the host stopped it early), the epoch files,

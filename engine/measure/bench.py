@@ -177,24 +177,17 @@ def release(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def training_config(case: Case) -> Config:
-    """The config a training run of this case would have: LoRA of `rank` (alpha = rank) on kohya's default targets,
-    and the case's memory mode."""
-    return Config(network=NetworkSection(rank=case.rank, alpha=float(case.rank)),
-                  train=TrainSection(fp8_base=case.fp8_base, gradient_checkpointing=case.gradient_checkpointing,
-                                     blocks_to_swap=case.blocks_to_swap))
-
-
 def build(case: Case, device: torch.device, dtype: torch.dtype) -> tuple[UNet, lora.LoRANetwork]:
-    """Random UNet, frozen base in `dtype`, set up as training sets it up (engine/memory/network_setup.py: LoRA, fp8
-    bases, checkpointing, block swap's host copies), the same for a seed."""
-    cfg = models.configs.get(case.model)
+    """Random UNet, frozen base in `dtype`, with LoRA of `rank` (alpha = rank) set up as a training run sets it up
+    (engine/memory/network_setup.py: kohya's targets, fp8 bases, checkpointing, block swap), the same for a seed."""
+    run = Config(network=NetworkSection(rank=case.rank, alpha=float(case.rank)), train=TrainSection(
+        fp8_base=case.fp8_base, gradient_checkpointing=case.gradient_checkpointing, blocks_to_swap=case.blocks_to_swap))
     cuda = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(0)
-        with torch.device(device):  # initialised on the device itself: the full SDXL UNet takes seconds there, minutes on the host CPU
-            unet = UNet(cfg.unet).to(dtype).requires_grad_(False)
-        network, _ = prepare_unet(unet, training_config(case), device)  # LoRA made where its base weight is
+        with torch.device(device):  # on the device itself: the full SDXL UNet takes seconds there, minutes on the host CPU
+            unet = UNet(models.configs.get(case.model).unet).to(dtype).requires_grad_(False)
+        network, _ = prepare_unet(unet, run, device)  # LoRA made where its base weight is
     return unet, network
 
 
