@@ -9,12 +9,13 @@ The public API is the short list below; everything else is the engine's inside a
 
 See the README's "Python API" section for a complete example (events, stopping, resuming).
 """
-from gesso.engine.config import Config, build_config, load_config
-from gesso.engine.events import StopTraining
+from gesso.engine.config.load import build_config, load_config
+from gesso.engine.config.sections import Config
+from gesso.engine.loop.train import TrainResult, train
 from gesso.engine.lora.files import read_lora
 from gesso.engine.lora.tools import convert_lora, merge_lora, resize_lora
+from gesso.engine.run.events import StopTraining
 from gesso.engine.sampling.sample import sample
-from gesso.engine.train import TrainResult, train
 from gesso.errors import (CheckpointError, ConfigError, GessoError, LoRAFileError, OutputError, PromptError, RenderError,
                           TrainError)
 

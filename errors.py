@@ -15,7 +15,9 @@ class ConfigError(GessoError):
 
 
 class CheckpointError(GessoError):
-    """A file that is not a readable checkpoint of a supported model; the message is one line naming it."""
+    """A model that cannot be found or read: an unknown built-in name, a missing path or uncached Hub id, a file that
+    is not a readable checkpoint of a supported model. One line naming the key or option and the source
+    (models/lookup.py, models/loaders.py)."""
 
 
 class LoRAFileError(GessoError):

@@ -3,8 +3,9 @@ from setuptools import setup
 # One import name, `gesso`, as diffusers has `diffusers`: the repository root is the package, so its
 # engine/, kernels/, models/, commands/ and cli.py install as gesso.engine, gesso.kernels, gesso.models,
 # gesso.commands and gesso.cli, and a host's own `models` or `engine` package is never shadowed.
-PACKAGES = ["gesso", "gesso.commands", "gesso.engine", "gesso.engine.data", "gesso.engine.lora", "gesso.engine.measure",
-            "gesso.engine.sampling", "gesso.kernels", "gesso.models"]
+PACKAGES = ["gesso", "gesso.commands", "gesso.engine", "gesso.engine.config", "gesso.engine.data", "gesso.engine.embedding",
+            "gesso.engine.lora", "gesso.engine.loop", "gesso.engine.measure", "gesso.engine.memory", "gesso.engine.run", "gesso.engine.sampling",
+            "gesso.kernels", "gesso.models"]
 
 setup(
     name="gesso",

@@ -47,7 +47,7 @@ def lora_linear_call(key: str, device: torch.device):
     w = torch.randn(n, k, device=device) / k**0.5
     scale = None
     if DTYPES[w_dtype] == torch.float8_e4m3fn:
-        scale = w.abs().amax(dim=1) / 448.0  # per channel, as engine.fp8 stores them
+        scale = w.abs().amax(dim=1) / 448.0  # per channel, as engine.memory.fp8 stores them
         w = (w / scale[:, None]).to(torch.float8_e4m3fn)
     else:
         w = w.to(dtype)

@@ -29,11 +29,12 @@ from triton.errors import TritonError
 from benchmarks import summary
 from gesso import models
 from gesso.engine import diffusion
-from gesso.engine.config import Config, DatasetSection, ModelSection, NetworkSection, TrainSection
+from gesso.engine.config.sections import Config, DatasetSection, ModelSection, NetworkSection, TrainSection
 from gesso.engine.io import write_bytes_atomic
 from gesso.engine.lora import names
-from gesso.engine.measure import bench, harness, memtrace, peer
+from gesso.engine.measure import bench, harness, peer
 from gesso.engine.measure.graphs import GraphedStep
+from gesso.engine.memory import memtrace
 from gesso.kernels import fallback
 
 MODES = {"bf16-ckpt": (False, True), "fp8-ckpt": (True, True), "bf16": (False, False)}  # (fp8 base, checkpointing)

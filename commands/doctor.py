@@ -13,8 +13,9 @@ import torch
 import triton
 from triton import knobs
 
-from gesso.engine.config import ConfigError, load_config
-from gesso.engine.measure import memplan, memtrace
+from gesso.engine.config.load import load_config
+from gesso.engine.memory import memplan, memtrace
+from gesso.errors import ConfigError
 from gesso.kernels import device as gpus
 from gesso.kernels import fallback, selfcheck
 from gesso.kernels.dispatch import ENV_VAR, kernel_mode

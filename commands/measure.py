@@ -7,9 +7,11 @@ import math
 
 import torch
 
-from gesso.engine.config import ConfigError, load_config
+from gesso.engine.config.load import load_config
 from gesso.engine.io import write_bytes_atomic
-from gesso.engine.measure import bench, harness, memplan, memtrace
+from gesso.engine.measure import bench, harness
+from gesso.engine.memory import memplan, memtrace
+from gesso.errors import ConfigError
 
 
 def add_parsers(subparsers) -> None:
@@ -107,5 +109,5 @@ def cmd_memory(args: argparse.Namespace) -> int:
         print(chosen.describe())
         print(memplan.describe(chosen, args.vram))
     print("predicted on the meta device, not measured: compare with torch.cuda.max_memory_allocated; the CUDA "
-          "context and the allocator's fragmentation come on top (see engine/measure/memtrace.py)")
+          "context and the allocator's fragmentation come on top (see engine/memory/memtrace.py)")
     return 0

@@ -11,7 +11,7 @@ Ctrl-C (SIGINT) and SIGTERM (a scheduler, a cloud pre-emption) stop a run withou
 
 `--resume auto` lets one unchanged command (a notebook cell) start a run, go on with it after a disconnect, and
 exit 0 once it has finished. Under `torchrun --nproc_per_node N -m gesso.cli train ...` each process is one rank
-(engine/distributed.py), which this command reads from torchrun's environment.
+(engine/loop/distributed.py), which this command reads from torchrun's environment.
 """
 import argparse
 import importlib.util
@@ -25,10 +25,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
-from gesso.engine import distributed, rundir
-from gesso.engine.config import load_config
-from gesso.engine.events import StopTraining
-from gesso.engine.train import train
+from gesso.engine.config.load import load_config
+from gesso.engine.loop import distributed
+from gesso.engine.loop.train import run_training
+from gesso.engine.run import rundir
+from gesso.engine.run.events import StopTraining
 from gesso.errors import TrainError
 
 CONFIG_HELP = "Every config key, its default and meaning: README.md, section 'Config reference'."
@@ -71,7 +72,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     world = distributed.from_environment(os.environ)  # torchrun's ranks; one process without it
     stop = StopOnSignal()
     with distributed.joined(world, cfg.train.device), stop.installed():
-        result = train(cfg, output_dir, on_event=stop.on_event, resume=resume, overwrite=args.overwrite, world=world)
+        result = run_training(cfg, output_dir, on_event=stop.on_event, resume=resume, overwrite=args.overwrite,
+                              world=world)
     if result.stopped_early:
         print(f"interrupted ({signal.Signals(stop.signum).name}) at step {result.step}: resume with --resume {output_dir}",
               file=sys.stderr)

@@ -1,1 +1,1 @@
-"""The training engine: the loop and its parts at this level, with data, LoRA, sampling and measuring in rooms of their own."""
+"""The training engine: foundations at this level (atomic writes, diffusion maths, optimizers, LR schedules), the rest in rooms."""

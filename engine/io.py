@@ -1,7 +1,7 @@
 """Atomic file writes: a crash, Ctrl-C or full disk never leaves a half-written file under the final name.
 
 Every file a run or a tool writes goes through here, but for the logs appended step by step (metrics.jsonl's
-rows, TensorBoard's event files: engine/logs.py) and the run folder's lock (engine/rundir.py). A write that fails
+rows, TensorBoard's event files: engine/run/logs.py) and the run folder's lock (engine/run/rundir.py). A write that fails
 for a reason the user can fix (full disk, read-only folder, a file where a folder should be) raises OutputError,
 one line naming the path and what to do; the temporary file is removed and an earlier file of that name is left
 as it was.
@@ -17,7 +17,7 @@ from pathlib import Path
 from gesso.errors import OutputError
 
 # what temp_name makes, and what mkstemp made before it (8 of [a-z0-9_]): a killed run's leftovers, which the next
-# run in that folder removes (engine/rundir.py); a user's own files never match
+# run in that folder removes (engine/run/rundir.py); a user's own files never match
 TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 # Rust's io::Error, as safetensors' save_file reports it inside a SafetensorError: "... (os error 28)"
 RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")

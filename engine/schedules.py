@@ -48,7 +48,15 @@ def cosine_with_restarts(step: int, warmup_steps: int, total_steps: int, num_cyc
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((num_cycles * progress) % 1.0))))
 
 
-SCHEDULES = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear")
+# name -> its multiplier for (warmup_steps, total_steps, num_cycles): the one list of schedule names
+SCHEDULES = {
+    "constant": lambda warmup, total, cycles: constant,
+    "constant_with_warmup": lambda warmup, total, cycles: partial(constant_with_warmup, warmup_steps=warmup),
+    "cosine": lambda warmup, total, cycles: partial(cosine, warmup_steps=warmup, total_steps=total),
+    "cosine_with_restarts": lambda warmup, total, cycles: partial(cosine_with_restarts, warmup_steps=warmup,
+                                                                  total_steps=total, num_cycles=cycles),
+    "linear": lambda warmup, total, cycles: partial(linear, warmup_steps=warmup, total_steps=total),
+}
 
 
 def build_schedule(
@@ -63,11 +71,5 @@ def build_schedule(
         raise ValueError(f"unknown lr schedule {name!r} (known: {', '.join(SCHEDULES)})")
     if total_steps < 1 or warmup_steps < 0 or num_cycles < 1:
         raise ValueError(f"lr schedule needs total_steps >= 1, warmup_steps >= 0, num_cycles >= 1; got {total_steps}, {warmup_steps}, {num_cycles}")
-    multiplier = {
-        "constant": constant,
-        "constant_with_warmup": partial(constant_with_warmup, warmup_steps=warmup_steps),
-        "linear": partial(linear, warmup_steps=warmup_steps, total_steps=total_steps),
-        "cosine": partial(cosine, warmup_steps=warmup_steps, total_steps=total_steps),
-        "cosine_with_restarts": partial(cosine_with_restarts, warmup_steps=warmup_steps, total_steps=total_steps, num_cycles=num_cycles),
-    }[name]
+    multiplier = SCHEDULES[name](warmup_steps, total_steps, num_cycles)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)

@@ -21,10 +21,10 @@ W_SCALE_NONE, W_SCALE_TENSOR, W_SCALE_CHANNEL = 0, 1, 2
 
 
 def dequantize_weight(weight, weight_scale, dtype):
-    """fp8 (out, in) weight times its per-tensor () / (1,) or per-channel (out,) scale, in `dtype`."""
+    """fp8 (out, ...) weight times its per-tensor () / (1,) or per-channel (out,) scale, in `dtype` (convs too)."""
     if weight_scale is None:
         return weight.to(dtype)
-    scale = weight_scale.float().reshape(-1, 1) if weight_scale.numel() > 1 else weight_scale.float().reshape(())
+    scale = weight_scale.float().reshape(-1, *[1] * (weight.dim() - 1)) if weight_scale.numel() > 1 else weight_scale.float().reshape(())
     return (weight.float() * scale).to(dtype)
 
 

@@ -17,7 +17,7 @@ from gesso.models.diffusers_format import diffusers_to_original
 from gesso.models.files import CheckpointError, TensorRef, file_refs, sharded_refs
 from gesso.models.sd import StableDiffusion
 
-__all__ = ["CheckpointError", "Checkpoint", "looks_like_path", "resolve", "open_checkpoint", "load_model"]
+__all__ = ["CheckpointError", "Checkpoint", "looks_like_path", "resolve", "open_checkpoint", "load_model", "fill"]
 
 COMPONENT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
                    "text_encoder": "model", "text_encoder_2": "model"}
@@ -127,14 +127,18 @@ def open_checkpoint(source, cache_dir=None) -> Checkpoint:
     return Checkpoint(path, "single-file", tensors, metadata, family, comparison)
 
 
-@torch.no_grad()
 def load_model(source, dtype: torch.dtype = torch.float32, device="cpu", cache_dir=None,
                vae_dtype: torch.dtype | None = None) -> StableDiffusion:
     """A StableDiffusion filled from `source`, every floating tensor cast to `dtype` (the VAE's to `vae_dtype` when given).
 
     The model is allocated once, empty, and filled one tensor at a time from the memory-mapped file.
     """
-    ckpt = open_checkpoint(source, cache_dir)
+    return fill(open_checkpoint(source, cache_dir), dtype, device, vae_dtype)
+
+
+@torch.no_grad()
+def fill(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device="cpu", vae_dtype: torch.dtype | None = None) -> StableDiffusion:
+    """The model of an opened checkpoint, its weights read (load_model's second half, for a checkpoint already opened)."""
     if not ckpt.comparison.ok:
         raise CheckpointError(f"{ckpt.path}: {ckpt.comparison.first_problem()}")
     with torch.device("meta"):

@@ -16,7 +16,7 @@ from gesso.models.configs import UNetConfig
 
 
 class Unit(nn.Module):
-    """A res-block or transformer block: what engine/blockswap.py moves, and what checkpointing recomputes.
+    """A res-block or transformer block: what engine/memory/blockswap.py moves, and what checkpointing recomputes.
 
     With gradient checkpointing each res-block, each transformer block (pairs of them in deep transformers),
     each transformer's norm and proj_in, each upsampler and the output head keep only their inputs for

@@ -5,7 +5,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from gesso.engine.config import Config
+from gesso.engine.config.sections import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 

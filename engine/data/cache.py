@@ -33,10 +33,10 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from gesso import models
-from gesso.engine import embedding
 from gesso.engine.data.dataset import Dataset, Item, Sample, load_pixels
 from gesso.engine.data.images import BadImage
 from gesso.engine.data.masks import ALPHA, load_mask
+from gesso.engine.embedding import vectors as embedding
 from gesso.engine.io import write_atomic
 from gesso.errors import OutputError, TrainError
 

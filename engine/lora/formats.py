@@ -16,8 +16,11 @@ import torch
 
 from gesso.engine.lora import lycoris, names
 from gesso.engine.lora.files import LoRAFileError, read_lora
-from gesso.engine.lora.metadata import BASE_MODEL_VERSION, MODELSPEC_ARCHITECTURE
 from gesso.models.configs import CLIPTextConfig, ModelConfig, UNetConfig
+
+# the family keys AUTOMATIC1111 and ComfyUI sort LoRA by, written into our files and converted ones (kohya's values)
+BASE_MODEL_VERSION = {"sdxl": "sdxl_base_v1-0", "sd15": "sd_v1", "sd2": "sd_v2"}
+MODELSPEC_ARCHITECTURE = {"sdxl": "stable-diffusion-xl-v1-base/lora", "sd15": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2/lora"}
 
 PARTS = (  # file key suffix -> part, longest first so `_lora.down.weight` never shadows `.lora.down.weight`
     (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gesso.errors import LoRAFileError
-from gesso.kernels.lora_linear import lora_linear
+from gesso.kernels.lora_linear import dequantize_weight, lora_linear
 
 ALGOS = ("dora", "loha", "lokr")
 KEYS = {  # file key suffix -> attribute of the module holding it
@@ -180,10 +180,8 @@ class Adapter:
 
 
 def base_weight(base: nn.Module) -> torch.Tensor:
-    """The frozen weight in fp32; an fp8 base (engine/fp8.py) is dequantised with its per-output-channel scale."""
-    w = base.weight.float()
-    scale = getattr(base, "weight_scale", None)
-    return w if scale is None else w * scale.float().reshape(-1, *[1] * (w.dim() - 1))
+    """The frozen weight in fp32; an fp8 base (engine/memory/fp8.py) is dequantised with its per-output-channel scale."""
+    return dequantize_weight(base.weight, getattr(base, "weight_scale", None), torch.float32)
 
 
 class LycorisModule(nn.Module):

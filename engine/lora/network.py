@@ -42,7 +42,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         down, up = self.lora_down.to(x.dtype), self.lora_up.to(x.dtype)
-        base = self.base  # nn.Linear, or engine.fp8.FP8Linear: fp8 weight with a per-channel scale (out,)
+        base = self.base  # nn.Linear, or engine.memory.fp8.FP8Linear: fp8 weight with a per-channel scale (out,)
         return lora_linear(x, base.weight, base.bias, down, up, self.scale, weight_scale=getattr(base, "weight_scale", None))
 
 

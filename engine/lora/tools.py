@@ -45,24 +45,12 @@ ARCHITECTURES = (("stable-diffusion-xl-v1", models.configs.SDXL_BASE), ("stable-
 PASS_MODEL = "pass --model (model=...) with the architecture it was trained on"
 
 
-def named_model(metadata: dict[str, str]) -> ModelConfig | None:
-    """The config of the model ss_sd_model_name names: a built-in (the demo's tiny-sdxl) or a checkpoint file here."""
-    name = metadata.get("ss_sd_model_name", "")
-    if name in models.configs.REGISTRY:
-        return models.configs.get(name)
-    if name and Path(name).is_file():
-        try:
-            return models.open_checkpoint(name).config  # its header only
-        except CheckpointError:
-            return None
-    return None  # kohya records the file name of a checkpoint on the trainer's machine
-
-
 def metadata_config(metadata: dict[str, str]) -> ModelConfig | None:
-    """The model a LoRA's metadata names: ss_sd_model_name, else modelspec.architecture, else ss_base_model_version."""
-    named = named_model(metadata)
+    """The model a LoRA's metadata names: ss_sd_model_name (a built-in, such as the demo's tiny-sdxl, or a checkpoint
+    here), else modelspec.architecture, else ss_base_model_version."""
+    named = models.recorded_model(metadata.get("ss_sd_model_name", ""))
     if named is not None:
-        return named
+        return named.config
     architecture, version = metadata.get("modelspec.architecture", ""), metadata.get("ss_base_model_version", "")
     for prefix, cfg in ARCHITECTURES:
         if architecture.startswith(prefix):
@@ -77,9 +65,7 @@ def model_config(path: str | Path, model: str | Path | None = None) -> ModelConf
     """The ModelConfig a LoRA file is read against: `model` (a built-in name or a checkpoint), else the model its
     metadata names (metadata_config), else its key names."""
     if model:
-        if str(model) in models.configs.REGISTRY:
-            return models.configs.get(str(model))
-        return models.open_checkpoint(model).config
+        return models.find_model(model, "model").config  # headers only
     keys, metadata = read_lora_header(path)
     cfg = metadata_config(metadata)
     if cfg is not None:

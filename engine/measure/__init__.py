@@ -1,1 +1,1 @@
-"""Measuring tools that `gesso bench`, `gesso memory` and `benchmarks/` share: step timing and memory prediction."""
+"""Measuring a training step's speed, shared by `gesso bench` and `benchmarks/`: the step benchmark, its diffusers peer, CUDA graphs and the device harness."""

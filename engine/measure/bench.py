@@ -23,10 +23,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from gesso import models
-from gesso.engine import diffusion, fp8
-from gesso.engine.blockswap import BlockSwap
-from gesso.engine.lora import names
+from gesso.engine import diffusion
+from gesso.engine.config.sections import Config, NetworkSection, TrainSection
 from gesso.engine.lora import network as lora
+from gesso.engine.memory.network_setup import prepare_unet
 from gesso.kernels.adamw8bit import AdamW8bit
 from gesso.kernels.dispatch import forced
 from gesso.models.configs import UNetConfig
@@ -55,9 +55,9 @@ class Case:
     resolution: int
     batch: int
     rank: int
-    fp8_base: bool = False  # frozen UNet weights stored in fp8 e4m3 (engine.fp8.quantize_frozen)
+    fp8_base: bool = False  # frozen UNet weights stored in fp8 e4m3 (engine.memory.fp8.quantize_frozen)
     gradient_checkpointing: bool = True
-    blocks_to_swap: int = 0  # engine.blockswap: the N largest blocks' frozen weights wait in pinned host memory
+    blocks_to_swap: int = 0  # engine.memory.blockswap: the N largest blocks' frozen weights wait in pinned host memory
 
 
 @dataclass
@@ -178,19 +178,16 @@ def release(device: torch.device) -> None:
 
 
 def build(case: Case, device: torch.device, dtype: torch.dtype) -> tuple[UNet, lora.LoRANetwork]:
-    """Random UNet with LoRA of `rank` on kohya's default targets, frozen base in `dtype` (or fp8), same for a seed."""
-    cfg = models.configs.get(case.model)
+    """Random UNet, frozen base in `dtype`, with LoRA of `rank` (alpha = rank) set up as a training run sets it up
+    (engine/memory/network_setup.py: kohya's targets, fp8 bases, checkpointing, block swap), the same for a seed."""
+    run = Config(network=NetworkSection(rank=case.rank, alpha=float(case.rank)), train=TrainSection(
+        fp8_base=case.fp8_base, gradient_checkpointing=case.gradient_checkpointing, blocks_to_swap=case.blocks_to_swap))
     cuda = [device.index or 0] if device.type == "cuda" else []
-    # initialised on the device itself: the full SDXL UNet takes seconds there, minutes on the host CPU
-    with torch.random.fork_rng(devices=cuda), torch.device(device):
+    with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(0)
-        unet = UNet(cfg.unet).to(dtype).requires_grad_(False)
-        network = lora.inject(unet, names.attention_targets(unet), "lora_unet_", case.rank, case.rank)
-    unet.gradient_checkpointing = case.gradient_checkpointing
-    if case.fp8_base:
-        fp8.quantize_frozen(unet)  # after injection, as engine/train.py does: LoRA bases become fp8, LoRA weights never
-    if case.blocks_to_swap:  # the swapped weights leave the device for pinned host memory, as in training
-        BlockSwap(unet, case.blocks_to_swap, device)
+        with torch.device(device):  # on the device itself: the full SDXL UNet takes seconds there, minutes on the host CPU
+            unet = UNet(models.configs.get(case.model).unet).to(dtype).requires_grad_(False)
+        network, _ = prepare_unet(unet, run, device)  # LoRA made where its base weight is
     return unet, network
 
 

@@ -1,1 +1,1 @@
-"""Images from a model: samplers, A1111 prompt syntax, rendering and the previews taken during training."""
+"""Images from a model: samplers, A1111 prompt syntax and kohya's prompt options, rendering, grids and the text-encoder LoRA patch."""

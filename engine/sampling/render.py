@@ -18,7 +18,8 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from gesso import models
-from gesso.engine import diffusion, embedding
+from gesso.engine import diffusion
+from gesso.engine.embedding import vectors as embedding
 from gesso.engine.io import write_atomic
 from gesso.engine.lora import network as lora
 from gesso.engine.lora.network import load_network
@@ -26,7 +27,6 @@ from gesso.engine.sampling import prompt as prompts
 from gesso.engine.sampling import samplers as sampling
 from gesso.engine.sampling import text_lora as te_lora
 from gesso.errors import RenderError
-from gesso.models.loaders import CheckpointError, load_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -64,24 +64,17 @@ class Pipeline:
         return next(self.sd.unet.parameters()).device
 
 
-def load_pipeline(model: str, model_seed: int = 0, device: str = "cpu", dtype: str = "fp32",
+def load_pipeline(model: models.Model, model_seed: int = 0, device: str = "cpu", dtype: str = "fp32",
                   vae_dtype: str = "fp32", lora_dir: str | Path | None = None, prediction: str = "auto",
                   zero_terminal_snr: bool | None = None, embeddings_dir: str | Path | None = None) -> Pipeline:
-    """`model`: a built-in name (random init from `model_seed`, as the demo trains on) or a checkpoint source
-    (single file, diffusers folder, cached Hub id) for models.loaders; ready to sample. `prediction` ("auto": what
-    the checkpoint says, else "epsilon" or "v_prediction") and `zero_terminal_snr` (None: the checkpoint's) override.
-    `embeddings_dir`: textual-inversion files that prompts name as `embedding:name` or `name`."""
-    if model in models.configs.REGISTRY:
-        sd = models.build(model, seed=model_seed, device=device).to(DTYPES[dtype])
-        name = model
-    else:
-        try:
-            sd = load_model(model, DTYPES[dtype], device)
-        except CheckpointError as e:
-            raise RenderError(f"model: {e}; built-in names: {', '.join(models.configs.REGISTRY)}") from None
-        name = Path(model).stem
-    if sd.cfg.family == "sdxl" and vae_dtype == "fp16":
+    """`model` as models.find_model found it: a built-in (random init from `model_seed`, as the demo trains on) or a
+    checkpoint; ready to sample. `prediction` ("auto": what the checkpoint says, else "epsilon" or "v_prediction") and
+    `zero_terminal_snr` (None: the checkpoint's) override. `embeddings_dir`: textual-inversion files that prompts name
+    as `embedding:name` or `name`."""
+    if model.config.family == "sdxl" and vae_dtype == "fp16":
         raise RenderError("vae dtype fp16: SDXL's VAE overflows in fp16; use bf16 or fp32")
+    sd = model.load(DTYPES[dtype], device, seed=model_seed, vae_dtype=DTYPES[vae_dtype])
+    name = model.name
     sd.cfg = replace(sd.cfg, prediction=sd.cfg.prediction if prediction == "auto" else prediction,
                      zero_terminal_snr=sd.cfg.zero_terminal_snr if zero_terminal_snr is None else zero_terminal_snr)
     if sd.cfg.prediction not in sampling.DENOISERS:
@@ -89,8 +82,7 @@ def load_pipeline(model: str, model_seed: int = 0, device: str = "cpu", dtype: s
     if sd.cfg.zero_terminal_snr and sd.cfg.prediction == "epsilon":
         raise RenderError(f"{name}: zero terminal SNR needs a v-prediction model (an ε-model cannot denoise pure noise)")
     sd.requires_grad_(False).eval()
-    sd.vae.to(DTYPES[vae_dtype])
-    tokenizers = models.load_tokenizers(sd.cfg)
+    tokenizers = model.tokenizers()
     if embeddings_dir:
         try:
             embedding.attach_folder(sd, tokenizers, embeddings_dir)

@@ -35,21 +35,21 @@ def tagged_lora_files(prompt: str, lora_dir: str | Path | None) -> list[Path]:
     return files
 
 
-def model_for(model: str | Path | None, lora_files: list[Path]) -> str:
+def model_for(model: str | Path | None, lora_files: list[Path]) -> models.Model:
     """`model` when given, else the first LoRA file's ss_sd_model_name that is a built-in model or an existing checkpoint."""
     if model:
-        return str(model)
+        return models.find_model(model, "model")
     for path in lora_files:
-        name = read_lora_header(path)[1].get("ss_sd_model_name", "")
-        if name in models.configs.REGISTRY or (name and Path(name).exists()):
-            return name
+        found = models.recorded_model(read_lora_header(path)[1].get("ss_sd_model_name", ""))
+        if found is not None:
+            return found
     raise RenderError("pass model (--model): no LoRA file's ss_sd_model_name is a built-in model or an existing checkpoint")
 
 
-def prediction_for(model: str, lora_files: list[Path], prediction: str = "auto") -> tuple[str, bool | None]:
+def prediction_for(model: models.Model, lora_files: list[Path], prediction: str = "auto") -> tuple[str, bool | None]:
     """(prediction, zero terminal SNR) to sample with: `prediction` when given; for a built-in (random-init) model, what
     the first LoRA file's modelspec.prediction_type and ss_zero_terminal_snr say it was trained as; else the checkpoint's."""
-    if prediction != "auto" or model not in models.configs.REGISTRY:
+    if prediction != "auto" or model.checkpoint is not None:
         return prediction, None
     for path in lora_files:
         meta = read_lora_header(path)[1]

@@ -5,7 +5,7 @@ denoiser D(x, σ, t) -> x0 and a Schedule (σ_0 > ... > σ_n, and the training t
 and return x at σ_n. The latent at that noise level is x / sqrt(σ_n² + 1) (identical when σ_n = 0).
 
 The schedules are the ones diffusers' schedulers build, so each sampler matches its scheduler to float error
-(tests/sampling/test_samplers.py): Euler and Euler a on timesteps linspace(999, 0, n) with σ interpolated
+(tests/engine/sampling/test_samplers.py): Euler and Euler a on timesteps linspace(999, 0, n) with σ interpolated
 linearly in t; DPM++ 2M on Karras σs with rounded timesteps; DDIM on "leading" timesteps (1000 // n) i + 1.
 On a zero-terminal-SNR schedule σ_T is infinite; as diffusers' Euler and DPM-Solver do, ᾱ_T becomes 2^-24, so
 σ_max ≈ 4096 and sampling starts from (almost) pure noise at t = T.

@@ -1,15 +1,20 @@
 """Zero-terminal-SNR betas against diffusers, kohya's v-loss scaling, and how a run resolves its parameterisation."""
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers import DDPMScheduler
 from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as diffusers_rescale
 
-from gesso.engine import diffusion, objective, prediction
-from gesso.engine.config import LossSection, build_config
+from gesso.engine import diffusion
+from gesso.engine.config.load import build_config
+from gesso.engine.config.sections import LossSection
+from gesso.engine.loop import objective, prediction
 from gesso.errors import ConfigError, TrainError
 from gesso.models import configs
+
+DEMO_IMAGES = Path(__file__).resolve().parents[1] / "data" / "demo"
 
 
 def test_zero_terminal_snr_betas_equal_diffusers():
@@ -44,7 +49,7 @@ def test_v_loss_scaled_like_noise_prediction():
 
 
 def resolved(model_cfg=configs.TINY_SDXL, **sections):
-    cfg = build_config(sections)
+    cfg = build_config({"dataset": {"path": str(DEMO_IMAGES)}, **sections})
     return prediction.resolve(cfg, model_cfg)
 
 

@@ -15,11 +15,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from gesso import models
-from gesso.engine.config import load_config
+from gesso.engine.config.load import load_config
 from gesso.engine.data.cache import cache_metadata, prepare_cache
 from gesso.engine.data.dataset import DatasetOptions, Subset, build_dataset, load_pixels
+from gesso.engine.loop.train import train
 from gesso.engine.lora.files import read_lora
-from gesso.engine.train import train
 from gesso.errors import TrainError
 
 OVERRIDES = ["train.epochs=1", "dataset.repeats=1", "sample.prompts=[]", "output.tensorboard=false"]

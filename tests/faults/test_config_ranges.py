@@ -8,10 +8,16 @@ from pathlib import Path
 import pytest
 from faults_testutil import DEMO, assert_one_line_error, assert_unchanged, gesso_cli, snapshot
 
-from gesso.engine.config import MAX_SEED, MAX_SIDE, Config, build_config, load_config
+from gesso.engine.config.load import build_config, load_config
+from gesso.engine.config.sections import MAX_SEED, MAX_SIDE, Config
 from gesso.errors import ConfigError
 
 NUMERIC = [(s.name, f.name, f.type) for s in fields(Config) for f in fields(s.default_factory) if f.type in (int, float)]
+
+
+def with_dataset(data: dict) -> dict:
+    """`data` with the demo's images as dataset.path: build_config requires one, as load_config does."""
+    return {**data, "dataset": {"path": str(DEMO.parent / "demo"), **data.get("dataset", {})}}
 
 
 def refused(data: dict, *names: str) -> str:
@@ -107,7 +113,7 @@ GOOD = [
 
 @pytest.mark.parametrize("section, key, value", GOOD, ids=[f"{s}.{k}={v}" for s, k, v in GOOD])
 def test_value_at_the_edge_is_accepted(section, key, value):
-    cfg = build_config({section: {key: value}})
+    cfg = build_config(with_dataset({section: {key: value}}))
     assert getattr(getattr(cfg, section), key) == value
 
 
@@ -122,8 +128,8 @@ def test_keys_that_must_agree_are_named_together(data, names):
 
 
 def test_related_keys_at_their_edges_are_accepted():
-    cfg = build_config({"loss": {"min_timestep": 0, "max_timestep": 1000},
-                        "dataset": {"min_bucket_side": 64, "max_bucket_side": 64}})
+    cfg = build_config(with_dataset({"loss": {"min_timestep": 0, "max_timestep": 1000},
+                                     "dataset": {"min_bucket_side": 64, "max_bucket_side": 64}}))
     assert (cfg.loss.min_timestep, cfg.loss.max_timestep, cfg.dataset.max_bucket_side) == (0, 1000, 64)
 
 
@@ -147,7 +153,7 @@ def test_bad_optimizer_args_are_named_before_any_model_loads(optimizer, args, na
     ("adamw", {"amsgrad": True}),
 ])
 def test_good_optimizer_args_are_accepted(optimizer, args):
-    assert build_config({"train": {"optimizer": optimizer, "optimizer_args": args}}).train.optimizer_args == args
+    assert build_config(with_dataset({"train": {"optimizer": optimizer, "optimizer_args": args}})).train.optimizer_args == args
 
 
 def config_file(tmp_path: Path, text: str) -> Path:

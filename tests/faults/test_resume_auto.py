@@ -13,9 +13,9 @@ import torch
 from faults_testutil import DEMO, ROOT, assert_one_line_error, assert_unchanged, gesso_main, snapshot
 from safetensors.torch import save_file
 
-from gesso.engine.config import load_config
+from gesso.engine.config.load import load_config
+from gesso.engine.loop.train import train
 from gesso.engine.lora.files import read_lora
-from gesso.engine.train import train
 
 # 12 images x 2 repeats / batch 4 at 64 px = 6 steps per epoch, 2 epochs; a state every step
 SETS = ["train.epochs=2", "dataset.repeats=2", "dataset.resolution=64", "sample.prompts=[]", "output.tensorboard=false",

@@ -12,10 +12,11 @@ import torch
 from faults_testutil import DEMO, assert_one_line_error, assert_unchanged, gesso_cli, snapshot
 from safetensors.torch import save as safetensors_bytes
 
-from gesso.engine.config import load_config
+from gesso.engine.config.load import load_config
+from gesso.engine.loop.train import prepare_run, train
+from gesso.engine.memory.network_setup import train_optimizer
+from gesso.engine.run.state import STATE_FILE, load_state, restore
 from gesso.engine.schedules import build_schedule
-from gesso.engine.state import STATE_FILE, load_state, restore
-from gesso.engine.train import prepare_run, train, train_optimizer
 from gesso.errors import TrainError
 
 

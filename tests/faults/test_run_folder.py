@@ -12,10 +12,10 @@ import pytest
 import torch
 from faults_testutil import DEMO, ROOT, assert_one_line_error, assert_unchanged, gesso_cli, snapshot, temp_litter
 
-from gesso.engine.config import load_config
-from gesso.engine.events import StopTraining
+from gesso.engine.config.load import load_config
+from gesso.engine.loop.train import train
 from gesso.engine.lora.files import read_lora
-from gesso.engine.train import train
+from gesso.engine.run.events import StopTraining
 from gesso.errors import TrainError
 
 # 12 images x 1 repeat / batch 4 = 3 steps at 64 px: the smallest run that writes every kind of file

@@ -14,11 +14,11 @@ import pytest
 import torch
 from faults_testutil import DEMO, ROOT, assert_unchanged, loadable, snapshot, temp_litter
 
-from gesso.engine import train as train_module
-from gesso.engine.config import load_config
+from gesso.engine.config.load import load_config
+from gesso.engine.loop import train as train_module
+from gesso.engine.loop.train import train
 from gesso.engine.lora.files import read_lora
-from gesso.engine.state import load_state
-from gesso.engine.train import train
+from gesso.engine.run.state import load_state
 
 # 12 images x 2 repeats / batch 4 at 64 px = 6 steps per epoch, 2 epochs; a LoRA file and a state every step
 SETS = ["train.epochs=2", "dataset.repeats=2", "dataset.resolution=64", "sample.prompts=[]", "output.tensorboard=false",
@@ -178,7 +178,7 @@ def test_an_interrupt_at_the_optimizer_update_saves_only_an_exact_state(tmp_path
 ZYGOTE = r"""
 import json, os, sys
 from gesso import cli
-from gesso.engine.config import load_config
+from gesso.engine.config.load import load_config
 load_config(sys.argv[1], sys.argv[2:])
 ended = {}
 for line in sys.stdin:

@@ -29,12 +29,12 @@ from faults_testutil import (
 from PIL import Image
 from safetensors.torch import save_file
 
-from gesso.engine.config import load_config
-from gesso.engine.events import StopTraining
+from gesso.engine.config.load import load_config
 from gesso.engine.io import write_atomic, write_bytes_atomic
-from gesso.engine.logs import Board, RunLog
+from gesso.engine.loop.train import train
+from gesso.engine.run.events import StopTraining
+from gesso.engine.run.logs import Board, RunLog
 from gesso.engine.sampling.render import save_png
-from gesso.engine.train import train
 from gesso.errors import OutputError
 
 # 12 images x 1 repeat / batch 4 = 3 steps an epoch at 64 px, one preview per epoch: every kind of file, quickly

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gesso.engine.config import load_config
-from gesso.engine.measure import memtrace
+from gesso.engine.config.load import load_config
+from gesso.engine.memory import memtrace
 from gesso.kernels import device
 
 CUDA = torch.device("cuda", 0)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gesso.engine.config import load_config
+from gesso.engine.config.load import load_config
 from gesso.engine.lora.files import read_lora
-from gesso.engine.train import train
+from gesso.engine.loop.train import train
 from gesso.kernels import adamw8bit, attention, dispatch, fallback, lora_linear
 from test_fallback import ERRORS, Failing
 

@@ -1,13 +1,13 @@
 """Gradient checkpointing per res-block and transformer block: what it recomputes, counted by FlopCounterMode.
 
 The recomputation must cost the same whatever the frozen weights' storage: with fp8 bases, a conv that
-closes a checkpointed unit must not run again in backward only to save its weight (engine/fp8.py)."""
+closes a checkpointed unit must not run again in backward only to save its weight (engine/memory/fp8.py)."""
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from gesso.engine import fp8
 from gesso.engine.lora import names
 from gesso.engine.lora import network as lora
+from gesso.engine.memory import fp8
 from gesso.models.configs import UNetConfig
 from gesso.models.unet import UNet
 

@@ -2,7 +2,7 @@
 import pytest
 
 from gesso.cli import main
-from gesso.engine.config import load_config
+from gesso.engine.config.load import load_config
 from gesso.models.loaders import CheckpointError, looks_like_path, resolve
 
 

@@ -1,9 +1,11 @@
 """The README's Python API example, run as a host runs it: a script in a folder outside the repository that trains
-the demo through `gesso.train` with the progress bar off, stops at step 5 from its callback, and resumes.
+the demo through `gesso.train` with the progress bar off, writes every event with json.dumps, stops at step 5 from
+its callback, and resumes.
 
 The resumed run's final file must equal, tensor for tensor, the file of a run that was never stopped.
 """
 import ast
+import json
 import os
 import re
 import shutil
@@ -47,6 +49,11 @@ def test_readme_example_stops_and_resumes_to_the_uninterrupted_file(tmp_path):
     assert re.findall(r"^saved epoch .*demo-00000(\d)\.safetensors$", second, re.M) == ["1", "2"]
     assert re.search(r"^saved final .*demo\.safetensors$", second, re.M)
     assert "\r" not in proc.stderr and "%|" not in proc.stderr  # no progress bar
+    # the host wrote every event with json.dumps: both runs' starts, all 12 steps once, and each kind of file saved
+    events = [json.loads(line) for line in (host / "events.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "start"] == [0, 5]
+    assert [e["step"] for e in events if e["event"] == "step"] == list(range(1, 13))
+    assert {e["kind"] for e in events if e["event"] == "save"} == {"state", "epoch", "final"}
 
     final = Path(re.search(r"^final: (.*)$", proc.stdout, re.M).group(1))
     resumed = read_lora(host / final)[0]

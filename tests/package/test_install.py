@@ -46,7 +46,7 @@ def bare():
     return found
 
 before = bare()
-import gesso, gesso.cli, gesso.engine.train, gesso.engine.measure.bench
+import gesso, gesso.cli, gesso.engine.loop.train, gesso.engine.measure.bench
 from gesso.models.configs import TINY_SDXL
 from gesso.models.tokenizer import SHIPPED, load_tokenizers
 ids = load_tokenizers(TINY_SDXL)[0]("a photo").input_ids

@@ -1,7 +1,0 @@
-"""tests/formats reuse tests/models' reference helpers (diffusers' single-file converters)."""
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
-
-
