@@ -23,6 +23,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
 from gesso.kernels import adamw8bit, attention, lora_linear
+from gesso.kernels.fallback import describe
 
 MODULES = (lora_linear, attention, adamw8bit)
 
@@ -113,9 +114,7 @@ def compile_one(work: tuple) -> dict:
             compiled = triton.compile(ASTSource(jit, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
                                       options=options.__dict__)
     except Exception as e:  # every failure is a finding, judged by the caller: its type and telling line
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        telling = next((line for line in lines if "error" in line.lower()), lines[0] if lines else "")
-        return dict(error=f"{type(e).__name__}: {telling}"[:300], seconds=time.perf_counter() - start)
+        return dict(error=describe(e), seconds=time.perf_counter() - start)
     ptxas = report.getvalue()
     regs = re.search(r"Used (\d+) registers", ptxas)
     spills = re.search(r"(\d+) bytes spill stores", ptxas)

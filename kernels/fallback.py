@@ -160,8 +160,12 @@ def give_way(op: str, cls: str, device: torch.device, why: str) -> None:
 
 def describe(error: BaseException) -> str:
     """`Type: the telling line` of an error, at most 300 characters: the compiler's message (a CompilationError's
-    first line is only a position), ptxas's own `error` line, else the first line."""
-    lines = [line.strip() for line in str(getattr(error, "error_message", None) or error).splitlines() if line.strip()]
+    first line is only a position; one raised in a called @triton.jit function carries it on its cause), ptxas's own
+    `error` line, else the first line."""
+    cause = error
+    while cause is not None and not getattr(cause, "error_message", None):
+        cause = cause.__cause__
+    lines = [line.strip() for line in str(getattr(cause, "error_message", None) or error).splitlines() if line.strip()]
     telling = next((line for line in lines[1:] if "error" in line.lower()), lines[0] if lines else "")
     return f"{type(error).__name__}: {telling}"[:300]
 

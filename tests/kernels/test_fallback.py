@@ -114,6 +114,19 @@ def test_an_optimizer_launch_that_fails_takes_the_reference_step(error, auto, de
     assert len(_warnings(capsys)) == 1
 
 
+def test_an_error_in_a_called_jit_function_is_named_by_the_compilers_message():
+    """Triton's code generator wraps an error inside a called @triton.jit function (the 8-bit AdamW's code search) in
+    a CompilationError that carries only the call's position; the compiler's message is on its cause."""
+    inner = CompilationError("step: tl.constexpr = 128 >> i", ast.parse("step").body[0],
+                             "ValueError('step is already defined. constexpr cannot be reassigned.')")
+    try:
+        raise CompilationError("m_code = _nearest_code(m_new, m_mids_ptr)", ast.parse("m_code").body[0], None) from inner
+    except CompilationError as outer:
+        assert str(outer).splitlines()[0] == "at 1:0:"
+        assert fallback.describe(outer) == ("CompilationError: ValueError('step is already defined. "
+                                            "constexpr cannot be reassigned.')")
+
+
 def test_a_forced_kernel_lets_its_error_through(monkeypatch):
     monkeypatch.setenv(dispatch.ENV_VAR, "triton")  # the GPU parity tests: a failure must fail them
     monkeypatch.setattr(lin, "_lora_linear_fwd_kernel", Failing(ERRORS["PTXASError"]()))
