@@ -28,7 +28,6 @@ from itertools import groupby
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -38,7 +37,8 @@ from gesso.engine.data.images import BadImage
 from gesso.engine.data.masks import ALPHA, load_mask
 from gesso.engine.embedding import vectors as embedding
 from gesso.engine.io import write_atomic
-from gesso.errors import OutputError, TrainError
+from gesso.errors import GessoError, OutputError, TrainError
+from gesso.models.files import read_safetensors
 
 log = logging.getLogger("gesso.cache")
 FORMAT = "gesso-cache-2"  # in every key and file: bump when decoding, resizing, encoding or the file layout changes
@@ -132,13 +132,12 @@ class _Store:
 
     def load(self, path: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor] | None:
         """The file's tensors if they pass every check against `shapes` (name -> expected shape), else None."""
-        try:
-            with safe_open(path, "pt") as f:
-                metadata, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-        except FileNotFoundError:
+        if not path.is_file():
             return None
-        except Exception as e:  # truncated, zeroed or foreign bytes
-            why = f"unreadable ({e})"
+        try:
+            tensors, metadata = read_safetensors(path, GessoError)
+        except GessoError as e:  # truncated, zeroed or foreign bytes
+            why = f"unreadable ({str(e).removeprefix(f'{path}: ')})"
         else:
             why = _damage(tensors, metadata, shapes)
             if why is None:
