@@ -13,6 +13,7 @@ from faults_testutil import DEMO, assert_one_line_error, assert_unchanged, gesso
 from safetensors.torch import save as safetensors_bytes
 
 from gesso.engine.config.load import load_config
+from gesso.engine.loop.inputs import find_inputs
 from gesso.engine.loop.train import prepare_run, train
 from gesso.engine.memory.network_setup import train_optimizer
 from gesso.engine.run.state import STATE_FILE, load_state, restore
@@ -203,7 +204,7 @@ def run_parts(template):
     """A loaded good state, and a builder of this run's network, optimizer, schedule and scaler as train makes them."""
     folder, cache = template
     cfg = load_config(DEMO, short(cache))
-    sd, _, network, _ = prepare_run(cfg, torch.device("cpu"))
+    sd, _, network, _ = prepare_run(find_inputs(cfg, torch.device("cpu")))
 
     def parts(tc=cfg.train, fp16=False):
         opt = train_optimizer(network, tc)
