@@ -31,8 +31,6 @@ else:
 LOCK_FILE = ".gesso.lock"
 LOG_FILE = "metrics.jsonl"
 RUN_FOLDERS = {"samples": "*.png", "tensorboard": "events.*"}  # a run's folders, and the files it writes there
-
-
 FRESH, RESUME, OVERWRITE = "fresh", "resume", "overwrite"  # how a run takes its folder
 NEW, UNFINISHED, FINISHED, RESTART, OTHER = "new", "unfinished", "finished", "restart", "other"  # what it finds there
 

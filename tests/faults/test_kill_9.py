@@ -21,6 +21,7 @@ from gesso.engine.lora.files import read_lora
 # 12 images x 2 repeats / batch 4 at 64 px = 6 steps per epoch, 3 epochs: 18 steps, a LoRA file and a state each
 SETS = ["train.epochs=3", "dataset.repeats=2", "dataset.resolution=64", "sample.prompts=[]", "output.tensorboard=false",
         "output.save_dtype='fp32'", "output.save_every_n_steps=1", "output.keep_last=2"]
+STEPS = 18
 KILLS = 20
 EARLY = 7  # the first kills fall in start-up and caching (an empty cache); the later ones in start-up, steps and saves
 
@@ -43,13 +44,14 @@ def cached(cache: Path) -> int:
 class Run:
     """One launch of the command in the zygote, and the moments to kill it at."""
 
-    def __init__(self, zygote: Zygote, pid: int):
-        self.zygote, self.pid = zygote, pid
+    def __init__(self, zygote: Zygote, pid: int, folder: Path):
+        self.zygote, self.pid, self.folder = zygote, pid, folder
 
     def until(self, condition) -> None:
-        """Poll `condition` every 2 ms while the run lives (a run that ends first is simply not killed)."""
+        """Poll `condition` every 2 ms while the run lives, and kill no later than its last step: the run must not
+        finish before the 20th kill, however fast the machine (a run that ends first fails the test)."""
         deadline = time.monotonic() + 300
-        while not condition() and self.zygote.poll(self.pid) is None:
+        while not condition() and rows(self.folder) < STEPS - 1 and self.zygote.poll(self.pid) is None:
             assert time.monotonic() < deadline, "no kill point within 300 s"
             time.sleep(0.002)
 
@@ -59,9 +61,11 @@ class Run:
         return self.zygote.wait(self.pid)
 
 
-def wait_for_point(point: str, run: Run, folder: Path, cache: Path, rng: random.Random) -> None:
+def wait_for_point(point: str, run: Run, cache: Path, rng: random.Random) -> None:
+    folder = run.folder
     if point == "start-up":  # config, model, dataset scan, the lock, the state: before any step
-        time.sleep(rng.uniform(0.0, 1.5))
+        until = time.monotonic() + rng.uniform(0.0, 1.5)
+        run.until(lambda: time.monotonic() >= until)
     elif point == "caching":  # between cache files being written
         target = cached(cache) + rng.randint(1, 4)
         run.until(lambda: cached(cache) >= target or rows(folder) > 0)
@@ -70,7 +74,8 @@ def wait_for_point(point: str, run: Run, folder: Path, cache: Path, rng: random.
     elif point == "step":  # inside the next step's compute
         target = rows(folder) + 1
         run.until(lambda: rows(folder) >= target)
-        time.sleep(rng.uniform(0.0, 0.3))
+        until = time.monotonic() + rng.uniform(0.0, 0.3)
+        run.until(lambda: time.monotonic() >= until)
     else:  # "save": as a write is under way (its temporary file there), or just after state.pt was replaced
         seen = _version(folder / "state.pt")
         run.until(lambda: any(folder.glob(".*.tmp")) or _version(folder / "state.pt") != seen)
@@ -99,8 +104,8 @@ def test_kill_9_at_random_points_then_resume_auto_ends_with_the_uninterrupted_lo
     points, restarted, refused = plan(rng), 0, False
     try:
         for i, point in enumerate(points):
-            run = Run(zygote, zygote.run(command(folder, cache), tmp_path / f"log{i}"))
-            wait_for_point(point, run, folder, cache, rng)
+            run = Run(zygote, zygote.run(command(folder, cache), tmp_path / f"log{i}"), folder)
+            wait_for_point(point, run, cache, rng)
             code = run.kill()
             log = (tmp_path / f"log{i}").read_text() if (tmp_path / f"log{i}").exists() else ""  # killed before it opened
             assert code == -signal.SIGKILL, f"kill {i} ({point}): the run ended by itself (exit {code}): {log[-3000:]}"
