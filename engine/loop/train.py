@@ -19,10 +19,10 @@ from gesso.engine.loop.inputs import Inputs, find_inputs, load_model, pick_devic
 from gesso.engine.loop.preview import render_previews
 from gesso.engine.lora import network as lora
 from gesso.engine.memory.network_setup import AMP_DTYPES, prepare_unet, train_optimizer
+from gesso.engine.run import rundir
 from gesso.engine.run.events import Events, StopTraining
 from gesso.engine.run.logs import RunLog
 from gesso.engine.run.metadata import training_metadata
-from gesso.engine.run import rundir
 from gesso.engine.run.saving import Saver
 from gesso.engine.run.state import Position, restore
 from gesso.engine.schedules import build_schedule
