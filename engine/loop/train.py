@@ -1,5 +1,4 @@
 """The training loop: cache the dataset, inject LoRA into the UNet (and text encoders), optimise the diffusion loss."""
-import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -9,26 +8,25 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from gesso import models
 from gesso.engine import diffusion
 from gesso.engine.config.sections import Config
 from gesso.engine.data.cache import Cache, prepare_cache
-from gesso.engine.data.dataset import Dataset, DatasetOptions, Subset, build_dataset
+from gesso.engine.data.dataset import Dataset
 from gesso.engine.embedding import inversion as textual_inversion
 from gesso.engine.loop import objective, prediction
 from gesso.engine.loop.distributed import SINGLE, NoLog, World
+from gesso.engine.loop.inputs import Inputs, find_inputs, load_model, pick_device
 from gesso.engine.loop.preview import render_previews
 from gesso.engine.lora import network as lora
-from gesso.engine.memory import memplan
 from gesso.engine.memory.network_setup import AMP_DTYPES, prepare_unet, train_optimizer
+from gesso.engine.run import rundir
 from gesso.engine.run.events import Events, StopTraining
 from gesso.engine.run.logs import RunLog
 from gesso.engine.run.metadata import training_metadata
-from gesso.engine.run.saving import Saver, check_resumable
-from gesso.engine.run.state import STATE_FILE, Position, load_state, restore
+from gesso.engine.run.saving import Saver
+from gesso.engine.run.state import Position, restore
 from gesso.engine.schedules import build_schedule
 from gesso.errors import TrainError
-from gesso.kernels import device as gpus
 from gesso.kernels.selfcheck import preflight
 
 
@@ -89,46 +87,7 @@ class Plan:
                 f" x {self.epochs} epochs = {self.total_steps} steps{effective}")
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainError("train.device = cuda, but no CUDA device is available")
-    return torch.device(name)
-
-
-def load_model(cfg: Config, dtype: torch.dtype = torch.float32):
-    """The base model, on the CPU, and its tokenizers: a checkpoint (file, diffusers folder, Hub id) when
-    `model.checkpoint` is set, else the built-in architecture `model.name` at random init from `model.seed`
-    (models/lookup.py, which raises CheckpointError naming the key). The UNet and text encoders come in `dtype`, the
-    VAE in fp32 (SDXL's overflows in fp16)."""
-    model = models.find_model(*cfg.model.source)
-    sd = model.load(dtype, "cpu", seed=cfg.model.seed, vae_dtype=torch.float32)
-    return sd, sd.cfg, model.tokenizers()
-
-
-def load_dataset(cfg: Config) -> Dataset:
-    d = cfg.dataset
-    # a regularization subset's captions are the class prompt: the dataset's trigger only where the subset names it
-    subsets = [Subset(**{"trigger": "" if s.get("is_reg") else d.trigger, "alpha_mask": d.alpha_mask, **s}) for s in d.subsets]
-    if d.path:
-        subsets.insert(0, Subset(d.path, d.repeats, d.trigger, alpha_mask=d.alpha_mask, mask_dir=d.mask_dir))
-    options = DatasetOptions(resolution=d.resolution, bucketing=d.bucketing, min_bucket_side=d.min_bucket_side,
-                             max_bucket_side=d.max_bucket_side, random_crop=d.random_crop, flip=d.flip,
-                             shuffle_caption=d.shuffle_caption, keep_tokens=d.keep_tokens,
-                             caption_dropout_rate=d.caption_dropout_rate, caption_extension=d.caption_extension,
-                             seed=cfg.train.seed, masked_loss=cfg.loss.masked, prior_loss_weight=cfg.train.prior_loss_weight)
-    try:
-        dataset = build_dataset(subsets, options)
-    except (ValueError, FileNotFoundError) as e:
-        raise TrainError(f"dataset: {e}") from None
-    if not dataset.items:
-        print(dataset.report(), flush=True)  # what was skipped and why, before the one-line error
-        raise TrainError(f"dataset: no trainable images (png, jpg, webp) in {', '.join(str(s.path) for s in subsets)}")
-    return dataset
-
-
-def prepare_run(cfg: Config, device: torch.device, progress: bool = False, world: World = SINGLE):
+def prepare_run(inputs: Inputs, progress: bool = False, world: World = SINGLE):
     """Model with LoRA injected into the UNet (and the text encoders when trained), the dataset, and its latents
     cached, and its text encodings too unless the text encoders are trained (then captions are encoded per batch).
 
@@ -136,9 +95,9 @@ def prepare_run(cfg: Config, device: torch.device, progress: bool = False, world
     encoders visit the GPU to fill the cache, then the UNet goes there, already in bf16/fp16 or fp8. Loading
     everything onto the GPU in fp32 first (14 GB for SDXL) would fail on the 8 to 12 GB cards this is for.
     """
-    dataset = load_dataset(cfg)
+    cfg, device, dataset = inputs.cfg, inputs.device, inputs.dataset
     amp = AMP_DTYPES.get(cfg.train.mixed_precision)
-    sd, model_cfg, tokenizers = load_model(cfg, amp or torch.float32)
+    sd, model_cfg, tokenizers = load_model(cfg, amp or torch.float32, inputs.model)
     sd.requires_grad_(False)
     sd.eval()
     sd.vae.to(device)
@@ -186,10 +145,13 @@ def train(cfg: Config, output_dir: str | Path, on_event: Callable[[dict], None] 
     raising `StopTraining` in it ends the run with its state saved. resume: a folder holding a state.pt from an
     earlier run of the same config; training goes on from there and ends with the files an uninterrupted run
     writes. progress: the terminal progress bar (a host showing its own turns it off). overwrite: replace the
-    files of an earlier run in `output_dir`; without it (and without resuming that run) such a folder is refused.
+    files of an earlier run in `output_dir`, which stay whole until this run writes its first file; without it (and
+    without resuming that run) such a folder is refused, unless its files are this same run's from a start killed
+    before its first state.pt (then the run starts again).
 
-    One run at a time holds `output_dir` (engine/run/rundir.py): a second one is refused with a TrainError naming the
-    first one's pid; temporary files a killed run left there are removed first.
+    Every input (the model, the dataset, the resume state) is checked before `output_dir` is touched. One run at a
+    time holds `output_dir` (engine/run/rundir.py): a second one is refused with a TrainError naming the first one's
+    pid; temporary files a killed run left there are removed first.
     """
     return run_training(cfg, output_dir, on_event, resume, progress, overwrite)
 
@@ -199,25 +161,23 @@ def run_training(cfg: Config, output_dir: str | Path, on_event: Callable[[dict],
                  world: World = SINGLE, clock: Callable[[], float] = time.monotonic) -> TrainResult:
     """`train` in one process of a torchrun world: `world` is this process's rank (engine/loop/distributed.py), inside
     its process group, and rank 0 alone writes; `clock` gives the monotonic seconds output.save_every_n_minutes counts
-    in (tests pass a fake one). `gesso train` calls this; a host calls `train`."""
+    in (tests pass a fake one). `gesso train` calls this; a host calls `train`.
+
+    Every input is found and checked (engine/loop/inputs.py) before the output folder is refused, locked or changed."""
     output_dir = Path(output_dir)
+    inputs = find_inputs(cfg, world.device(pick_device(cfg.train.device)), resume, world.size)
     # resuming a run in its own folder goes on with that run's files; any other run would replace them
-    fresh = not overwrite and not (resume and Path(resume).resolve() == output_dir.resolve())
-    with world.claim(output_dir, cfg.output.name, fresh):
-        if overwrite and not resume and world.main:  # a killed overwrite run must not leave the earlier run's state to resume
-            (output_dir / STATE_FILE).unlink(missing_ok=True)
-        return _train(cfg, output_dir, on_event, resume, progress and world.main, world, clock)
+    own = resume is not None and Path(resume).resolve() == output_dir.resolve()
+    mode = rundir.OVERWRITE if overwrite else rundir.RESUME if own else rundir.FRESH
+    with world.claim(output_dir, cfg, mode) as held:
+        return _train(inputs, held, on_event, progress and world.main, world, clock)
 
 
-def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | None, resume: str | Path | None,
-           progress: bool, world: World, clock: Callable[[], float]) -> TrainResult:
-    state = _load_resume(resume, cfg, world.size) if resume else None
-    device = world.device(pick_device(cfg.train.device))
-    cfg = _resolve_precision(cfg, device)
-    if cfg.train.memory == "auto":
-        cfg = _auto_memory(cfg, device)
+def _train(inputs: Inputs, held: rundir.Claim, on_event: Callable[[dict], None] | None, progress: bool, world: World,
+           clock: Callable[[], float]) -> TrainResult:
+    cfg, device, state, output_dir = inputs.cfg, inputs.device, inputs.state, held.folder
     torch.manual_seed(cfg.train.seed)
-    sd, model_cfg, network, cache = prepare_run(cfg, device, progress, world)
+    sd, model_cfg, network, cache = prepare_run(inputs, progress, world)
     cfg, model_cfg = prediction.resolve(cfg, model_cfg)
     sd.cfg = model_cfg  # previews sample with the prediction the run trains
     unet, tc = sd.unet, cfg.train
@@ -239,13 +199,15 @@ def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | Non
     g = torch.Generator().manual_seed(tc.seed)  # CPU generator: the same draws on any device
     pos = Position(1, 0, 0, g.get_state())
     events = Events(on_event, plan.total_steps, device)
-    saver = Saver(cfg, output_dir, network, meta, state["files"] if state else [], events, world.size, world.main, clock)
+    saver = Saver(cfg, output_dir, network, meta, state["files"] if state else held.kept, events, world.size, world.main,
+                  clock, before_write=held.prove)
     if state:
         pos = restore(state, network, opt, sched, scaler, g)  # one TrainError line for a state that does not fit
         print(f"resuming at epoch {pos.epoch}, step {pos.step} of {plan.total_steps}", flush=True)
     world.broadcast_parameters(network)
     result = TrainResult(output_dir, output_dir / f"{cfg.output.name}.safetensors")
     log = RunLog(output_dir, pos.step, cfg.output.tensorboard) if world.main else NoLog()
+    held.when_proved(log.open)  # an overwrite keeps the earlier run's logs until its first file
     bar = tqdm(total=plan.total_steps, initial=pos.step, unit="step", dynamic_ncols=True, disable=not progress)
     try:
         events.start(pos.step, pos.epoch)
@@ -294,6 +256,7 @@ def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | Non
                 saver.state_if_asked(opt, sched, scaler, pos)
             if world.main and cfg.sample.prompts and cfg.sample.every_n_epochs and epoch % cfg.sample.every_n_epochs == 0:
                 saved = output_dir / f"{cfg.output.name}-{epoch:06d}.safetensors" if every and epoch % every == 0 else None
+                held.prove()
                 for path in render_previews(sd, cache.tokenizers, cfg, output_dir / "samples", epoch, device, saved, pos.step, bar, log):
                     events.saved("preview", path, pos.step, epoch)
     except StopTraining:
@@ -354,30 +317,6 @@ def _current_lr(opt: torch.optim.Optimizer) -> float:
     return group["lr"] * group.get("d", 1.0)  # Prodigy's step is d * lr
 
 
-def _resolve_precision(cfg: Config, device: torch.device) -> Config:
-    """mixed_precision = auto as the device supports it (kernels/device.py); the run, its files and state use the result."""
-    chosen = gpus.precision(cfg.train.mixed_precision, device)
-    if cfg.train.mixed_precision == "auto" and device.type == "cuda":
-        print(f"mixed_precision = auto: {chosen} on {gpus.gpu(device).name}", flush=True)
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mixed_precision=chosen))
-
-
 def _head_dims(u) -> set[int]:
     """The attention head dims of a UNet config (SDXL: 64; SD 1.5: 40, 80, 160), for the kernels' self-check."""
     return {u.heads_and_dim(u.model_channels * mult)[1] for mult, depth in zip(u.channel_mult, u.transformer_depth) if depth}
-
-
-def _auto_memory(cfg: Config, device: torch.device) -> Config:
-    free = memplan.free_gib(device)
-    chosen, peak = memplan.plan(cfg, free)
-    print(memplan.describe(peak, free), flush=True)
-    return chosen
-
-
-def _load_resume(folder: str | Path, cfg: Config, processes: int) -> dict:
-    try:
-        state = load_state(Path(folder))
-    except FileNotFoundError as e:
-        raise TrainError(str(e)) from None
-    check_resumable(state, cfg, processes, Path(folder))
-    return state

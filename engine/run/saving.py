@@ -20,18 +20,21 @@ class Saver:
     """Writes the LoRA files (per epoch, per N steps, final), prunes old ones, and keeps the resumable state."""
 
     def __init__(self, cfg: Config, output_dir: Path, network, meta: dict[str, str], files: list[str], events: Events,
-                 processes: int = 1, writes: bool = True, clock: Callable[[], float] = time.monotonic):
+                 processes: int = 1, writes: bool = True, clock: Callable[[], float] = time.monotonic,
+                 before_write: Callable[[], None] = lambda: None):
         self.cfg, self.dir, self.network, self.meta, self.events = cfg, output_dir, network, meta, events
         self.dtype = SAVE_DTYPES[cfg.output.save_dtype]
         self.files = list(files)  # intermediate files written so far, oldest first
         self.batch = batch_shape(cfg, processes)  # stored in the state, checked on resume
         self.writes = writes  # rank 0 (or the only process); the others write nothing
         self.clock, self.last_state = clock, clock()  # output.save_every_n_minutes counts from the last state saved
+        self.before_write = before_write  # the run folder's Claim.prove: an --overwrite's earlier files go at the first
 
     def lora(self, path: Path, epoch: int, step: int) -> Path:
         tensors = self.network.kohya_state_dict(self.dtype)
         require_finite(tensors, path, step)  # on every rank (their weights are the same): all stop together
         if self.writes:
+            self.before_write()
             write = getattr(self.network, "write", save_lora)  # an embedding network writes its own file layout
             write(path, tensors, at_save(self.meta, epoch, step))
         return path
@@ -46,6 +49,8 @@ class Saver:
         path = self.lora(self.dir / f"{self.cfg.output.name}-{stem}.safetensors", epoch, step)
         if not self.writes:
             return path
+        if path.name in self.files:  # a file a restarted run kept from its killed start, written again
+            self.files.remove(path.name)
         self.files.append(path.name)
         keep = self.cfg.output.keep_last
         while keep and len(self.files) > keep:
@@ -61,6 +66,7 @@ class Saver:
         self.last_state = self.clock()
         if not self.writes:
             return
+        self.before_write()
         path = save_state(self.dir, self.network, optimizer, scheduler, scaler, pos, self.files, network_shape(self.cfg),
                           self.batch)
         self.events.saved("state", path, pos.step, pos.epoch)
@@ -69,7 +75,6 @@ class Saver:
         """The state at a save point, unless output.save_state is off (a stop or an interrupt saves it regardless)."""
         if self.cfg.output.save_state:
             self.state(optimizer, scheduler, scaler, pos)
-
 
     def on_clock(self, optimizer, scheduler, scaler, pos: Position, total_steps: int) -> None:
         """After an optimizer step: the state (and with output.timed_lora the step's LoRA file) once

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
-from safetensors import safe_open
 from tqdm import tqdm
 
 from gesso import models
@@ -22,6 +21,7 @@ from gesso.engine import diffusion
 from gesso.engine.embedding import vectors as embedding
 from gesso.engine.io import write_atomic
 from gesso.engine.lora import network as lora
+from gesso.engine.lora.files import read_lora_header
 from gesso.engine.lora.network import load_network
 from gesso.engine.sampling import prompt as prompts
 from gesso.engine.sampling import samplers as sampling
@@ -99,8 +99,8 @@ def attach_lora(unet: torch.nn.Module, path: Path) -> tuple[lora.LoRANetwork, li
     network = load_network(unet, path)
     for p in network.parameters():
         p.requires_grad_(False)
-    with safe_open(str(path), framework="pt") as f:
-        text_modules = sorted({k.split(".")[0] for k in f.keys() if k.startswith(("lora_te", "text_encoder", "te_", "te1", "te2"))})
+    keys = read_lora_header(path)[0]
+    text_modules = sorted({k.split(".")[0] for k in keys if k.startswith(("lora_te", "text_encoder", "te_", "te1", "te2"))})
     return network, text_modules
 
 
