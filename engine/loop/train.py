@@ -15,6 +15,7 @@ from gesso.engine.data.cache import Cache, prepare_cache
 from gesso.engine.data.dataset import Dataset, DatasetOptions, Subset, build_dataset
 from gesso.engine.embedding import inversion as textual_inversion
 from gesso.engine.loop import objective, prediction
+from gesso.engine.loop.control import Control, answer
 from gesso.engine.loop.distributed import SINGLE, NoLog, World
 from gesso.engine.loop.preview import render_previews
 from gesso.engine.lora import network as lora
@@ -176,7 +177,8 @@ def fixed_eval_loss(unet, cache: Cache, seed: int = 1234, draws: int = 4, batch_
 
 
 def train(cfg: Config, output_dir: str | Path, on_event: Callable[[dict], None] | None = None,
-          resume: str | Path | None = None, progress: bool = True, overwrite: bool = False) -> TrainResult:
+          resume: str | Path | None = None, progress: bool = True, overwrite: bool = False,
+          control: Control | None = None) -> TrainResult:
     """Train a LoRA as `cfg` says, writing its files to `output_dir`.
 
     on_event: called with each event (engine/run/events.py): every optimizer step's metrics, every file written;
@@ -184,30 +186,38 @@ def train(cfg: Config, output_dir: str | Path, on_event: Callable[[dict], None] 
     earlier run of the same config; training goes on from there and ends with the files an uninterrupted run
     writes. progress: the terminal progress bar (a host showing its own turns it off). overwrite: replace the
     files of an earlier run in `output_dir`; without it (and without resuming that run) such a folder is refused.
+    control: a `Control` the host (any thread) asks to stop, save, preview or validate now; each request is answered
+    at the next step boundary (engine/loop/control.py).
+
+    It trains with autograd on whatever the host's modes are (ComfyUI runs its nodes under torch.inference_mode(),
+    others call from torch.no_grad()), and leaves them as they were.
 
     One run at a time holds `output_dir` (engine/run/rundir.py): a second one is refused with a TrainError naming the
     first one's pid; temporary files a killed run left there are removed first.
     """
-    return run_training(cfg, output_dir, on_event, resume, progress, overwrite)
+    return run_training(cfg, output_dir, on_event, resume, progress, overwrite, control=control)
 
 
 def run_training(cfg: Config, output_dir: str | Path, on_event: Callable[[dict], None] | None = None,
                  resume: str | Path | None = None, progress: bool = True, overwrite: bool = False,
-                 world: World = SINGLE, clock: Callable[[], float] = time.monotonic) -> TrainResult:
+                 world: World = SINGLE, clock: Callable[[], float] = time.monotonic,
+                 control: Control | None = None) -> TrainResult:
     """`train` in one process of a torchrun world: `world` is this process's rank (engine/loop/distributed.py), inside
     its process group, and rank 0 alone writes; `clock` gives the monotonic seconds output.save_every_n_minutes counts
-    in (tests pass a fake one). `gesso train` calls this; a host calls `train`."""
+    in (tests pass a fake one). `gesso train` calls this; a host calls `train`. A `control` is for one process: a
+    stop asked of one rank alone would leave the others waiting."""
     output_dir = Path(output_dir)
     # resuming a run in its own folder goes on with that run's files; any other run would replace them
     fresh = not overwrite and not (resume and Path(resume).resolve() == output_dir.resolve())
-    with world.claim(output_dir, cfg.output.name, fresh):
+    # autograd on, whatever the host's modes: both restore the host's own on the way out
+    with torch.inference_mode(False), torch.enable_grad(), world.claim(output_dir, cfg.output.name, fresh):
         if overwrite and not resume and world.main:  # a killed overwrite run must not leave the earlier run's state to resume
             (output_dir / STATE_FILE).unlink(missing_ok=True)
-        return _train(cfg, output_dir, on_event, resume, progress and world.main, world, clock)
+        return _train(cfg, output_dir, on_event, resume, progress and world.main, world, clock, control)
 
 
 def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | None, resume: str | Path | None,
-           progress: bool, world: World, clock: Callable[[], float]) -> TrainResult:
+           progress: bool, world: World, clock: Callable[[], float], control: Control | None) -> TrainResult:
     state = _load_resume(resume, cfg, world.size) if resume else None
     device = world.device(pick_device(cfg.train.device))
     if cfg.train.memory == "auto":
@@ -241,8 +251,26 @@ def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | Non
     result = TrainResult(output_dir, output_dir / f"{cfg.output.name}.safetensors")
     log = RunLog(output_dir, pos.step, cfg.output.tensorboard) if world.main else NoLog()
     bar = tqdm(total=plan.total_steps, initial=pos.step, unit="step", dynamic_ncols=True, disable=not progress)
+
+    def previews(label: str, epoch: int, saved: Path | None) -> list[Path]:
+        paths = render_previews(sd, cache.tokenizers, cfg, output_dir / "samples", label, device, saved, pos.step, bar, log)
+        for path in paths:
+            events.saved("preview", path, pos.step, epoch)
+        return paths
+
+    def save_now() -> Path | None:
+        path = saver.step_file(pos.epoch, pos.step)
+        saver.state_if_asked(opt, sched, scaler, pos)
+        return path
+
+    def preview_now() -> list[Path]:
+        saved = output_dir / f"{cfg.output.name}-step{pos.step:08d}.safetensors"  # named when save_now wrote it just now
+        saved = saved if saved.name in saver.files else None
+        return previews(f"step{pos.step:08d}", pos.epoch, saved) if cfg.sample.prompts else []
+
     try:
         events.start(pos.step, pos.epoch)
+        answer(control, events, pos.step, pos.epoch, save_now, preview_now)
         for epoch in range(pos.epoch, plan.epochs + 1):
             micro_losses = []
             for i, batch in enumerate(world.batches(cache, epoch, plan.batch_size, tc.seed, skip=pos.batch), start=pos.batch):
@@ -275,11 +303,12 @@ def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | Non
                 log.step(record, event["steps_per_s"], event["peak_memory_gib"])
                 result.losses.append(record["loss"])
                 if cfg.output.save_every_n_steps and pos.step % cfg.output.save_every_n_steps == 0 and pos.step < plan.total_steps:
-                    saver.intermediate(f"step{pos.step:08d}", epoch, pos.step)
+                    saver.step_file(epoch, pos.step)
                     saver.state_if_asked(opt, sched, scaler, pos)
                 saver.on_clock(opt, sched, scaler, pos, plan.total_steps)
                 world.emit_step(events, event)  # after this step's files: a host stopping here leaves them written
                 _show(bar, event)
+                answer(control, events, pos.step, epoch, save_now, preview_now)  # the host's requests, at this boundary
             pos = Position(epoch + 1, 0, pos.step, g.get_state())
             every = cfg.output.save_every_n_epochs
             if every and epoch % every == 0:
@@ -288,8 +317,7 @@ def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | Non
                 saver.state_if_asked(opt, sched, scaler, pos)
             if world.main and cfg.sample.prompts and cfg.sample.every_n_epochs and epoch % cfg.sample.every_n_epochs == 0:
                 saved = output_dir / f"{cfg.output.name}-{epoch:06d}.safetensors" if every and epoch % every == 0 else None
-                for path in render_previews(sd, cache.tokenizers, cfg, output_dir / "samples", epoch, device, saved, pos.step, bar, log):
-                    events.saved("preview", path, pos.step, epoch)
+                previews(f"e{epoch:06d}", epoch, saved)
     except StopTraining:
         events.stopping = True
         saver.state(opt, sched, scaler, pos)  # pos is the last optimizer-step boundary
