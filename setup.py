@@ -33,9 +33,11 @@ setup(
         # the caption tests run on onnxruntime.
         # fastapi, uvicorn and httpx: the serve tests start a real `gesso serve` and talk to it over HTTP
         "test": ["pytest", "pytest-benchmark", "diffusers>=0.30", "peft", "onnxruntime", "onnx",
-                 "lycoris-lora>=4.1", "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"],
-        # `gesso serve`: the HTTP job API, on FastAPI (Starlette underneath, OpenAPI schema from it) served by uvicorn
-        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
+                 "lycoris-lora>=4.1", "fastapi>=0.110", "uvicorn[standard]>=0.29", "httpx>=0.27"],
+        # `gesso serve`: the HTTP job API, on FastAPI (Starlette underneath, OpenAPI schema from it) served by uvicorn;
+        # [standard] brings its C parser (httptools) and event loop (uvloop): 0.56 ms of server CPU per status request
+        # instead of 0.79 with the pure-Python h11 and asyncio (benchmarks/serve_load.py, 2026-12-03, benchmarks/README.md)
+        "serve": ["fastapi>=0.110", "uvicorn[standard]>=0.29"],
         # `gesso caption --captioner tagger`: WD taggers ship model.onnx; BLIP needs only transformers
         "caption": ["onnxruntime"],
         # the viewer for <output>/tensorboard (tensorboardX above only writes the files): `tensorboard --logdir ...`

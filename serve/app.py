@@ -13,6 +13,7 @@ The OpenAPI schema is served at /openapi.json (and browsable at /docs). Errors a
 """
 import asyncio
 import contextlib
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -97,12 +98,14 @@ def create_app(store: Store, runner: Runner, data_dir: Path, token: str | None) 
         config, notices = check_config(body.config, body.overrides, body.base, data_dir)
         return {"config": config, "notices": notices}
 
+    # the reads a client polls run on the event loop, not on a worker thread: a read of the store (WAL) never waits on
+    # its writers, and takes less than handing it to a thread and back
     @app.get("/jobs", summary="Every job, oldest first, with its live numbers")
-    def listing() -> dict:
+    async def listing() -> dict:
         return {"jobs": [{k: v for k, v in job.items() if k not in SUMMARY_HIDES} for job in store.jobs()]}
 
     @app.get("/jobs/{job_id}", summary="One job: status, live numbers, config, notices")
-    def show(job_id: int) -> dict:
+    async def show(job_id: int) -> dict:
         return found(job_id)
 
     @app.get("/jobs/{job_id}/events", summary="The job's events as server-sent events, from the first or after "
@@ -179,10 +182,7 @@ def serve(host: str, port: int, data_dir: Path, token: str | None, devices: list
     except OSError as e:
         raise ConfigError(f"--data {data_dir}: cannot use it ({e.strerror or e})") from None
     try:
-        try:
-            sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
-        except OSError as e:
-            raise ConfigError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
+        sock = listen(host, port)
         store = Store(data_dir / DB_FILE)
         app = create_app(store, Runner(store, data_dir, devices), data_dir, token)
         address = f"[{host}]" if ":" in host else host
@@ -191,3 +191,19 @@ def serve(host: str, port: int, data_dir: Path, token: str | None, devices: list
         uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3)).run(sockets=[sock])
     finally:
         release_lock(data_dir / LOCK_FILE, lock)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port. Made with IPPROTO_TCP, not 0 as socket.create_server makes it: asyncio
+    turns Nagle's algorithm off (TCP_NODELAY) only on connections of such sockets, and with it on, each keep-alive
+    response waited 40 ms for the client's delayed ACK between its headers and its body."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        if os.name == "posix":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as e:
+        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
+    return sock

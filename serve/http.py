@@ -106,7 +106,7 @@ class Feed:
 
 def has_more(store: Store, job: int, after: int) -> bool:
     """Whether a stream of `job` from event `after` has anything to send: events after it, or a job not yet ended."""
-    return store.job(job)["status"] not in ENDED or bool(store.events_after(job, after, limit=1))
+    return store.status(job) not in ENDED or bool(store.events_after(job, after, limit=1))
 
 
 async def event_stream(store: Store, feed: Feed, job: int, after: int):
@@ -115,7 +115,7 @@ async def event_stream(store: Store, feed: Feed, job: int, after: int):
     yield "retry: 2000\n\n"
     while True:
         seen = feed.version
-        ended = store.job(job)["status"] in ENDED  # read before the events: an end's own event is then among them
+        ended = store.status(job) in ENDED  # read before the events: an end's own event is then among them
         rows = store.events_after(job, after)
         for seq, data in rows:
             yield f"id: {seq}\ndata: {data}\n\n"

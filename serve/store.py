@@ -102,6 +102,10 @@ class Store:
         row = self._db().execute("SELECT * FROM jobs WHERE id = ?", (job,)).fetchone()
         return _job(row) if row else None
 
+    def status(self, job: int) -> str | None:
+        row = self._db().execute("SELECT status FROM jobs WHERE id = ?", (job,)).fetchone()
+        return row[0] if row else None
+
     def jobs(self) -> list[dict]:
         return [_job(row) for row in self._db().execute("SELECT * FROM jobs ORDER BY id")]
 
