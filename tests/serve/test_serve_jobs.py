@@ -1,10 +1,13 @@
 """Two demo jobs submitted at once to a real `gesso serve`, driven over HTTP as a client would: they run one after the
 other; the event stream gives every step once, in order, and resumes from Last-Event-ID with no gap; save-now,
 sample-now and stop write their files and events; the finished LoRA downloads byte-equal to the file on disk."""
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from serve_testutil import Server, is_step, read_events
+from serve_testutil import ROOT, Server, is_step, read_events
 
 pytestmark = pytest.mark.slow  # two short training jobs and a server start: about a minute on 2 cores
 
@@ -107,3 +110,20 @@ def test_the_finished_lora_downloads_byte_equal_and_paths_out_of_the_folder_are_
         refused = client.get(f"/jobs/{a}/files/{path}")
         assert refused.status_code == 400 and refused.json()["key"] == "path" and "'..'" in refused.json()["error"]
     assert client.get(f"/jobs/{a}/files/.gesso.lock").status_code == 404
+
+
+def test_the_readme_client_trains_the_demo_saves_at_step_2_and_downloads_the_final_file(run, tmp_path):
+    section = (ROOT / "README.md").read_text().split("## Training service", 1)[1].split("\n## ", 1)[0]
+    (tmp_path / "client.py").write_text(re.search(r"```python\n(.*?)```", section, re.S).group(1))
+    done = subprocess.run([sys.executable, "client.py", run["server"].url, str(ROOT / "examples" / "demo.toml")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    job = max(j["id"] for j in run["server"].client.get("/jobs").json()["jobs"])
+    output = Path(run["server"].client.get(f"/jobs/{job}").json()["output_dir"])
+    assert [line.split(" loss")[0] for line in lines if line.startswith("step ")] == [f"step {i}/6" for i in range(1, 7)]
+    saved = [line for line in lines if line.startswith("save step ")]
+    assert len(saved) == 1 and Path(saved[0].split()[-1]).is_file()  # the save-now's file, at the boundary after step 2
+    assert "control save_now saved " in done.stdout and lines[-2] == "status finished wrote demo.safetensors"
+    assert (tmp_path / "demo.safetensors").read_bytes() == (output / "demo.safetensors").read_bytes()
+    assert lines[-1].startswith("downloaded demo.safetensors of [") and "'demo.safetensors'" in lines[-1]
