@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -183,7 +184,10 @@ def serve(host: str, port: int, data_dir: Path, token: str | None, devices: list
         raise ConfigError(f"--data {data_dir}: cannot use it ({e.strerror or e})") from None
     try:
         sock = listen(host, port)
-        store = Store(data_dir / DB_FILE)
+        try:
+            store = Store(data_dir / DB_FILE)
+        except sqlite3.DatabaseError as e:
+            raise ConfigError(f"{data_dir / DB_FILE}: not a queue this server can read ({e})") from None
         app = create_app(store, Runner(store, data_dir, devices), data_dir, token)
         address = f"[{host}]" if ":" in host else host
         print(f"gesso serve: http://{address}:{sock.getsockname()[1]} (data folder {data_dir.resolve()}; one job at a "

@@ -104,7 +104,8 @@ class Runner:
         for job in self.store.running():
             if job["pid"] and _our_worker(job["pid"], job["id"]):
                 print(f"job {job['id']}: waiting for its process (pid {job['pid']}) to save its state", flush=True)
-                _wait_or_kill(job["pid"], ORPHAN_WAIT_S)
+                if not _wait_or_kill(job["pid"], ORPHAN_WAIT_S, lambda: self.closing):
+                    return  # the server is shutting down itself: the next start takes it from here
             if job["stop_requested"]:
                 self.store.end(job["id"], STOPPED, "stopped as asked, while the server was down")
             else:
@@ -189,10 +190,14 @@ def _our_worker(pid: int, job: int) -> bool:
     return b"gesso.serve.worker" in cmdline and str(job).encode() in cmdline
 
 
-def _wait_or_kill(pid: int, seconds: float) -> None:
+def _wait_or_kill(pid: int, seconds: float, give_up) -> bool:
+    """Wait for process `pid` to end, killing it after `seconds`; False (it still runs) when `give_up()` turns true."""
     deadline = time.monotonic() + seconds
     while _alive(pid):
+        if give_up():
+            return False
         if time.monotonic() > deadline:
             os.kill(pid, signal.SIGKILL)
-            return
+            return True
         time.sleep(0.2)
+    return True

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 DB_FILE = "jobs.db"
+SCHEMA_VERSION = 1  # PRAGMA user_version: a queue written by another schema is refused, never misread
 QUEUED, RUNNING, FINISHED, FAILED, STOPPED, CANCELLED = "queued", "running", "finished", "failed", "stopped", "cancelled"
 ENDED = (FINISHED, FAILED, STOPPED, CANCELLED)
 RESUMABLE = (FAILED, STOPPED, CANCELLED)  # what POST /jobs/{id}/resume queues again
@@ -56,7 +57,11 @@ class Store:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._local = threading.local()
-        self._db().executescript(SCHEMA)
+        db = self._db()
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, SCHEMA_VERSION):
+            raise sqlite3.DatabaseError(f"its schema is version {version}, this Gesso reads version {SCHEMA_VERSION}")
+        db.executescript(SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)

@@ -25,12 +25,12 @@ READ_S = 120  # the longest silence an event stream may have before the test fai
 class Server:
     """`python -m gesso.cli serve --port 0 --data DATA [ARGS]`, its address read from its first line."""
 
-    def __init__(self, data: Path, *args: str, token: str | None = None):
-        self.data, self.token = data, token
+    def __init__(self, data: Path, *args: str, token: str | None = None, cwd: Path | None = None, base: Path = DEMO_DIR):
+        self.data, self.token, self.base = data, token, base  # base: the folder the jobs' dataset paths are relative to
         env = dict(os.environ, OMP_NUM_THREADS="1")  # its jobs' processes too: the test machine is shared
         command = [sys.executable, "-m", "gesso.cli", "serve", "--port", "0", "--data", str(data), *args]
         self.proc = subprocess.Popen(command + (["--token", token] if token else []), stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, env=env)
+                                     stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
         deadline = time.monotonic() + START_S
@@ -66,7 +66,7 @@ class Server:
         kill_workers(self.data)
 
     def submit(self, *overrides: str, config: str | dict = DEMO_TOML) -> dict:
-        r = self.client.post("/jobs", json={"config": config, "base": str(DEMO_DIR), "overrides": [*SHORT, *overrides]})
+        r = self.client.post("/jobs", json={"config": config, "base": str(self.base), "overrides": [*SHORT, *overrides]})
         assert r.status_code == 201, r.text
         return r.json()
 

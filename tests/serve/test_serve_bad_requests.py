@@ -101,6 +101,16 @@ def test_a_second_server_on_the_same_data_folder_is_refused(server):
     assert lines[0].startswith(f"error: --data {server.data}: in use by another gesso serve (pid {server.proc.pid} on ")
 
 
+def test_a_data_folder_whose_queue_is_not_readable_is_refused_in_one_line(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "jobs.db").write_bytes(b"this is not a database " * 100)
+    proc = subprocess.run([sys.executable, "-m", "gesso.cli", "serve", "--port", "0", "--data", str(tmp_path / "data")],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        f"error: {tmp_path / 'data' / 'jobs.db'}: not a queue this server can read (file is not a database)"]
+    assert (tmp_path / "data" / "jobs.db").read_bytes() == b"this is not a database " * 100
+
+
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.20", "::"])
 def test_a_non_local_address_without_a_token_is_refused(host, tmp_path, monkeypatch):
     monkeypatch.delenv("GESSO_SERVE_TOKEN", raising=False)

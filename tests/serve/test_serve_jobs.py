@@ -2,20 +2,30 @@
 other; the event stream gives every step once, in order, and resumes from Last-Event-ID with no gap; save-now,
 sample-now and stop write their files and events; the finished LoRA downloads byte-equal to the file on disk."""
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from serve_testutil import ROOT, Server, is_step, read_events
+from serve_testutil import DEMO_DIR, ROOT, Server, is_step, read_events
 
 pytestmark = pytest.mark.slow  # two short training jobs and a server start: about a minute on 2 cores
 
 
+def snapshot(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """The session a client has with the server, recorded for the tests below."""
-    server = Server(tmp_path_factory.mktemp("serve") / "data")
+    """The session a client has with the server, recorded for the tests below. The server runs in an empty folder and
+    its jobs train on a copy of the demo images, both watched: it must write in its data folder alone."""
+    tmp = tmp_path_factory.mktemp("serve")
+    shutil.copytree(DEMO_DIR / "demo", tmp / "images" / "demo")
+    (tmp / "cwd").mkdir()
+    images = snapshot(tmp / "images")
+    server = Server(tmp / "data", cwd=tmp / "cwd", base=tmp / "images")
     try:
         first = server.submit("train.epochs=2")  # 6 steps
         second = server.submit("train.epochs=2")
@@ -31,7 +41,7 @@ def run(tmp_path_factory):
         stopped += read_events(server, b, last_id=stopped[-1][0])
         yield {"server": server, "a": a, "b": b, "before": before, "after": after, "requests": requests, "stopped": stopped,
                "stop": stop, "jobs": {j["id"]: j for j in server.client.get("/jobs").json()["jobs"]},
-               "late": read_events(server, a)}
+               "late": read_events(server, a), "images": images, "tmp": tmp}
     finally:
         server.stop()
 
@@ -44,6 +54,17 @@ def test_two_jobs_submitted_at_once_run_one_after_the_other(run):
     assert statuses == ["queued", "running", "finished"]
     # the listing's live fields, from the last step
     assert (a["step"], a["total_steps"], a["epoch"], a["eta_s"]) == (6, 6, 2, 0.0) and a["loss"] > 0
+
+
+def test_the_server_wrote_in_its_data_folder_alone(run):
+    tmp = run["tmp"]
+    assert snapshot(tmp / "images") == run["images"]  # no cache beside the images (the default cache_dir would be)
+    assert list((tmp / "cwd").iterdir()) == []  # nothing relative to its working folder
+    assert {p.name for p in (tmp / "data").iterdir()} <= {"jobs.db", "jobs.db-wal", "jobs.db-shm", "server.lock", "jobs", "cache"}
+    assert sorted(p.name for p in (tmp / "data" / "jobs").iterdir()) == [str(run["a"]), str(run["b"])]
+    assert any((tmp / "data" / "cache").rglob("*.safetensors"))  # the latents went to the server's own cache
+    job = run["server"].client.get(f"/jobs/{run['a']}").json()
+    assert job["config"]["dataset"]["cache_dir"] == str((tmp / "data" / "cache").resolve()) and job["notices"] == []
 
 
 def test_the_stream_gives_every_step_once_in_order_and_resumes_after_a_disconnect_with_no_gap(run):

@@ -4,6 +4,7 @@ the server writes, and a client's file path never leaves the job's folder."""
 import json
 import multiprocessing
 import os
+import sqlite3
 
 import pytest
 from serve_testutil import DEMO_DIR, DEMO_TOML
@@ -98,3 +99,14 @@ def test_a_client_path_never_leaves_the_jobs_folder(tmp_path):
     assert (e.value.status, e.value.message) == (400, "path 'link.safetensors': leads outside the job's folder")
     assert [(f["path"], f["kind"]) for f in job_files(out)] == [("demo.safetensors", "lora"),
                                                                 ("samples/demo-e000001-00.png", "preview")]
+
+
+def test_a_file_that_is_not_our_queue_is_refused_and_left_as_it_was(tmp_path):
+    (tmp_path / "garbage.db").write_bytes(b"not sqlite at all, " * 100)
+    with pytest.raises(sqlite3.DatabaseError):
+        Store(tmp_path / "garbage.db")
+    assert (tmp_path / "garbage.db").read_bytes() == b"not sqlite at all, " * 100
+    with sqlite3.connect(tmp_path / "later.db") as db:
+        db.execute("PRAGMA user_version = 7")  # a queue a later Gesso wrote
+    with pytest.raises(sqlite3.DatabaseError, match="its schema is version 7, this Gesso reads version 1"):
+        Store(tmp_path / "later.db")
