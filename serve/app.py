@@ -126,10 +126,13 @@ def create_app(store: Store, runner: Runner, data_dir: Path, token: str | None) 
         job = found(job_id)
         if job["status"] == QUEUED:
             raise RequestError(409, f"job {job_id} is queued, not running: cancel it with POST /jobs/{job_id}/cancel", "id")
-        if request == "stop" and job["status"] == RUNNING:
-            store.request_stop(job_id)
-        if job["status"] != RUNNING or not runner.send(job_id, request):
+        if job["status"] != RUNNING:
             raise RequestError(409, f"job {job_id} is {job['status']}, not running", "id")
+        if request == "stop":
+            store.request_stop(job_id)  # kept: a server restarted before the job stopped stops it rather than resuming
+        if not runner.send(job_id, request):
+            raise RequestError(409, f"job {job_id} is starting or ending: its process takes no requests at this moment; "
+                                    "try again", "id")
         return {"id": job_id, "request": request, "accepted": True}
 
     def control_route(request: str):

@@ -106,7 +106,7 @@ class Runner:
                 print(f"job {job['id']}: waiting for its process (pid {job['pid']}) to save its state", flush=True)
                 if not _wait_or_kill(job["pid"], ORPHAN_WAIT_S, lambda: self.closing):
                     return  # the server is shutting down itself: the next start takes it from here
-            if job["stop_requested"]:
+            if self.store.job(job["id"])["stop_requested"]:  # asked before the server went, or while it waited
                 self.store.end(job["id"], STOPPED, "stopped as asked, while the server was down")
             else:
                 self.store.requeue(job["id"], "the server started again: the job goes on from its last state")
