@@ -5,7 +5,7 @@ from setuptools import setup
 # gesso.commands and gesso.cli, and a host's own `models` or `engine` package is never shadowed.
 PACKAGES = ["gesso", "gesso.commands", "gesso.engine", "gesso.engine.config", "gesso.engine.data", "gesso.engine.embedding",
             "gesso.engine.lora", "gesso.engine.loop", "gesso.engine.measure", "gesso.engine.memory", "gesso.engine.run", "gesso.engine.sampling",
-            "gesso.kernels", "gesso.models"]
+            "gesso.kernels", "gesso.models", "gesso.serve"]
 
 setup(
     name="gesso",
@@ -32,8 +32,13 @@ setup(
         # diffusers' load_lora_weights needs to load our LoRA files in the format tests.
         # lycoris-lora is the reference for the LoHa/LoKr/DoRA deltas; onnx builds the tiny WD tagger graph that
         # the caption tests run on onnxruntime.
+        # fastapi, uvicorn and httpx: the serve tests start a real `gesso serve` and talk to it over HTTP
         "test": ["pytest", "pytest-benchmark", "diffusers>=0.30", "peft", "onnxruntime", "onnx",
-                 "lycoris-lora>=4.1"],
+                 "lycoris-lora>=4.1", "fastapi>=0.110", "uvicorn[standard]>=0.29", "httpx>=0.27"],
+        # `gesso serve`: the HTTP job API, on FastAPI (Starlette underneath, OpenAPI schema from it) served by uvicorn;
+        # [standard] brings its C parser (httptools) and event loop (uvloop): 0.56 ms of server CPU per status request
+        # instead of 0.79 with the pure-Python h11 and asyncio (benchmarks/serve_load.py, 2026-12-03, benchmarks/README.md)
+        "serve": ["fastapi>=0.110", "uvicorn[standard]>=0.29"],
         # `gesso caption --captioner tagger`: WD taggers ship model.onnx; BLIP needs only transformers
         "caption": ["onnxruntime"],
         # the viewer for <output>/tensorboard (tensorboardX above only writes the files): `tensorboard --logdir ...`

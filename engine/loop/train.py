@@ -14,6 +14,7 @@ from gesso.engine.data.cache import Cache, prepare_cache
 from gesso.engine.data.dataset import Dataset
 from gesso.engine.embedding import inversion as textual_inversion
 from gesso.engine.loop import objective, prediction
+from gesso.engine.loop.control import Control, answer
 from gesso.engine.loop.distributed import SINGLE, NoLog, World
 from gesso.engine.loop.inputs import Inputs, find_inputs, load_model, pick_device
 from gesso.engine.loop.preview import render_previews
@@ -138,7 +139,8 @@ def fixed_eval_loss(unet, cache: Cache, seed: int = 1234, draws: int = 4, batch_
 
 
 def train(cfg: Config, output_dir: str | Path, on_event: Callable[[dict], None] | None = None,
-          resume: str | Path | None = None, progress: bool = True, overwrite: bool = False) -> TrainResult:
+          resume: str | Path | None = None, progress: bool = True, overwrite: bool = False,
+          control: Control | None = None) -> TrainResult:
     """Train a LoRA as `cfg` says, writing its files to `output_dir`.
 
     on_event: called with each event (engine/run/events.py): every optimizer step's metrics, every file written;
@@ -148,33 +150,42 @@ def train(cfg: Config, output_dir: str | Path, on_event: Callable[[dict], None] 
     files of an earlier run in `output_dir`, which stay whole until this run writes its first file; without it (and
     without resuming that run) such a folder is refused, unless its files are this same run's from a start killed
     before its first state.pt (then the run starts again).
+    control: a `Control` the host (any thread) asks to stop, save, preview or validate now; each request is answered
+    at the next step boundary (engine/loop/control.py).
+
+    It trains with autograd on whatever the host's modes are (ComfyUI runs its nodes under torch.inference_mode(),
+    others call from torch.no_grad()), and leaves them as they were.
 
     Every input (the model, the dataset, the resume state) is checked before `output_dir` is touched. One run at a
     time holds `output_dir` (engine/run/rundir.py): a second one is refused with a TrainError naming the first one's
     pid; temporary files a killed run left there are removed first.
     """
-    return run_training(cfg, output_dir, on_event, resume, progress, overwrite)
+    return run_training(cfg, output_dir, on_event, resume, progress, overwrite, control=control)
 
 
 def run_training(cfg: Config, output_dir: str | Path, on_event: Callable[[dict], None] | None = None,
                  resume: str | Path | None = None, progress: bool = True, overwrite: bool = False,
-                 world: World = SINGLE, clock: Callable[[], float] = time.monotonic) -> TrainResult:
+                 world: World = SINGLE, clock: Callable[[], float] = time.monotonic,
+                 control: Control | None = None) -> TrainResult:
     """`train` in one process of a torchrun world: `world` is this process's rank (engine/loop/distributed.py), inside
     its process group, and rank 0 alone writes; `clock` gives the monotonic seconds output.save_every_n_minutes counts
-    in (tests pass a fake one). `gesso train` calls this; a host calls `train`.
+    in (tests pass a fake one). `gesso train` calls this; a host calls `train`. A `control` is for one process: a
+    stop asked of one rank alone would leave the others waiting.
 
     Every input is found and checked (engine/loop/inputs.py) before the output folder is refused, locked or changed."""
     output_dir = Path(output_dir)
-    inputs = find_inputs(cfg, world.device(pick_device(cfg.train.device)), resume, world.size)
     # resuming a run in its own folder goes on with that run's files; any other run would replace them
     own = resume is not None and Path(resume).resolve() == output_dir.resolve()
     mode = rundir.OVERWRITE if overwrite else rundir.RESUME if own else rundir.FRESH
-    with world.claim(output_dir, cfg, mode) as held:
-        return _train(inputs, held, on_event, progress and world.main, world, clock)
+    # autograd on, whatever the host's modes, from the resume state's first tensor: both restore the host's own on the way out
+    with torch.inference_mode(False), torch.enable_grad():
+        inputs = find_inputs(cfg, world.device(pick_device(cfg.train.device)), resume, world.size)
+        with world.claim(output_dir, cfg, mode) as held:
+            return _train(inputs, held, on_event, progress and world.main, world, clock, control)
 
 
 def _train(inputs: Inputs, held: rundir.Claim, on_event: Callable[[dict], None] | None, progress: bool, world: World,
-           clock: Callable[[], float]) -> TrainResult:
+           clock: Callable[[], float], control: Control | None) -> TrainResult:
     cfg, device, state, output_dir = inputs.cfg, inputs.device, inputs.state, held.folder
     torch.manual_seed(cfg.train.seed)
     sd, model_cfg, network, cache = prepare_run(inputs, progress, world)
@@ -209,8 +220,27 @@ def _train(inputs: Inputs, held: rundir.Claim, on_event: Callable[[dict], None] 
     log = RunLog(output_dir, pos.step, cfg.output.tensorboard) if world.main else NoLog()
     held.when_proved(log.open)  # an overwrite keeps the earlier run's logs until its first file
     bar = tqdm(total=plan.total_steps, initial=pos.step, unit="step", dynamic_ncols=True, disable=not progress)
+
+    def previews(label: str, epoch: int, saved: Path | None) -> list[Path]:
+        held.prove()  # an --overwrite's earlier files go before the first preview as before the first file
+        paths = render_previews(sd, cache.tokenizers, cfg, output_dir / "samples", label, device, saved, pos.step, bar, log)
+        for path in paths:
+            events.saved("preview", path, pos.step, epoch)
+        return paths
+
+    def save_now() -> Path | None:
+        path = saver.step_file(pos.epoch, pos.step)
+        saver.state_if_asked(opt, sched, scaler, pos)
+        return path
+
+    def preview_now() -> list[Path]:
+        saved = output_dir / f"{cfg.output.name}-step{pos.step:08d}.safetensors"  # named when save_now wrote it just now
+        saved = saved if saved.name in saver.files else None
+        return previews(f"step{pos.step:08d}", pos.epoch, saved) if cfg.sample.prompts else []
+
     try:
         events.start(pos.step, pos.epoch)
+        answer(control, events, pos.step, pos.epoch, save_now, preview_now)
         for epoch in range(pos.epoch, plan.epochs + 1):
             micro_losses = []
             for i, batch in enumerate(world.batches(cache, epoch, plan.batch_size, tc.seed, skip=pos.batch), start=pos.batch):
@@ -243,11 +273,12 @@ def _train(inputs: Inputs, held: rundir.Claim, on_event: Callable[[dict], None] 
                 log.step(record, event["steps_per_s"], event["peak_memory_gib"])
                 result.losses.append(record["loss"])
                 if cfg.output.save_every_n_steps and pos.step % cfg.output.save_every_n_steps == 0 and pos.step < plan.total_steps:
-                    saver.intermediate(f"step{pos.step:08d}", epoch, pos.step)
+                    saver.step_file(epoch, pos.step)
                     saver.state_if_asked(opt, sched, scaler, pos)
                 saver.on_clock(opt, sched, scaler, pos, plan.total_steps)
                 world.emit_step(events, event)  # after this step's files: a host stopping here leaves them written
                 _show(bar, event)
+                answer(control, events, pos.step, epoch, save_now, preview_now)  # the host's requests, at this boundary
             pos = Position(epoch + 1, 0, pos.step, g.get_state())
             every = cfg.output.save_every_n_epochs
             if every and epoch % every == 0:
@@ -256,9 +287,7 @@ def _train(inputs: Inputs, held: rundir.Claim, on_event: Callable[[dict], None] 
                 saver.state_if_asked(opt, sched, scaler, pos)
             if world.main and cfg.sample.prompts and cfg.sample.every_n_epochs and epoch % cfg.sample.every_n_epochs == 0:
                 saved = output_dir / f"{cfg.output.name}-{epoch:06d}.safetensors" if every and epoch % every == 0 else None
-                held.prove()
-                for path in render_previews(sd, cache.tokenizers, cfg, output_dir / "samples", epoch, device, saved, pos.step, bar, log):
-                    events.saved("preview", path, pos.step, epoch)
+                previews(f"e{epoch:06d}", epoch, saved)
     except StopTraining:
         events.stopping = True
         saver.state(opt, sched, scaler, pos)  # pos is the last optimizer-step boundary

@@ -176,38 +176,60 @@ def remove_temp_files(folder: Path) -> int:
     return removed
 
 
-def _lock(folder: Path) -> int:
-    path = folder / LOCK_FILE
+class Busy(Exception):
+    """A lock another live process holds; `holder` is the line it wrote (pid, host, start time)."""
+
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+def take_lock(path: Path) -> tuple[int, str]:
+    """This process's advisory lock on the file `path` (created if need be), holding our pid, host and start time:
+    its descriptor, and the line of an earlier holder that ended without releasing it ("" if none). Busy when a live
+    process holds it. The run folder's lock, and `gesso serve`'s on its data folder."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         if not _try_lock(fd):
             holder = _holder(fd) or "pid unknown"
             os.close(fd)
-            raise TrainError(f"{folder} is in use by another run ({holder}): wait for it to end, "
-                             "stop it, or write to another output folder (--output-dir)")
+            raise Busy(holder)
         try:
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 break
         except FileNotFoundError:
             pass
-        os.close(fd)  # the run that held it removed the file between our open and lock: lock the new file
+        os.close(fd)  # the holder removed the file between our open and lock: lock the new file
     earlier = _holder(fd, wait=False)
-    if earlier:
-        print(f"notice: {folder}: taking over the lock of a run that ended without releasing it ({earlier})", file=sys.stderr, flush=True)
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+    return fd, earlier
+
+
+def release_lock(path: Path, fd: int) -> None:
+    # emptied first: where the file cannot be removed while open (Windows), the next holder finds no one named
+    os.ftruncate(fd, 0)
+    try:
+        path.unlink()
+    except OSError:
+        pass
+    os.close(fd)  # closing releases the lock
+
+
+def _lock(folder: Path) -> int:
+    try:
+        fd, earlier = take_lock(folder / LOCK_FILE)
+    except Busy as e:
+        raise TrainError(f"{folder} is in use by another run ({e.holder}): wait for it to end, "
+                         "stop it, or write to another output folder (--output-dir)") from None
+    if earlier:
+        print(f"notice: {folder}: taking over the lock of a run that ended without releasing it ({earlier})", file=sys.stderr, flush=True)
     return fd
 
 
 def _unlock(folder: Path, fd: int) -> None:
-    # emptied first: where the file cannot be removed while open (Windows), the next run finds no holder named
-    os.ftruncate(fd, 0)
-    try:
-        (folder / LOCK_FILE).unlink()
-    except OSError:
-        pass
-    os.close(fd)  # closing releases the lock
+    release_lock(folder / LOCK_FILE, fd)
 
 
 def _holder(fd: int, wait: bool = True) -> str:

@@ -59,6 +59,14 @@ class Saver:
         self.events.saved("step" if stem.startswith("step") else "epoch", path, step, epoch)
         return path
 
+    def step_file(self, epoch: int, step: int) -> Path | None:
+        """The step's `<name>-step<N>.safetensors`, unless this step already wrote it (a step save, a timed save and a
+        host's save-now may meet on one step): the path, or None."""
+        stem = f"step{step:08d}"
+        if f"{self.cfg.output.name}-{stem}.safetensors" in self.files:
+            return None
+        return self.intermediate(stem, epoch, step)
+
     def state(self, optimizer, scheduler, scaler, pos: Position) -> None:
         # the live weights, not a copy: save_state makes the one copy the file needs
         live = self.network.named_tensors()
@@ -83,9 +91,8 @@ class Saver:
         minutes = self.cfg.output.save_every_n_minutes
         if not minutes or pos.step >= total_steps or self.clock() - self.last_state < minutes * 60:
             return
-        stem = f"step{pos.step:08d}"
-        if self.cfg.output.timed_lora and f"{self.cfg.output.name}-{stem}.safetensors" not in self.files:
-            self.intermediate(stem, pos.epoch, pos.step)
+        if self.cfg.output.timed_lora:
+            self.step_file(pos.epoch, pos.step)
         self.state(optimizer, scheduler, scaler, pos)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGE_DIRS = ("commands", "engine", "kernels", "models")
+PACKAGE_DIRS = ("commands", "engine", "kernels", "models", "serve")
 BARE_NAMES = ("models", "engine", "kernels", "cli")  # our sub-packages as a host would name its own
 
 # Printed as JSON by the venv's Python: the venv's own gesso distribution, read from its site-packages only.
