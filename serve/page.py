@@ -10,8 +10,6 @@ the job API: the demo config, a submission's plan (its steps and predicted memor
 The page's files are sent with a Content-Security-Policy that lets it load and connect to its own origin alone,
 and they are public: with a token, the page asks for it and sends it with every API request (serve/http.py).
 """
-import functools
-import json
 import threading
 from pathlib import Path
 
@@ -48,25 +46,21 @@ def page_file(path: Path) -> FileResponse:
     return FileResponse(path, media_type=kind, headers=HEADERS)
 
 
-@functools.lru_cache(maxsize=32)
-def _plan(config_json: str) -> dict:
-    cfg = build_config(json.loads(config_json), "config")
-    try:
-        dataset = load_dataset(cfg)
-    except GessoError as e:
-        raise RequestError(422, str(e), error_key(str(e)) or "dataset.path") from None
-    tc = cfg.train
-    steps = Plan(dataset, tc.batch_size, tc.epochs, tc.gradient_accumulation_steps)
-    memory = memtrace.predict(cfg)
-    return {"steps": steps.describe(), "total_steps": steps.total_steps, "memory": memory.describe(),
-            "peak_gib": memory.peak_gib, "note": MEMORY_NOTE}
-
-
 def plan(config: dict) -> dict:
     """A checked config's (serve/jobs.py check_config's) steps line and memory prediction: `steps` as `gesso train`
-    prints it, `memory` as `gesso memory` does; RequestError when its dataset has no trainable image."""
+    prints it, `memory` as `gesso memory` does; RequestError when its dataset has no trainable image. Not cached: the
+    dataset folder may have changed since the last look."""
+    cfg = build_config(config, "config")
     with _planning:
-        return _plan(json.dumps(config, sort_keys=True))
+        try:
+            dataset = load_dataset(cfg)
+        except GessoError as e:
+            raise RequestError(422, str(e), error_key(str(e)) or "dataset.path") from None
+        tc = cfg.train
+        steps = Plan(dataset, tc.batch_size, tc.epochs, tc.gradient_accumulation_steps)
+        memory = memtrace.predict(cfg)
+    return {"steps": steps.describe(), "total_steps": steps.total_steps, "memory": memory.describe(),
+            "peak_gib": memory.peak_gib, "note": MEMORY_NOTE}
 
 
 def add_page(app: FastAPI, store: Store, runner, jobs_dir: Path, demo: Path | None, found) -> None:

@@ -19,8 +19,8 @@ from serve_testutil import DEMO_DIR, SHORT, Server  # noqa: E402
 SCREENSHOTS = Path(os.environ.get("GESSO_SCREENSHOTS") or Path(__file__).resolve().parent / "screenshots")
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 WAIT_S = 240  # the longest the page may take to show something: a server busy training on a loaded 2-core machine
-__all__ = ["DEMO_DIR", "SHORT", "Server", "browser", "console_errors", "demo_toml", "foreign_resources", "needs_chromium",
-           "screenshot", "tab_to", "wait_for"]
+__all__ = ["DEMO_DIR", "SHORT", "Server", "browser", "close", "console_errors", "demo_toml", "foreign_resources",
+           "needs_chromium", "overflow", "screenshot", "tab_to", "unlabelled", "wait_for"]
 
 
 def needs_chromium():

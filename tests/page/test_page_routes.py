@@ -52,6 +52,7 @@ def test_the_demo_route_gives_the_servers_demo_or_says_how_to_have_one(tmp_path)
     assert r.status_code == 404 and r.json()["key"] == "demo" and "--demo FILE.toml" in r.json()["error"]
 
 
+@pytest.mark.slow  # the step on the meta device: 10 to 30 s on a loaded 2-core machine
 def test_the_plan_gives_the_steps_line_and_the_memory_prediction_or_the_error_naming_the_key(tmp_path):
     c, store = client(tmp_path)
     body = {"config": DEMO.read_text(), "base": str(DEMO_DIR), "overrides": ["train.epochs=3", "dataset.resolution=64"]}
