@@ -57,7 +57,7 @@ def test_a_server_stopped_with_sigterm_queues_its_job_again_and_the_next_start_f
     data = tmp_path / "data"
     first = Server(data)
     try:
-        job = first.submit("train.epochs=2")["id"]  # 6 steps
+        job = first.submit("train.epochs=4")["id"]  # 12 steps
         read_events(first, job, until=is_step(2))
         first.proc.send_signal(signal.SIGTERM)
         assert first.proc.wait(timeout=120) == 128 + signal.SIGTERM, first.output()
@@ -74,4 +74,4 @@ def test_a_server_stopped_with_sigterm_queues_its_job_again_and_the_next_start_f
     # queued again by the stopping server itself (its job stopped within its wait), not by the next one's recovery
     assert statuses[2] == ("queued", "the server shut down: the job goes on from its last state at its next start")
     assert statuses[-1] == ("finished", "wrote demo.safetensors") and len(statuses) == 5
-    assert [e["step"] for e in history if e["event"] == "step"] == list(range(1, 7))
+    assert [e["step"] for e in history if e["event"] == "step"] == list(range(1, 13))

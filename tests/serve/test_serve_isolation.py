@@ -18,7 +18,7 @@ def server(tmp_path_factory):
 
 def test_a_diverging_job_and_a_killed_one_fail_alone_and_the_next_job_runs(server):
     nan = server.submit("train.learning_rate=1e6", "train.max_grad_norm=0", "train.epochs=2")["id"]
-    killed = server.submit("train.epochs=2")["id"]
+    killed = server.submit("train.epochs=4")["id"]  # 12 steps: killed after the first
     fine = server.submit("train.epochs=1")["id"]
 
     failed = server.wait(nan, "failed", "finished")
