@@ -19,7 +19,6 @@ from pathlib import Path
 
 DB_FILE = "jobs.db"
 SCHEMA_VERSION = 2  # PRAGMA user_version: a queue written by a later schema is refused, never misread
-KINDS = ("train", "grid")  # a training run, or an epoch x strength grid of a run's files (serve/grid.py)
 QUEUED, RUNNING, FINISHED, FAILED, STOPPED, CANCELLED = "queued", "running", "finished", "failed", "stopped", "cancelled"
 ENDED = (FINISHED, FAILED, STOPPED, CANCELLED)
 RESUMABLE = (FAILED, STOPPED, CANCELLED)  # what POST /jobs/{id}/resume queues again
@@ -29,7 +28,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     name TEXT NOT NULL,
-    kind TEXT NOT NULL DEFAULT 'train',  -- one of KINDS
+    kind TEXT NOT NULL DEFAULT 'train',  -- train, or grid: an epoch x strength grid of a run's files (serve/grid.py)
     status TEXT NOT NULL,
     config TEXT NOT NULL,           -- the checked config, as JSON shaped like the TOML
     request TEXT NOT NULL,          -- what the client sent: config, overrides, base
