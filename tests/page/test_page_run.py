@@ -1,8 +1,8 @@
 """The page in a real headless Chromium, as an artist uses it: the new run form with the demo, its plan and a bad
-learning rate's error beside the field; the run's page while it trains (the loss chart gaining points, a preview);
-Stop reached by keyboard, leaving a resumable state that Resume finishes; a 2 x 2 epoch x strength grid rendered
-cell by cell, a cell's dialog with its image and its <lora:...> tag; the narrow layout. After every test: no console
-error, and nothing loaded from anywhere but the server."""
+learning rate's error beside the field; the run's page while it trains (the loss chart gaining points, Save now's
+file and Preview now's image, an epoch's preview); Stop reached by keyboard, leaving a resumable state that Resume
+finishes; a 2 x 2 epoch x strength grid rendered cell by cell, a cell's dialog with its image and its <lora:...> tag;
+the narrow layout. After every test: no console error, and nothing loaded from anywhere but the server."""
 import re
 from pathlib import Path
 
@@ -101,16 +101,21 @@ def test_the_form_shows_the_steps_and_memory_then_submits_the_demo_with_2_epochs
     assert (job["config"]["train"]["epochs"], job["config"]["train"]["learning_rate"], job["config"]["output"]["name"]) == (2, 2e-3, "demo")
 
 
-def test_the_loss_chart_gains_points_while_it_trains_and_a_preview_appears(page, server):
+def test_the_loss_chart_gains_points_while_it_trains_and_previews_appear_save_now_and_preview_now_too(page, server):
     points = lambda: int(find(page, ".chart").get_attribute("data-points"))  # noqa: E731
     wait_for(page, lambda d: points() >= 1, "a first point on the loss chart", server=server)
     first = points()
     wait_for(page, lambda d: points() > first, "the chart gaining points", server=server)
     assert server.client.get("/jobs/1").json()["status"] == "running"  # gained while it trains
-    preview = wait_for(page, shown("#previews figure img", lambda el: page.execute_script(
+    for name in ("Save now", "Preview now"):  # answered at the next step boundary: a step file and a step's preview
+        next(b for b in page.find_elements("css selector", ".actions button") if b.text == name).click()
+    wait_for(page, shown(".files a", lambda el: re.fullmatch(r"demo-step\d{8}\.safetensors", el.get_attribute("download"))),
+             "the save-now's file among the files", server=server)
+    wait_for(page, shown("#previews section[data-label$='(preview now)'] img", lambda el: page.execute_script(
+        "return arguments[0].complete && arguments[0].naturalWidth > 0", el)), "the preview-now's image", server=server)
+    preview = wait_for(page, shown("#previews section[data-label='epoch 1'] img", lambda el: page.execute_script(
         "return arguments[0].complete && arguments[0].naturalWidth > 0", el)), "a preview", server=server)
     assert preview.get_attribute("alt") == "gssdemo, a red circle on a blue background"
-    assert find(page, "#previews h3").text == "epoch 1"
     screenshot(page, "run-training")
 
 
