@@ -14,8 +14,10 @@ setup(
     python_requires=">=3.11",
     packages=PACKAGES,
     package_dir={"gesso": "."},
-    # the dispatch table a GPU session measured (kernels/dispatch.py): absent until one has, installed once it exists
-    package_data={"gesso.models": ["tokenizers/clip/*"], "gesso.kernels": ["dispatch_table.json"]},
+    # the CLIP vocabulary; the dispatch table a GPU session measured (kernels/dispatch.py: absent until one has,
+    # installed once it exists); gesso serve's page (HTML, scripts, styles and the vendored chart library with its licence)
+    package_data={"gesso.models": ["tokenizers/clip/*"], "gesso.kernels": ["dispatch_table.json"],
+                  "gesso.serve": ["static/*", "static/vendor/*"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
@@ -32,9 +34,10 @@ setup(
         # diffusers' load_lora_weights needs to load our LoRA files in the format tests.
         # lycoris-lora is the reference for the LoHa/LoKr/DoRA deltas; onnx builds the tiny WD tagger graph that
         # the caption tests run on onnxruntime.
-        # fastapi, uvicorn and httpx: the serve tests start a real `gesso serve` and talk to it over HTTP
+        # fastapi, uvicorn and httpx: the serve tests start a real `gesso serve` and talk to it over HTTP; selenium drives
+        # the page's tests in a headless Chromium (Debian's chromium and chromium-driver, which .ci/run installs)
         "test": ["pytest", "pytest-benchmark", "diffusers>=0.30", "peft", "onnxruntime", "onnx",
-                 "lycoris-lora>=4.1", "fastapi>=0.110", "uvicorn[standard]>=0.29", "httpx>=0.27"],
+                 "lycoris-lora>=4.1", "fastapi>=0.110", "uvicorn[standard]>=0.29", "httpx>=0.27", "selenium>=4.20"],
         # `gesso serve`: the HTTP job API, on FastAPI (Starlette underneath, OpenAPI schema from it) served by uvicorn;
         # [standard] brings its C parser (httptools) and event loop (uvloop): 0.56 ms of server CPU per status request
         # instead of 0.79 with the pure-Python h11 and asyncio (benchmarks/serve_load.py, 2026-12-03, benchmarks/README.md)

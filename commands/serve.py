@@ -29,6 +29,8 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--token", help=f"a secret every request must send as 'Authorization: Bearer <token>' (default: ${TOKEN_ENV})")
     p.add_argument("--devices", default="auto", help="'cpu', or GPU indices such as 0,1: one job at a time on each "
                                                      "(default auto: every visible GPU, else the CPU)")
+    p.add_argument("--demo", metavar="FILE.toml", help="the config the page's 'demo' choice submits, its paths relative to "
+                                                     "its folder (default: examples/demo.toml of a clone)")
     p.set_defaults(run=cmd_serve)
 
 
@@ -43,9 +45,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if missing:
         raise ConfigError(f"gesso serve needs {' and '.join(missing)}: pip install -e \".[serve]\"")
     from gesso.serve.app import serve
+    from gesso.serve.page import BUNDLED_DEMO
     from gesso.serve.runner import find_devices
 
-    serve(args.host, args.port, Path(args.data), token, find_devices(args.devices))
+    demo = Path(args.demo).resolve() if args.demo else BUNDLED_DEMO
+    if args.demo and not demo.is_file():
+        raise ConfigError(f"--demo {args.demo}: no such file")
+    serve(args.host, args.port, Path(args.data), token, find_devices(args.devices), demo)
     return 0
 
 

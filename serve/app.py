@@ -2,6 +2,7 @@
 
     POST /jobs                     submit {"config": TOML text or JSON object, "overrides": [...], "base": folder}
     POST /jobs/check               the same checks, nothing queued
+    POST /jobs/plan                the same checks, then the steps arithmetic and the memory prediction (serve/page.py)
     GET  /jobs                     every job with its live numbers (status, step/total, loss, ETA, peak memory)
     GET  /jobs/{id}                one job, with its config and the server's notices
     GET  /jobs/{id}/events         its events as server-sent events; Last-Event-ID (or ?after=N) resumes
@@ -9,7 +10,8 @@
     POST /jobs/{id}/cancel         a queued job;   POST /jobs/{id}/resume   a stopped, failed or cancelled one
     GET  /jobs/{id}/files          what it wrote;  GET /jobs/{id}/files/{path}   one of those files
 
-The OpenAPI schema is served at /openapi.json (and browsable at /docs). Errors are JSON (serve/http.py).
+The page at / and its routes (the demo config, grid jobs) are serve/page.py's. The OpenAPI schema is served at
+/openapi.json (and browsable at /docs). Errors are JSON (serve/http.py).
 """
 import asyncio
 import contextlib
@@ -30,6 +32,7 @@ from gesso.engine.run.rundir import Busy, release_lock, take_lock
 from gesso.errors import ConfigError
 from gesso.serve.http import Feed, Guard, event_stream, has_more
 from gesso.serve.jobs import JOBS_DIR, RequestError, check_config, job_file, job_files, relative_path
+from gesso.serve.page import BUNDLED_DEMO, add_page, plan
 from gesso.serve.runner import Runner
 from gesso.serve.store import DB_FILE, QUEUED, RESUMABLE, RUNNING, Store
 
@@ -49,7 +52,7 @@ class JobRequest(BaseModel):
                                                "against; default: the server's working folder")
 
 
-def create_app(store: Store, runner: Runner, data_dir: Path, token: str | None) -> FastAPI:
+def create_app(store: Store, runner: Runner, data_dir: Path, token: str | None, demo: Path | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         feed_task = asyncio.create_task(feed.run())
@@ -99,6 +102,11 @@ def create_app(store: Store, runner: Runner, data_dir: Path, token: str | None) 
         config, notices = check_config(body.config, body.overrides, body.base, data_dir)
         return {"config": config, "notices": notices}
 
+    @app.post("/jobs/plan", summary="Check a job's config, then give its steps arithmetic and predicted peak memory")
+    def planned(body: JobRequest) -> dict:
+        config, notices = check_config(body.config, body.overrides, body.base, data_dir)
+        return {**plan(config), "notices": notices}
+
     # the reads a client polls run on the event loop, not on a worker thread: a read of the store (WAL) never waits on
     # its writers, and takes less than handing it to a thread and back
     @app.get("/jobs", summary="Every job, oldest first, with its live numbers")
@@ -128,6 +136,8 @@ def create_app(store: Store, runner: Runner, data_dir: Path, token: str | None) 
             raise RequestError(409, f"job {job_id} is queued, not running: cancel it with POST /jobs/{job_id}/cancel", "id")
         if job["status"] != RUNNING:
             raise RequestError(409, f"job {job_id} is {job['status']}, not running", "id")
+        if job["kind"] != "train" and request != "stop":
+            raise RequestError(409, f"job {job_id} is a {job['kind']} job: it takes stop alone", "id")
         if request == "stop":
             store.request_stop(job_id)  # kept: a server restarted before the job stopped stops it rather than resuming
         if not runner.send(job_id, request):
@@ -170,10 +180,11 @@ def create_app(store: Store, runner: Runner, data_dir: Path, token: str | None) 
         parts = relative_path(path)  # first: a path that could leave the folder is refused whatever the job
         return FileResponse(job_file(Path(found(job_id)["output_dir"]), parts))
 
+    add_page(app, store, runner, jobs_dir, demo, found)
     return app
 
 
-def serve(host: str, port: int, data_dir: Path, token: str | None, devices: list[str]) -> None:
+def serve(host: str, port: int, data_dir: Path, token: str | None, devices: list[str], demo: Path | None = BUNDLED_DEMO) -> None:
     """Hold `data_dir` (one server per data folder), listen on host:port (0: a free port), print the address, and
     serve until Ctrl-C or SIGTERM; the running jobs then stop at their next step boundary, to resume at the next start."""
     import uvicorn
@@ -191,10 +202,10 @@ def serve(host: str, port: int, data_dir: Path, token: str | None, devices: list
             store = Store(data_dir / DB_FILE)
         except sqlite3.DatabaseError as e:
             raise ConfigError(f"{data_dir / DB_FILE}: not a queue this server can read ({e})") from None
-        app = create_app(store, Runner(store, data_dir, devices), data_dir, token)
+        app = create_app(store, Runner(store, data_dir, devices), data_dir, token, demo)
         address = f"[{host}]" if ":" in host else host
         print(f"gesso serve: http://{address}:{sock.getsockname()[1]} (data folder {data_dir.resolve()}; one job at a "
-              f"time on {', '.join(devices)}; API schema at /docs)", flush=True)
+              f"time on {', '.join(devices)}; the page at /, the API schema at /docs)", flush=True)
         uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3)).run(sockets=[sock])
     finally:
         release_lock(data_dir / LOCK_FILE, lock)

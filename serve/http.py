@@ -27,9 +27,14 @@ async def send_json(send, status: int, body: dict, headers: list[tuple[bytes, by
     await send({"type": "http.response.body", "body": data})
 
 
+def public(path: str) -> bool:
+    """The page's own files (serve/page.py), which hold no data: a browser loads them before it can send a token."""
+    return path == "/" or path.startswith("/static/")
+
+
 class Guard:
-    """ASGI middleware before every route: the token (when the server has one) and the body size, each refused with
-    a JSON error before the body is read into the app."""
+    """ASGI middleware before every route: the token (when the server has one; the page's files are public) and the
+    body size, each refused with a JSON error before the body is read into the app."""
 
     def __init__(self, app, token: str | None, max_body: int = MAX_BODY):
         self.app, self.token, self.max_body = app, token, max_body
@@ -38,7 +43,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if self.token is not None:
+        if self.token is not None and not public(scope["path"]):
             given = headers.get(b"authorization", b"").decode("latin-1")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
                 what = "wrong token" if given else "no token"

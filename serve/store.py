@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 DB_FILE = "jobs.db"
-SCHEMA_VERSION = 1  # PRAGMA user_version: a queue written by another schema is refused, never misread
+SCHEMA_VERSION = 2  # PRAGMA user_version: a queue written by a later schema is refused, never misread
 QUEUED, RUNNING, FINISHED, FAILED, STOPPED, CANCELLED = "queued", "running", "finished", "failed", "stopped", "cancelled"
 ENDED = (FINISHED, FAILED, STOPPED, CANCELLED)
 RESUMABLE = (FAILED, STOPPED, CANCELLED)  # what POST /jobs/{id}/resume queues again
@@ -28,6 +28,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     name TEXT NOT NULL,
+    kind TEXT NOT NULL DEFAULT 'train',  -- train, or grid: an epoch x strength grid of a run's files (serve/grid.py)
     status TEXT NOT NULL,
     config TEXT NOT NULL,           -- the checked config, as JSON shaped like the TOML
     request TEXT NOT NULL,          -- what the client sent: config, overrides, base
@@ -59,9 +60,10 @@ class Store:
         self._local = threading.local()
         db = self._db()
         version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, SCHEMA_VERSION):
+        if version > SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"its schema is version {version}, this Gesso reads version {SCHEMA_VERSION}")
-        db.executescript(SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
+        upgrade = "ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'train';" if version == 1 else ""  # before grids
+        db.executescript(f"BEGIN; {SCHEMA} {upgrade} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -94,11 +96,11 @@ class Store:
     def _status(self, db: sqlite3.Connection, job: int, status: str, message: str | None = None) -> None:
         self._event(db, job, {"event": "status", "status": status, "message": message, "time": time.time()})
 
-    def submit(self, name: str, config: dict, request: dict, notices: list[str], jobs_dir: Path) -> dict:
+    def submit(self, name: str, config: dict, request: dict, notices: list[str], jobs_dir: Path, kind: str = "train") -> dict:
         with self._write() as db:
-            job = db.execute("INSERT INTO jobs (name, status, config, request, notices, output_dir, created_at) "
-                             "VALUES (?, ?, ?, ?, ?, '', ?)", (name, QUEUED, json.dumps(config), json.dumps(request),
-                                                               json.dumps(notices), time.time())).lastrowid
+            job = db.execute("INSERT INTO jobs (name, kind, status, config, request, notices, output_dir, created_at) "
+                             "VALUES (?, ?, ?, ?, ?, ?, '', ?)", (name, kind, QUEUED, json.dumps(config), json.dumps(request),
+                                                                  json.dumps(notices), time.time())).lastrowid
             db.execute("UPDATE jobs SET output_dir = ? WHERE id = ?", (str(jobs_dir / str(job)), job))
             self._status(db, job, QUEUED, "; ".join(notices) or None)
         return self.job(job)

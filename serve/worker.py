@@ -1,10 +1,11 @@
 """One job's process: `python -m gesso.serve.worker DATA_DIR JOB_ID`, started by the server (serve/runner.py).
 
-It trains the job with `gesso.train`, adding each event to the store with the job's live numbers, so one job's
-crash, out-of-memory or NaN ends this process and never the server. The server's requests come on stdin, one a line
-(`stop`, `save_now`, `sample_now`, `validate_now`), into a `gesso.Control`. The end of stdin means the server has
-gone (killed, or shutting down): the run stops at the next step boundary with its state saved and the process exits
-INTERRUPTED without an outcome, so that the server, started again, resumes the job.
+It trains the job with `gesso.train` (or renders a grid job's cells, serve/grid.py), adding each event to the store
+with the job's live numbers, so one job's crash, out-of-memory or NaN ends this process and never the server. The
+server's requests come on stdin, one a line (`stop`, `save_now`, `sample_now`, `validate_now`), into a
+`gesso.Control`. The end of stdin means the server has gone (killed, or shutting down): the run stops at the next
+step boundary with its state saved and the process exits INTERRUPTED without an outcome, so that the server, started
+again, resumes the job.
 
 A job starts as `--resume auto` would: a finished folder is finished, an unfinished state goes on, and a folder
 holding files but no state (killed before its first save) starts again, being the job's own.
@@ -18,6 +19,7 @@ from pathlib import Path
 import gesso
 from gesso.engine.loop.control import REQUESTS
 from gesso.engine.run import rundir
+from gesso.serve.grid import run_grid
 from gesso.serve.store import DB_FILE, FAILED, FINISHED, LIVE, STOPPED, Store
 
 FINISHED_CODE, CRASHED, BAD_INPUT, STOPPED_CODE, INTERRUPTED = 0, 1, 2, 3, 4
@@ -63,22 +65,33 @@ class Recorder:
 
 
 def run(store: Store, job: dict, requests: Requests) -> int:
-    """Train the job to its outcome, recorded in the store; the process's exit code."""
+    """Carry the job out to its outcome, recorded in the store; the process's exit code."""
+    if job["kind"] == "grid":
+        stopped = run_grid(store, job, lambda: requests.stop_asked or requests.server_gone)
+    else:
+        stopped = train(store, job, requests)
+    if stopped is None:
+        return FINISHED_CODE
+    if requests.server_gone and not requests.stop_asked:
+        return INTERRUPTED
+    store.end(job["id"], STOPPED, stopped)
+    return STOPPED_CODE
+
+
+def train(store: Store, job: dict, requests: Requests) -> str | None:
+    """Train the job; None once it has finished (recorded), else the line saying where it stopped."""
     cfg = gesso.build_config(job["config"], f"job {job['id']}")
     out = Path(job["output_dir"])
     found = rundir.run_status(out, cfg.output.name)
     if found == rundir.FINISHED:  # a server killed after the final file, before it saw the process end
         store.end(job["id"], FINISHED, f"{cfg.output.name}.safetensors was already written")
-        return FINISHED_CODE
+        return None
     result = gesso.train(cfg, out, on_event=Recorder(store, job["id"]), resume=out if found == rundir.UNFINISHED else None,
                          progress=False, overwrite=found == rundir.OTHER, control=requests.control)
     if not result.stopped_early:
         store.end(job["id"], FINISHED, f"wrote {result.final.name}")
-        return FINISHED_CODE
-    if requests.server_gone and not requests.stop_asked:
-        return INTERRUPTED
-    store.end(job["id"], STOPPED, f"stopped at step {result.step} with its state saved; resume goes on from there")
-    return STOPPED_CODE
+        return None
+    return f"stopped at step {result.step} with its state saved; resume goes on from there"
 
 
 def main(argv: list[str]) -> int:

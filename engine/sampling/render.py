@@ -7,6 +7,7 @@ size or the device ("RNG: CPU").
 """
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -331,9 +332,10 @@ def cell(base: Settings, assignment: dict, lora_name: str | None, strength: floa
     return replace(s, prompt=f"{s.prompt} <lora:{name}:{weight:g}>") if name else s
 
 
-def render_grid(pipe: Pipeline, base: Settings, x: Axis, y: Axis, out_dir: Path,
-                lora_name: str | None = None, strength: float = 1.0) -> tuple[Path, list[Path]]:
-    """Every (y, x) cell rendered and saved as a single PNG, then the labelled grid PNG; returns their paths."""
+def render_grid(pipe: Pipeline, base: Settings, x: Axis, y: Axis, out_dir: Path, lora_name: str | None = None,
+                strength: float = 1.0, on_cell: Callable[[int, int, Settings, Path, str], None] | None = None) -> tuple[Path, list[Path]]:
+    """Every (y, x) cell rendered and saved as a single PNG, then the labelled grid PNG; returns their paths.
+    on_cell(row, column, settings, path, infotext) after each cell's file is written (a host shows it at once)."""
     if x.kind == y.kind:
         raise RenderError(f"x and y are both {x.kind}: choose two different axes")
     settings = [[cell(base, {x.kind: xv, y.kind: yv}, lora_name, strength) for xv in x.values] for yv in y.values]
@@ -348,6 +350,8 @@ def render_grid(pipe: Pipeline, base: Settings, x: Axis, y: Axis, out_dir: Path,
         images[i][j] = image
         paths.append(save_png(image, out_dir / f"{index:05d}-{s.seed}.png", text))
         index += 1
+        if on_cell is not None:
+            on_cell(i, j, s, paths[-1], text)
     grid = grid_image(images, [x.label(v) for v in x.values], [y.label(v) for v in y.values])
     plot = f"x: {x.kind} {', '.join(map(str, x.values))}; y: {y.kind} {', '.join(map(str, y.values))}"
     grid_path = out_dir / f"xy_grid-{index:05d}.png"

@@ -202,11 +202,14 @@ def test_the_plain_install_holds_the_package_and_nothing_else(plain):
     src = plain.source
     modules = {p.name for p in src.glob("*.py") if p.name != "setup.py"}  # __init__, cli, errors
     modules |= {p.relative_to(src).as_posix() for d in PACKAGE_DIRS for p in (src / d).rglob("*.py")}
-    data = {p.relative_to(src).as_posix() for p in (src / "models" / "tokenizers" / "clip").iterdir()}
-    assert data == {"models/tokenizers/clip/merges.txt", "models/tokenizers/clip/vocab.json"}
+    tokenizer = {p.relative_to(src).as_posix() for p in (src / "models" / "tokenizers" / "clip").iterdir()}
+    assert tokenizer == {"models/tokenizers/clip/merges.txt", "models/tokenizers/clip/vocab.json"}
+    page = {p.relative_to(src).as_posix() for p in (src / "serve" / "static").rglob("*") if p.is_file()}  # gesso serve's page
+    assert {"serve/static/index.html", "serve/static/app.js", "serve/static/vendor/uPlot.iife.min.js",
+            "serve/static/vendor/uPlot.LICENSE.txt"} <= page
+    data = tokenizer | page
     data |= {"kernels/dispatch_table.json"} if (src / "kernels" / "dispatch_table.json").is_file() else set()
-    # every sub-package setup.py must list, the tokenizer files, the measured dispatch table once one exists, nothing else
-    assert installed == modules | data
+    assert installed == modules | data  # every sub-package setup.py must list, its data files (the measured dispatch table once one exists), and nothing else
     for name in data:
         assert (plain.site / "gesso" / name).read_bytes() == (src / name).read_bytes()
 

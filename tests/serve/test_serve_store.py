@@ -108,5 +108,5 @@ def test_a_file_that_is_not_our_queue_is_refused_and_left_as_it_was(tmp_path):
     assert (tmp_path / "garbage.db").read_bytes() == b"not sqlite at all, " * 100
     with sqlite3.connect(tmp_path / "later.db") as db:
         db.execute("PRAGMA user_version = 7")  # a queue a later Gesso wrote
-    with pytest.raises(sqlite3.DatabaseError, match="its schema is version 7, this Gesso reads version 1"):
+    with pytest.raises(sqlite3.DatabaseError, match="its schema is version 7, this Gesso reads version 2"):
         Store(tmp_path / "later.db")
