@@ -82,7 +82,7 @@ def train(store: Store, job: dict, requests: Requests) -> str | None:
     """Train the job; None once it has finished (recorded), else the line saying where it stopped."""
     cfg = gesso.build_config(job["config"], f"job {job['id']}")
     out = Path(job["output_dir"])
-    found = rundir.run_status(out, cfg.output.name)
+    found = rundir.assess(out, cfg)[0]  # a RESTART (this job killed before its first state) trains again
     if found == rundir.FINISHED:  # a server killed after the final file, before it saw the process end
         store.end(job["id"], FINISHED, f"{cfg.output.name}.safetensors was already written")
         return None
