@@ -13,7 +13,7 @@ KINDS = {  # every kind of file a run writes: (folder, pattern)
     "epoch LoRA": ("run", "demo-000001.safetensors"), "final LoRA": ("run", "demo.safetensors"),
     "state": ("run", "state.pt"), "metrics": ("run", "metrics.jsonl"), "preview": ("run", "samples/demo-e000001-00.png"),
     "tensorboard": ("run", "tensorboard/events.out.tfevents.*"), "latent cache": ("cache", "latents/*.safetensors"),
-    "text cache": ("cache", "text/*.safetensors"),
+    "text cache": ("cache", "text/*.safetensors"), "manifest": ("run", "gesso-run.json"),
 }
 
 

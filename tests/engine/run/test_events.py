@@ -9,6 +9,7 @@ from gesso.engine.config.load import load_config
 from gesso.engine.loop.train import train
 from gesso.engine.lora.files import read_lora
 from gesso.engine.run.events import StopTraining
+from gesso.engine.run.manifest import MANIFEST_FILE
 from gesso.engine.run.state import load_state
 
 DEMO = Path(__file__).resolve().parents[3] / "tests" / "data" / "demo.toml"
@@ -37,8 +38,9 @@ def test_every_step_and_every_file_written_is_an_event(tmp_path):
     assert all(e["loss"] > 0 and e["lr"] > 0 and e["steps_per_s"] > 0 and e["peak_memory_gib"] is None for e in steps)
     assert [e["loss"] for e in steps] == result.losses
     saves = [e for e in events if e["event"] == "save"]
-    written = {p for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != "metrics.jsonl"}
-    assert {Path(e["path"]) for e in saves} == written  # every file the run left, and no other
+    # every file the run left, and no other; the log and the manifest (which run the folder holds) are bookkeeping
+    written = {p for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name not in ("metrics.jsonl", MANIFEST_FILE)}
+    assert {Path(e["path"]) for e in saves} == written and (tmp_path / "run" / MANIFEST_FILE).is_file()
     kinds = [(e["kind"], Path(e["path"]).name) for e in saves if e["kind"] != "state"]
     assert kinds == [("step", "demo-step00000004.safetensors"), ("epoch", "demo-000001.safetensors"),
                      ("step", "demo-step00000008.safetensors"), ("epoch", "demo-000002.safetensors"),
