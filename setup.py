@@ -30,9 +30,12 @@ setup(
         # diffusers and transformers are the references the parity tests compare against; peft is what
         # diffusers' load_lora_weights needs to load our LoRA files in the format tests.
         # lycoris-lora is the reference for the LoHa/LoKr/DoRA deltas; onnx builds the tiny WD tagger graph that
-        # the caption tests run on onnxruntime.
+        # the caption tests run on onnxruntime; scipy's KS test and CDFs check the timestep distributions; the
+        # optimizers extra is tested against the libraries' own steps.
         "test": ["pytest", "pytest-benchmark", "diffusers>=0.30", "peft", "onnxruntime", "onnx",
-                 "lycoris-lora>=4.1"],
+                 "lycoris-lora>=4.1", "scipy", "schedulefree>=1.4", "pytorch-optimizer>=3.0"],
+        # train.optimizer = adamw_schedulefree (schedulefree's AdamWScheduleFree), came and lion (pytorch-optimizer)
+        "optimizers": ["schedulefree>=1.4", "pytorch-optimizer>=3.0"],
         # `gesso caption --captioner tagger`: WD taggers ship model.onnx; BLIP needs only transformers
         "caption": ["onnxruntime"],
         # the viewer for <output>/tensorboard (tensorboardX above only writes the files): `tensorboard --logdir ...`

@@ -225,7 +225,7 @@ def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | Non
     print(cache.describe(), flush=True)
     print(plan.describe(), flush=True)
 
-    opt = train_optimizer(network, tc)
+    opt = train_optimizer(network, tc, cfg.network)
     sched = build_schedule(tc.lr_scheduler, opt, plan.total_steps, tc.lr_warmup_steps, tc.lr_scheduler_num_cycles)
     update = UpdateWatch(opt, sched)
     scaler = torch.amp.GradScaler(device.type, enabled=tc.mixed_precision == "fp16")
