@@ -222,21 +222,22 @@ def optimizer_options(name: str) -> list[str]:
 
 
 def build_optimizer(
-    name: str, param_groups, lr: float, weight_decay: float, betas=(0.9, 0.999), eps=1e-8, **extra
+    name: str, param_groups, lr: float, weight_decay: float, adam_betas=(0.9, 0.999), adam_eps=1e-8, **extra
 ) -> torch.optim.Optimizer:
     """The named optimizer over `param_groups` (tensors, or dicts whose own `lr` overrides `lr`).
 
     `extra` holds the optimizer's own options (Prodigy: d_coef, growth_rate, use_bias_correction,
     safeguard_warmup, d0, decouple, beta3; Adafactor: relative_step, scale_parameter, warmup_init,
     clip_threshold, decay_rate, beta1; schedule-free AdamW: warmup_steps, r, weight_lr_power; CAME and Lion: betas).
-    Only Adam's kin (ADAM_MOMENTS) take `betas` and `eps` from here. For Prodigy, lr = 1 is the usual setting.
+    Only Adam's kin (ADAM_MOMENTS) take `adam_betas` and `adam_eps` (as betas, eps); the others keep their own
+    defaults unless `extra` sets them. For Prodigy, lr = 1 is the usual setting.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r} (known: {', '.join(OPTIMIZERS)})")
     unknown = sorted(set(extra) - set(optimizer_options(name)))
     if unknown:
         raise ValueError(f"optimizer {name!r} has no option {', '.join(unknown)} (known: {', '.join(optimizer_options(name))})")
-    kwargs = dict(lr=lr, weight_decay=weight_decay) | (dict(betas=betas, eps=eps) if name in ADAM_MOMENTS else {}) | extra
+    kwargs = dict(lr=lr, weight_decay=weight_decay) | (dict(betas=adam_betas, eps=adam_eps) if name in ADAM_MOMENTS else {}) | extra
     opt = OPTIMIZERS[name]()(param_groups, **kwargs)
     if name in SWITCHES_WEIGHTS:
         opt.train()  # schedule-free starts in evaluation mode and refuses to step there

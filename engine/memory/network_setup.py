@@ -31,7 +31,7 @@ def prepare_unet(unet, cfg: Config, device: torch.device) -> tuple[lora.LoRANetw
 def train_optimizer(network: lora.LoRANetwork, tc, n: NetworkSection = NetworkSection()) -> torch.optim.Optimizer:
     """The optimizer `train` (and engine/memory/memtrace.py) builds over the network's param groups (LoRA+ from `n`)."""
     return build_optimizer(tc.optimizer, param_groups(network, tc, n), tc.learning_rate, tc.weight_decay,
-                           betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon, **tc.optimizer_args)
+                           adam_betas=(tc.adam_beta1, tc.adam_beta2), adam_eps=tc.adam_epsilon, **tc.optimizer_args)
 
 
 def inject_network(unet, cfg: Config) -> lora.LoRANetwork:
