@@ -12,11 +12,13 @@ from gesso import models
 from gesso.engine import diffusion
 from gesso.engine.config.sections import Config
 from gesso.engine.data.cache import Cache, prepare_cache
-from gesso.engine.data.dataset import Dataset, DatasetOptions, Subset, build_dataset
+from gesso.engine.data.dataset import Dataset, DatasetOptions, Subset, build_dataset, validation_set
 from gesso.engine.embedding import inversion as textual_inversion
 from gesso.engine.loop import objective, prediction
+from gesso.engine.loop.averaging import EMA, Shown
 from gesso.engine.loop.distributed import SINGLE, NoLog, World
 from gesso.engine.loop.preview import render_previews
+from gesso.engine.loop.validation import validation_loss
 from gesso.engine.lora import network as lora
 from gesso.engine.memory import memplan
 from gesso.engine.memory.network_setup import AMP_DTYPES, prepare_unet, train_optimizer
@@ -52,6 +54,7 @@ class Plan:
     epochs: int
     accumulation: int = 1
     processes: int = 1
+    validation: list[Path] = field(default_factory=list)  # the held-out images, named in the steps line
 
     @property
     def batches_per_epoch(self) -> int:
@@ -82,8 +85,10 @@ class Plan:
         reg = d.samples(True)  # kohya counts regularization samples into an epoch's batches too
         samples = f"{d.samples(False)} samples + {reg} regularization samples = {len(d)}" if reg else f"{len(d)} samples"
         train = sum(not it.is_reg for it in d.items)
+        held = (f"; {len(self.validation)} images held out for validation: {', '.join(p.name for p in self.validation)}"
+                if self.validation else "")
         return (f"{train} images x {rep} = {samples} / batch {self.batch_size}{accum} = {self.steps_per_epoch} steps per epoch"
-                f" x {self.epochs} epochs = {self.total_steps} steps{effective}")
+                f" x {self.epochs} epochs = {self.total_steps} steps{effective}{held}")
 
 
 def pick_device(name: str) -> torch.device:
@@ -114,9 +119,12 @@ def load_dataset(cfg: Config) -> Dataset:
                              max_bucket_side=d.max_bucket_side, random_crop=d.random_crop, flip=d.flip,
                              shuffle_caption=d.shuffle_caption, keep_tokens=d.keep_tokens,
                              caption_dropout_rate=d.caption_dropout_rate, caption_extension=d.caption_extension,
-                             seed=cfg.train.seed, masked_loss=cfg.loss.masked, prior_loss_weight=cfg.train.prior_loss_weight)
+                             seed=cfg.train.seed, masked_loss=cfg.loss.masked, prior_loss_weight=cfg.train.prior_loss_weight,
+                             validation_split=d.validation_split, validation_seed=validation_seed(cfg))
     try:
         dataset = build_dataset(subsets, options)
+        if d.validation_dir:  # a folder of its own instead of a split
+            dataset.held_out = build_dataset([Subset(d.validation_dir, 1, d.trigger)], options).items
     except (ValueError, FileNotFoundError) as e:
         raise TrainError(f"dataset: {e}") from None
     if not dataset.items:
@@ -150,6 +158,10 @@ def prepare_run(cfg: Config, device: torch.device, progress: bool = False, world
     with world.main_first():  # under torchrun rank 0 fills the cache, then the others read it
         cache = prepare_cache(sd, tokenizers, dataset, device, cfg.dataset.cache_dir or None, train_text_encoders=train_te,
                               progress=progress and world.main)
+        if dataset.held_out:  # its own RNG: encoding the held-out images leaves the LoRA's random init as it was
+            with torch.random.fork_rng(devices=[]):
+                cache.validation = prepare_cache(sd, tokenizers, validation_set(dataset), device, cfg.dataset.cache_dir or None,
+                                                 train_text_encoders=train_te, progress=progress and world.main)
     cache.release_encoders()  # the VAE (and the text encoders when text is cached) leave the GPU
     unet_lora, _ = prepare_unet(sd.unet, cfg, device)  # before the move: swapped blocks' weights stay in host memory
     if not embedding:
@@ -173,6 +185,10 @@ def fixed_eval_loss(unet, cache: Cache, seed: int = 1234, draws: int = 4, batch_
             total += diffusion.epsilon_loss(unet(diffusion.add_noise(x0, noise, t, ac), t, context, y), noise).item() * x0.shape[0]
             count += x0.shape[0]
     return total / count
+
+
+def validation_seed(cfg: Config) -> int:
+    return cfg.dataset.validation_seed or cfg.train.seed
 
 
 def train(cfg: Config, output_dir: str | Path, on_event: Callable[[dict], None] | None = None,
@@ -221,26 +237,48 @@ def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | Non
     # run every GroupNorm and LayerNorm in fp32 and keep their fp32 outputs for backward, twice the activation
     # memory of the same step in bf16 (which the benchmark measures). The LoRA parameters stay fp32.
     meta = training_metadata(cfg, model_cfg.family, cache.dataset, time.time())
-    plan = Plan(cache.dataset, tc.batch_size, tc.epochs, tc.gradient_accumulation_steps, world.size)
+    held_out = cache.validation.dataset.items if cache.validation else []
+    plan = Plan(cache.dataset, tc.batch_size, tc.epochs, tc.gradient_accumulation_steps, world.size, [it.path for it in held_out])
     print(cache.describe(), flush=True)
     print(plan.describe(), flush=True)
 
     opt = train_optimizer(network, tc, cfg.network)
     sched = build_schedule(tc.lr_scheduler, opt, plan.total_steps, tc.lr_warmup_steps, tc.lr_scheduler_num_cycles)
     update = UpdateWatch(opt, sched)
+    dropout = lora.Dropout.of(cfg.network)
+    ema = EMA(network.parameters(), tc.ema_decay) if tc.ema_decay else None
+    shown = Shown(network, opt, tc.optimizer, ema, dropout)  # what previews, files and validation use
+    shown.set_dropout(dropout)
     scaler = torch.amp.GradScaler(device.type, enabled=tc.mixed_precision == "fp16")
     ac = diffusion.scaled_linear_alphas_cumprod(zero_terminal_snr=cfg.loss.zero_terminal_snr)
     g = torch.Generator().manual_seed(tc.seed)  # CPU generator: the same draws on any device
     pos = Position(1, 0, 0, g.get_state())
     events = Events(on_event, plan.total_steps, device)
-    saver = Saver(cfg, output_dir, network, meta, state["files"] if state else [], events, world.size, world.main, clock)
+    saver = Saver(cfg, output_dir, network, meta, state["files"] if state else [], events, world.size, world.main, clock,
+                  shown.evaluating, ema)
     if state:
         pos = restore(state, network, opt, sched, scaler, g)  # one TrainError line for a state that does not fit
+        _restore_ema(ema, state, Path(resume))
         print(f"resuming at epoch {pos.epoch}, step {pos.step} of {plan.total_steps}", flush=True)
     world.broadcast_parameters(network)
     result = TrainResult(output_dir, output_dir / f"{cfg.output.name}.safetensors")
     log = RunLog(output_dir, pos.step, cfg.output.tensorboard) if world.main else NoLog()
     bar = tqdm(total=plan.total_steps, initial=pos.step, unit="step", dynamic_ncols=True, disable=not progress)
+    validated = -1
+
+    def validate(epoch: int) -> None:
+        """The validation loss of the weights the run shows, logged, sent and printed (a host's control may call it)."""
+        nonlocal validated
+        if cache.validation is None or validated == pos.step:
+            return
+        with shown.evaluating():
+            value = validation_loss(unet, cache.validation, cfg.loss, ac, validation_seed(cfg))
+        validated = pos.step
+        log.validation(pos.step, epoch, value)
+        if world.main:
+            tqdm.write(f"validation loss {value:.4f} at step {pos.step} (epoch {epoch})")  # above the bar
+            events.validated(pos.step, epoch, value)
+
     try:
         events.start(pos.step, pos.epoch)
         for epoch in range(pos.epoch, plan.epochs + 1):
@@ -250,6 +288,8 @@ def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | Non
                     objective.draw(torch.zeros(batch), cfg.loss, ac, g)
                 else:
                     x0, context, y, weight, mask = batch
+                    if dropout != lora.OFF:  # fresh masks per micro-batch, from where it stands: a resume draws the same
+                        network.reseed(hash((tc.seed, epoch, i)) % 2**31)
                     d = objective.draw(x0, cfg.loss, ac, g)
                     pred = unet(d.noisy, d.t, context, y)  # computes in the frozen weights' dtype (see above)
                     loss = objective.loss(pred, d, cfg.loss, ac, weight, mask)
@@ -268,6 +308,8 @@ def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | Non
                 scaler.update()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
+                if ema:
+                    ema.update(network.parameters())
                 pos = Position(epoch, i + 1, pos.step + 1, g.get_state())
                 record = {"step": pos.step, "epoch": epoch, "loss": step_loss, "lr": _current_lr(opt)}
                 micro_losses = []
@@ -280,7 +322,10 @@ def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | Non
                 saver.on_clock(opt, sched, scaler, pos, plan.total_steps)
                 world.emit_step(events, event)  # after this step's files: a host stopping here leaves them written
                 _show(bar, event)
+                if tc.validate_every_n_steps and pos.step % tc.validate_every_n_steps == 0:
+                    validate(epoch)
             pos = Position(epoch + 1, 0, pos.step, g.get_state())
+            validate(epoch)
             every = cfg.output.save_every_n_epochs
             if every and epoch % every == 0:
                 saver.intermediate(f"{epoch:06d}", epoch, pos.step)
@@ -288,8 +333,9 @@ def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | Non
                 saver.state_if_asked(opt, sched, scaler, pos)
             if world.main and cfg.sample.prompts and cfg.sample.every_n_epochs and epoch % cfg.sample.every_n_epochs == 0:
                 saved = output_dir / f"{cfg.output.name}-{epoch:06d}.safetensors" if every and epoch % every == 0 else None
-                for path in render_previews(sd, cache.tokenizers, cfg, output_dir / "samples", epoch, device, saved, pos.step, bar, log):
-                    events.saved("preview", path, pos.step, epoch)
+                with shown.evaluating():
+                    for path in render_previews(sd, cache.tokenizers, cfg, output_dir / "samples", epoch, device, saved, pos.step, bar, log):
+                        events.saved("preview", path, pos.step, epoch)
     except StopTraining:
         events.stopping = True
         saver.state(opt, sched, scaler, pos)  # pos is the last optimizer-step boundary
@@ -353,6 +399,17 @@ def _auto_memory(cfg: Config, device: torch.device) -> Config:
     chosen, peak = memplan.plan(cfg, free)
     print(memplan.describe(peak, free), flush=True)
     return chosen
+
+
+def _restore_ema(ema: EMA | None, state: dict, folder: Path) -> None:
+    if ema is None:
+        return
+    if "ema" not in state:
+        raise TrainError(f"{folder}: state was trained without train.ema_decay; resume with the config it was started with")
+    try:
+        ema.load_state_dict(state["ema"], str(folder / STATE_FILE))
+    except ValueError as e:
+        raise TrainError(str(e)) from None
 
 
 def _load_resume(folder: str | Path, cfg: Config, processes: int) -> dict:

@@ -7,7 +7,8 @@ with json.dumps as they are (a web UI, a ComfyUI node's progress bar):
 - `{"event": "step", "step", "total_steps", "epoch", "loss", "lr", "steps_per_s", "peak_memory_gib"}` after each
   optimizer step (`peak_memory_gib` is None on the CPU);
 - `{"event": "save", "kind", "path", "step", "epoch"}` after each file is written, `kind` being `epoch`, `step`,
-  `final`, `state` or `preview`.
+  `final`, `state` or `preview`;
+- `{"event": "validation", "step", "epoch", "val_loss"}` after each validation (engine/loop/validation.py).
 
 The callback stops the run by raising `StopTraining`: the state is saved and `train` returns a result with
 `stopped_early`. Any other exception it raises also leaves a resumable state, and then propagates.
@@ -58,6 +59,9 @@ class Events:
                  "steps_per_s": 1.0 / max(now - self.last, 1e-9), "peak_memory_gib": peak_memory_gib(self.device)}
         self.last = now
         return event
+
+    def validated(self, step: int, epoch: int, val_loss: float) -> None:
+        self.emit({"event": "validation", "step": step, "epoch": epoch, "val_loss": val_loss})
 
     def saved(self, kind: str, path: Path, step: int, epoch: int) -> None:
         self.emit({"event": "save", "kind": kind, "path": str(path), "step": step, "epoch": epoch})

@@ -1,5 +1,6 @@
 """Writing a run's files: the LoRA per epoch, per N steps, per N minutes and at the end (pruned to keep_last), and
 the resumable state. Under torchrun only rank 0 writes; the other ranks go through the same calls writing nothing."""
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,8 +21,12 @@ class Saver:
     """Writes the LoRA files (per epoch, per N steps, final), prunes old ones, and keeps the resumable state."""
 
     def __init__(self, cfg: Config, output_dir: Path, network, meta: dict[str, str], files: list[str], events: Events,
-                 processes: int = 1, writes: bool = True, clock: Callable[[], float] = time.monotonic):
+                 processes: int = 1, writes: bool = True, clock: Callable[[], float] = time.monotonic,
+                 evaluating: Callable = contextlib.nullcontext, ema=None):
         self.cfg, self.dir, self.network, self.meta, self.events = cfg, output_dir, network, meta, events
+        # LoRA files hold the weights the run shows (EMA, schedule-free's evaluation ones): `evaluating` puts them in
+        # place; the state holds the training weights and the EMA's own state
+        self.evaluating, self.ema = evaluating, ema
         self.dtype = SAVE_DTYPES[cfg.output.save_dtype]
         self.files = list(files)  # intermediate files written so far, oldest first
         self.batch = batch_shape(cfg, processes)  # stored in the state, checked on resume
@@ -29,11 +34,16 @@ class Saver:
         self.clock, self.last_state = clock, clock()  # output.save_every_n_minutes counts from the last state saved
 
     def lora(self, path: Path, epoch: int, step: int) -> Path:
-        tensors = self.network.kohya_state_dict(self.dtype)
-        require_finite(tensors, path, step)  # on every rank (their weights are the same): all stop together
+        with self.evaluating():
+            tensors = self.network.kohya_state_dict(self.dtype)
+        raw = {path.with_name(f"{path.stem}-non-ema.safetensors"): self.network.kohya_state_dict(self.dtype)} \
+            if self.cfg.output.save_non_ema else {}
+        for where, t in {path: tensors, **raw}.items():
+            require_finite(t, where, step)  # on every rank (their weights are the same): all stop together
         if self.writes:
             write = getattr(self.network, "write", save_lora)  # an embedding network writes its own file layout
-            write(path, tensors, at_save(self.meta, epoch, step))
+            for where, t in {**raw, path: tensors}.items():  # the file named in events and `files` last
+                write(where, t, at_save(self.meta, epoch, step))
         return path
 
     def final(self, path: Path, epoch: int, step: int) -> Path:
@@ -49,7 +59,9 @@ class Saver:
         self.files.append(path.name)
         keep = self.cfg.output.keep_last
         while keep and len(self.files) > keep:
-            (self.dir / self.files.pop(0)).unlink(missing_ok=True)
+            old = self.dir / self.files.pop(0)
+            old.unlink(missing_ok=True)
+            old.with_name(f"{old.stem}-non-ema.safetensors").unlink(missing_ok=True)
         # the event goes out once the file list is final: a host that stops here leaves a state that knows the file
         self.events.saved("step" if stem.startswith("step") else "epoch", path, step, epoch)
         return path
@@ -62,7 +74,7 @@ class Saver:
         if not self.writes:
             return
         path = save_state(self.dir, self.network, optimizer, scheduler, scaler, pos, self.files, network_shape(self.cfg),
-                          self.batch)
+                          self.batch, None if self.ema is None else self.ema.state_dict())
         self.events.saved("state", path, pos.step, pos.epoch)
 
     def state_if_asked(self, optimizer, scheduler, scaler, pos: Position) -> None:

@@ -1,5 +1,6 @@
 """Resumable training state: one file, written atomically, holding everything the loop needs to go on
-exactly where it stopped (LoRA weights, optimizer, scheduler, loss scaler, RNG, epoch order and position).
+exactly where it stopped (LoRA weights, optimizer, scheduler, loss scaler, RNG, epoch order and position, and the EMA
+weights with train.ema_decay; schedule-free AdamW's evaluation sequence is in its optimizer state).
 
 A state.pt is untrusted input like any file handed to --resume: it is loaded weights-only (tensors and plain
 data, never code) and every field is checked before the loop uses it, so a bad file is one TrainError line."""
@@ -28,7 +29,7 @@ class Position:
 
 
 def save_state(folder: Path, network, optimizer, scheduler, scaler, pos: Position, files: list[str], network_shape: dict,
-               batch_shape: dict) -> Path:
+               batch_shape: dict, ema: dict | None = None) -> Path:
     state = {
         "lora": network.kohya_state_dict(torch.float32),
         "optimizer": optimizer.state_dict(),
@@ -38,7 +39,7 @@ def save_state(folder: Path, network, optimizer, scheduler, scaler, pos: Positio
         "files": files,
         "network": network_shape,
         "batch_shape": batch_shape,
-    }
+    } | ({"ema": ema} if ema is not None else {})
     path = Path(folder) / STATE_FILE
     write_atomic(path, lambda tmp: _torch_save(state, tmp))
     return path
@@ -88,6 +89,8 @@ FIELDS = {
 OPTIONAL_FIELDS = {
     "batch_shape": (lambda v: _str_dict(v) and set(v) == {"batch_size", "batches_per_step"} and all(_count(1)(n) for n in v.values()),
               "a batch shape (batch_size, batches_per_step)"),
+    "ema": (lambda v: _str_dict(v) and isinstance(v.get("shadow"), list) and all(torch.is_tensor(t) for t in v["shadow"]),
+            "an EMA state (decay, shadow: a list of tensors)"),
 }
 
 
