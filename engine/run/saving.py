@@ -34,8 +34,8 @@ class Saver:
         self.clock, self.last_state = clock, clock()  # output.save_every_n_minutes counts from the last state saved
 
     def lora(self, path: Path, epoch: int, step: int) -> Path:
-        with self.evaluating():
-            tensors = self.network.kohya_state_dict(self.dtype)
+        with self.evaluating():  # a copy: fp32 tensors on the CPU are the live parameters, which it then restores
+            tensors = {k: t.clone() for k, t in self.network.kohya_state_dict(self.dtype).items()}
         raw = {path.with_name(f"{path.stem}-non-ema.safetensors"): self.network.kohya_state_dict(self.dtype)} \
             if self.cfg.output.save_non_ema else {}
         for where, t in {path: tensors, **raw}.items():
