@@ -10,7 +10,8 @@ from tensorboardX.proto import event_pb2
 
 from gesso.engine import diffusion
 from gesso.engine.config.load import load_config
-from gesso.engine.loop.train import Plan, load_dataset, prepare_run, train, validation_seed
+from gesso.engine.loop.plan import Plan
+from gesso.engine.loop.train import load_dataset, prepare_run, train, validation_seed
 from gesso.engine.loop.validation import validation_loss
 from gesso.engine.lora.files import read_lora
 
