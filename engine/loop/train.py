@@ -356,10 +356,8 @@ def _auto_memory(cfg: Config, device: torch.device) -> Config:
 
 
 def _restore_ema(ema: EMA | None, state: dict, folder: Path) -> None:
-    if ema is None:
+    if ema is None:  # check_resumable refused a state whose EMA this run does not keep
         return
-    if "ema" not in state:
-        raise TrainError(f"{folder}: state was trained without train.ema_decay; resume with the config it was started with")
     try:
         ema.load_state_dict(state["ema"], str(folder / STATE_FILE))
     except ValueError as e:

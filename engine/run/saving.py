@@ -103,7 +103,8 @@ def batch_shape(cfg: Config, processes: int) -> dict:
 
 
 def check_resumable(state: dict, cfg: Config, processes: int, folder: Path) -> None:
-    """TrainError when a loaded state belongs to another network, or counts its position in other batches."""
+    """TrainError when a loaded state belongs to another network, counts its position in other batches, or keeps
+    another EMA (or none)."""
     expected = network_shape(cfg)
     if state["network"] != expected:
         raise TrainError(f"{folder}: state was trained with network {state['network']}, the config says {expected}")
@@ -113,6 +114,10 @@ def check_resumable(state: dict, cfg: Config, processes: int, folder: Path) -> N
                          f"batches per step (processes x train.gradient_accumulation_steps); this run has "
                          f"batch_size {now['batch_size']} and {now['batches_per_step']} ({processes} process(es) x "
                          f"{cfg.train.gradient_accumulation_steps}): keep the effective batch to resume")
+    saved, now = state["ema"]["decay"] if "ema" in state else 0.0, cfg.train.ema_decay
+    if saved != now:  # the EMA goes on from its shadows: with another decay (or none) the files are another run's
+        raise TrainError(f"{folder}: state was trained with train.ema_decay = {saved} (0: off), this run has {now}; "
+                         "resume with the train.ema_decay the run was started with")
 
 
 def network_shape(cfg: Config) -> dict:

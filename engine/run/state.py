@@ -89,8 +89,9 @@ FIELDS = {
 OPTIONAL_FIELDS = {
     "batch_shape": (lambda v: _str_dict(v) and set(v) == {"batch_size", "batches_per_step"} and all(_count(1)(n) for n in v.values()),
               "a batch shape (batch_size, batches_per_step)"),
-    "ema": (lambda v: _str_dict(v) and isinstance(v.get("shadow"), list) and all(torch.is_tensor(t) for t in v["shadow"]),
-            "an EMA state (decay, shadow: a list of tensors)"),
+    "ema": (lambda v: _str_dict(v) and isinstance(v.get("decay"), float) and 0 < v["decay"] < 1
+            and isinstance(v.get("shadow"), list) and all(torch.is_tensor(t) for t in v["shadow"]),
+            "an EMA state (decay in (0, 1), shadow: a list of tensors)"),
 }
 
 

@@ -1,4 +1,4 @@
-"""EMA and schedule-free weights: the EMA file is a float64 EMA of the per-step weights, a resume with EMA is bit-exact,
+"""EMA and schedule-free weights: the EMA file is a float64 EMA of the per-step weights, a resume with either is bit-exact,
 and a schedule-free run's file holds the library's evaluation weights while its training weights carry on."""
 from pathlib import Path
 
@@ -77,10 +77,21 @@ def test_ema_file_is_the_ema_of_the_per_step_weights(tmp_path):
         assert (ema_file[key].double() - ref).abs().max() <= 1e-6 * max(1.0, ref.abs().max().item())
 
 
-def test_schedule_free_file_holds_the_librarys_evaluation_weights(tmp_path):
-    cfg = small(tmp_path, "train.optimizer='adamw_schedulefree'", "train.learning_rate=1e-3")
-    run = train(cfg, tmp_path / "sf", progress=False)
-    state = load_weights_only(tmp_path / "sf" / "state.pt")
+SCHEDULE_FREE = ("train.optimizer='adamw_schedulefree'", "train.learning_rate=1e-3")
+
+
+@pytest.fixture(scope="module")
+def schedule_free(tmp_path_factory):
+    """An uninterrupted schedule-free run (2 epochs of 3 steps, an epoch file after each): its folder and config."""
+    root = tmp_path_factory.mktemp("schedule_free")
+    cfg = small(root, *SCHEDULE_FREE)
+    train(cfg, root / "whole", progress=False)
+    return root / "whole", cfg
+
+
+def test_schedule_free_file_holds_the_librarys_evaluation_weights(schedule_free):
+    folder, cfg = schedule_free
+    state = load_weights_only(folder / "state.pt")
     from gesso.engine.loop.train import prepare_run
     _, _, network, _ = prepare_run(cfg, torch.device("cpu"))
     names = list(network.named_tensors())  # the network's order, as the optimizer holds its parameters
@@ -89,7 +100,29 @@ def test_schedule_free_file_holds_the_librarys_evaluation_weights(tmp_path):
     opt.load_state_dict(state["optimizer"])
     assert opt.param_groups[0]["train_mode"]  # the state keeps the training weights
     opt.eval()
-    saved = read_lora(run.final)[0]
+    saved = read_lora(folder / "demo.safetensors")[0]
     live = dict(zip(names, params))
     assert any(not torch.equal(saved[k], state["lora"][k]) for k in names)
     assert all(torch.equal(saved[k], live[k].detach()) for k in names)
+
+
+def test_schedule_free_resume_is_bit_exact(tmp_path, schedule_free):
+    # stopped at step 4, after epoch 1's file (its evaluation weights swapped in and out) and mid-epoch 2
+    folder, cfg = schedule_free
+
+    def stop_at_4(event):
+        if event["event"] == "step" and event["step"] == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", on_event=stop_at_4, progress=False)
+    cut = load_weights_only(tmp_path / "cut" / "state.pt")
+    assert cut["step"] == 4 and all("z" in s for s in cut["optimizer"]["state"].values())  # the library's z sequence
+    train(cfg, tmp_path / "cut", resume=tmp_path / "cut", progress=False)
+    for name in ("demo.safetensors", "demo-000001.safetensors"):
+        a, b = read_lora(folder / name)[0], read_lora(tmp_path / "cut" / name)[0]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    whole, resumed = load_weights_only(folder / "state.pt"), load_weights_only(tmp_path / "cut" / "state.pt")
+    assert all(torch.equal(whole["lora"][k], resumed["lora"][k]) for k in whole["lora"])  # the training weights too
+    for i, s in whole["optimizer"]["state"].items():
+        assert all(torch.equal(v, resumed["optimizer"]["state"][i][n]) for n, v in s.items() if torch.is_tensor(v))
