@@ -32,6 +32,7 @@ def test_ema_equals_a_float64_reference():
     assert (ema.shadow[0].double() - ref).abs().max() < 1e-5
 
 
+@pytest.mark.slow
 def test_ema_files_resume_bit_exact_and_the_raw_weights_beside_them(tmp_path):
     cfg = small(tmp_path, "train.ema_decay=0.8", "output.save_non_ema=true")
     steps = []
@@ -60,6 +61,7 @@ def test_ema_files_resume_bit_exact_and_the_raw_weights_beside_them(tmp_path):
     assert all(torch.equal(ema_file[k], again[k]) for k in ema_file)
 
 
+@pytest.mark.slow
 def test_ema_file_is_the_ema_of_the_per_step_weights(tmp_path):
     cfg = small(tmp_path, "train.ema_decay=0.7", "train.epochs=1", "output.save_every_n_steps=1")
     raw = small(tmp_path, "train.epochs=1", "output.save_every_n_steps=1")
@@ -89,6 +91,7 @@ def schedule_free(tmp_path_factory):
     return root / "whole", cfg
 
 
+@pytest.mark.slow
 def test_schedule_free_file_holds_the_librarys_evaluation_weights(schedule_free):
     folder, cfg = schedule_free
     state = load_weights_only(folder / "state.pt")
@@ -106,6 +109,7 @@ def test_schedule_free_file_holds_the_librarys_evaluation_weights(schedule_free)
     assert all(torch.equal(saved[k], live[k].detach()) for k in names)
 
 
+@pytest.mark.slow
 def test_schedule_free_resume_is_bit_exact(tmp_path, schedule_free):
     # stopped at step 4, after epoch 1's file (its evaluation weights swapped in and out) and mid-epoch 2
     folder, cfg = schedule_free
