@@ -7,10 +7,11 @@ The public API is the short list below; everything else is the engine's inside a
     cfg = gesso.load_config("my.toml", ["train.epochs=4"])   # or gesso.build_config({...})
     result = gesso.train(cfg, "output/mystyle", on_event=print, progress=False)
 
-See the README's "Python API" section for a complete example (events, stopping, resuming).
+See the README's "Python API" section for a complete example (events, stopping, resuming, gesso.Control).
 """
 from gesso.engine.config.load import build_config, load_config
 from gesso.engine.config.sections import Config
+from gesso.engine.loop.control import Control
 from gesso.engine.loop.train import TrainResult, train
 from gesso.engine.lora.files import read_lora
 from gesso.engine.lora.tools import convert_lora, merge_lora, resize_lora
@@ -22,7 +23,7 @@ from gesso.errors import (CheckpointError, ConfigError, GessoError, LoRAFileErro
 __version__ = "0.1.0"
 
 __all__ = [
-    "Config", "build_config", "load_config", "train", "TrainResult", "StopTraining",
+    "Config", "build_config", "load_config", "train", "TrainResult", "StopTraining", "Control",
     "read_lora", "convert_lora", "merge_lora", "resize_lora", "sample",
     "GessoError", "ConfigError", "CheckpointError", "LoRAFileError", "OutputError", "PromptError", "RenderError", "TrainError",
 ]

@@ -34,7 +34,7 @@ def take_signals(handler) -> dict:
 if __name__ == "__main__":
     take_signals(exit_at_once)
 
-from gesso.commands import caption, inspect, lora, measure, sample, train  # noqa: E402 (after the handlers above)
+from gesso.commands import caption, doctor, inspect, lora, measure, sample, serve, train  # noqa: E402 (after the handlers above)
 from gesso.errors import GessoError  # noqa: E402
 
 
@@ -54,7 +54,7 @@ class Interrupt:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gesso", description="Fast LoRA training for SDXL and SD 1.5.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (train, caption, inspect, measure, sample, lora):  # the order `gesso --help` lists them in
+    for command in (train, caption, inspect, measure, sample, lora, doctor, serve):  # the order `gesso --help` lists them in
         command.add_parsers(sub)
     return parser
 

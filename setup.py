@@ -5,7 +5,7 @@ from setuptools import setup
 # gesso.commands and gesso.cli, and a host's own `models` or `engine` package is never shadowed.
 PACKAGES = ["gesso", "gesso.commands", "gesso.engine", "gesso.engine.config", "gesso.engine.data", "gesso.engine.embedding",
             "gesso.engine.lora", "gesso.engine.loop", "gesso.engine.measure", "gesso.engine.memory", "gesso.engine.run", "gesso.engine.sampling",
-            "gesso.kernels", "gesso.models"]
+            "gesso.kernels", "gesso.models", "gesso.serve"]
 
 setup(
     name="gesso",
@@ -14,7 +14,10 @@ setup(
     python_requires=">=3.11",
     packages=PACKAGES,
     package_dir={"gesso": "."},
-    package_data={"gesso.models": ["tokenizers/clip/*"]},
+    # the CLIP vocabulary; the dispatch table a GPU session measured (kernels/dispatch.py: absent until one has,
+    # installed once it exists); gesso serve's page (HTML, scripts, styles and the vendored chart library with its licence)
+    package_data={"gesso.models": ["tokenizers/clip/*"], "gesso.kernels": ["dispatch_table.json"],
+                  "gesso.serve": ["static/*", "static/vendor/*"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
@@ -32,10 +35,17 @@ setup(
         # lycoris-lora is the reference for the LoHa/LoKr/DoRA deltas; onnx builds the tiny WD tagger graph that
         # the caption tests run on onnxruntime; scipy's KS test and CDFs check the timestep distributions; the
         # optimizers extra is tested against the libraries' own steps.
+        # fastapi, uvicorn and httpx: the serve tests start a real `gesso serve` and talk to it over HTTP; selenium drives
+        # the page's tests in a headless Chromium (Debian's chromium and chromium-driver, which .ci/run installs)
         "test": ["pytest", "pytest-benchmark", "diffusers>=0.30", "peft", "onnxruntime", "onnx",
-                 "lycoris-lora>=4.1", "scipy", "schedulefree>=1.4", "pytorch-optimizer>=3.0"],
+                 "lycoris-lora>=4.1", "scipy", "schedulefree>=1.4", "pytorch-optimizer>=3.0",
+                 "fastapi>=0.110", "uvicorn[standard]>=0.29", "httpx>=0.27", "selenium>=4.20"],
         # train.optimizer = adamw_schedulefree (schedulefree's AdamWScheduleFree), came and lion (pytorch-optimizer)
         "optimizers": ["schedulefree>=1.4", "pytorch-optimizer>=3.0"],
+        # `gesso serve`: the HTTP job API, on FastAPI (Starlette underneath, OpenAPI schema from it) served by uvicorn;
+        # [standard] brings its C parser (httptools) and event loop (uvloop): 0.56 ms of server CPU per status request
+        # instead of 0.79 with the pure-Python h11 and asyncio (benchmarks/serve_load.py, 2026-12-03, benchmarks/README.md)
+        "serve": ["fastapi>=0.110", "uvicorn[standard]>=0.29"],
         # `gesso caption --captioner tagger`: WD taggers ship model.onnx; BLIP needs only transformers
         "caption": ["onnxruntime"],
         # the viewer for <output>/tensorboard (tensorboardX above only writes the files): `tensorboard --logdir ...`

@@ -6,6 +6,7 @@
 #
 #   quick   in this order, each step under its own time limit, results written as they come:
 #           1 GPU parity of the Triton kernels at bf16, fp16 and fp8 e4m3 (sm_89+): GESSO_KERNELS=triton pytest tests/kernels
+#             then one SDXL step's kernels compiled in parallel into Triton's cache (compile_targets --warm)
 #           2 full SDXL 1024 px, batch 1, rank 16, kohya's 722 modules: engine kernels and engine reference (bf16 + ckpt,
 #             fp8 + ckpt), diffusers + PEFT (bf16 + ckpt), block swap (where `cli.py bench --blocks-to-swap` exists),
 #             the kernels with a CUDA graph; median of 10 steps after 3 warm-up; MFU against the bf16 matmul rate
@@ -13,6 +14,7 @@
 #           3 a 50-step loss check, kernels vs reference, bf16 + ckpt
 #           then the dispatch table (kernels/dispatch_table.json: the faster path per op shape on this GPU), and if
 #           time is left 4: batch 4 and 512 px; last the summary table (python -m benchmarks.summary).
+#           A row that fails (a Triton error, out of memory) is recorded with its error; the rows before it stay.
 #           Files in $OUT (7 of the 8 that come back): env.log, quick.log, quick-raw.json (rows as measured),
 #           predictions.json, blockswap.json, dispatch_table.json, quick.json (rows + predictions + ratios).
 #   parity  GPU parity of the Triton kernels:    GESSO_KERNELS=triton python -m pytest -q tests/kernels
@@ -115,10 +117,12 @@ loss() {
 }
 
 quick_step() {  # quick_step LIMIT CMD...: one step of the quick stage, under min(LIMIT, what the stage has left)
-    local limit=$1 left rc start
+    local limit=$1 left rc start elapsed=$SECONDS
     shift
-    # from the script's start (SECONDS): the wheel install and the environment count against the whole command's limit
-    left=$((QUICK_LIMIT - SECONDS - PLANNED - SUMMARY_RESERVE))
+    # from the script's start (SECONDS): the wheel install and the environment count against the whole command's limit;
+    # the plan starts at 0 s, as the machine that prints it (a busy CPU, in the tests) is not the GPU's
+    [ "${QUICK_PLAN:-0}" = 1 ] && elapsed=0
+    left=$((QUICK_LIMIT - elapsed - PLANNED - SUMMARY_RESERVE))
     [ "$limit" -gt "$left" ] && limit=$left
     if [ "$limit" -lt 20 ]; then
         echo "! skipped, quick budget spent: $*" | tee -a "$OUT/quick.log"
@@ -151,19 +155,24 @@ quick() {
     fi
     local workers=""  # Triton compiles on the CPU, one kernel variant at a time: spread the parity tests over 6 processes
     "$PY" -c "import xdist" 2>/dev/null && workers="-n 6"
-    quick_step 90 env GESSO_KERNELS=triton "$PY" -m pytest -q -p no:cacheprovider $workers tests/kernels
-    quick_step 130 $rows --systems engine --modes bf16-ckpt  # the first SDXL step compiles and autotunes the kernels
-    quick_step 60 $rows --systems engine --modes fp8-ckpt
+    # Step limits, estimated (no GPU has run this stage): cold compiles dominate. The parity step compiles about 180
+    # kernel variants (the tests' small shapes, each tile forced) over 6 workers, plus the CI compile check (163 AOT
+    # compiles over every core) and the fallback demo on the CPU; one SDXL step needs about 71 (bf16) and 42 more
+    # (fp8 bases), which the warm step compiles in parallel into Triton's cache first, so the rows steps load them.
+    quick_step 130 env GESSO_KERNELS=triton "$PY" -m pytest -q -p no:cacheprovider $workers tests/kernels
+    quick_step 35 "$PY" -m benchmarks.compile_targets --warm
+    quick_step 75 $rows --systems engine --modes bf16-ckpt  # reference row, then kernels row, each written when measured
+    quick_step 50 $rows --systems engine --modes fp8-ckpt
     quick_step 45 $rows --systems peer --modes bf16-ckpt
     if "$PY" cli.py bench --help 2>/dev/null | grep -q -- --blocks-to-swap; then
-        quick_step 35 "$PY" cli.py bench --gradient-checkpointing --blocks-to-swap "${BLOCKS_TO_SWAP:-8}" --steps 10 \
+        quick_step 30 "$PY" cli.py bench --gradient-checkpointing --blocks-to-swap "${BLOCKS_TO_SWAP:-8}" --steps 10 \
             --warmup 3 --out "$OUT/blockswap.json"
     else
         echo "! cli.py bench has no --blocks-to-swap: no block-swap rows" | tee -a "$OUT/quick.log"
     fi
     # checkpointing saves RNG states in the forward, which capture may refuse: then its row records why, and the
     # second mode (no checkpointing) still gives the graph's speed-up over the eager step of the same model
-    quick_step 40 $rows --systems graph --modes bf16-ckpt,bf16
+    quick_step 30 $rows --systems graph --modes bf16-ckpt,bf16
     quick_step 55 $q loss --results "$raw" --steps 50
     quick_step 30 "$PY" -m benchmarks.dispatch_table --budget-s 20 --out "$OUT/dispatch_table.json"
     quick_step 600 $rows --systems engine,peer --modes bf16-ckpt --batch 4

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from triton.errors import TritonError
 
 from benchmarks import summary
 from gesso import models
@@ -34,9 +35,13 @@ from gesso.engine.lora import names
 from gesso.engine.measure import bench, harness, peer
 from gesso.engine.measure.graphs import GraphedStep
 from gesso.engine.memory import memtrace
+from gesso.kernels import fallback
 
 MODES = {"bf16-ckpt": (False, True), "fp8-ckpt": (True, True), "bf16": (False, False)}  # (fp8 base, checkpointing)
 SYSTEMS = ("engine", "peer", "graph")
+# what one row may die of without taking the others: Triton's compile and launch errors (CompilationError, PTXASError,
+# OutOfResources, ...), CUDA and shape errors, failed checks, out of memory (a RuntimeError)
+ROW_ERRORS = (TritonError, RuntimeError, AssertionError, ValueError)
 
 
 def load(path: Path) -> dict:
@@ -66,17 +71,40 @@ def row(system: str, case: bench.Case, dtype, optimizer: str, seconds: float, tf
                 base_weights=bench.base_weights(case, dtype), gradient_checkpointing=case.gradient_checkpointing,
                 optimizer=optimizer, lora_modules=modules, steps=steps, warmup=warmup, seconds_per_step=seconds,
                 images_per_s=case.batch / seconds, tflop_per_step=tflop,
-                mfu=tflop / seconds / peak_tflops if peak_tflops else None,
+                mfu=tflop / seconds / peak_tflops if peak_tflops and tflop else None,
                 peak_allocated_gib=peaks[0], peak_reserved_gib=peaks[1])
 
 
-def engine_rows(case, args, device, dtype, peak) -> list[dict]:
-    out = []
-    for r in bench.run_case(case, args.steps, args.warmup, device, dtype, peak):
-        d = row(f"engine-{r.path}", case, dtype, r.optimizer, r.seconds_per_step, r.tflop_per_step,
-                (r.peak_allocated_gib, r.peak_reserved_gib), peak, args.steps, args.warmup, lora_module_count(case.model))
-        out.append(d)
-    return out
+def engine_rows(case, args, device, dtype, peak, emit) -> None:
+    """The reference path, then the kernels path, on one model: each row handed to `emit` as soon as it is measured
+    (a kernels path that fails leaves the reference row written). A kernel that gave way to its reference during the
+    kernels path (kernels/fallback.py) is named in that row's `gave_way`."""
+    bench.release(device)
+    unet, network = bench.build(case, device, dtype)
+    b = bench.make_batch(case, 0, device, dtype)
+    tflop, modules = None, lora_module_count(case.model)
+    try:
+        for path in ("reference", "kernels"):
+            before = len(fallback.given_way)
+            try:
+                seconds, allocated, reserved, flops = bench.time_path(path, unet, network, b, args.steps, args.warmup,
+                                                                      device, count=path == "reference")
+            except ROW_ERRORS as e:
+                emit(failed(f"engine-{path}", case, e))
+                continue
+            tflop = flops[0] if flops else tflop
+            optimizer = "AdamW8bit" if path == "kernels" else "torch.optim.AdamW"
+            r = row(f"engine-{path}", case, dtype, optimizer, seconds, tflop, (allocated, reserved), peak, args.steps,
+                    args.warmup, modules)
+            emit(dict(r, gave_way=fallback.given_way[before:]) if path == "kernels" else r)
+    finally:
+        del unet, network, b
+        bench.release(device)
+
+
+def failed(system: str, case: bench.Case, e: BaseException) -> dict:
+    return dict(system=system, model=case.model, resolution=case.resolution, batch=case.batch, rank=case.rank,
+                error=f"{type(e).__name__}: {e}"[:2000])
 
 
 def _flops(fn) -> float:
@@ -133,7 +161,16 @@ def cmd_rows(args) -> int:
                                timing="triton.testing.do_bench median, random bf16 inputs")
         save(path, results)
     peak = results["peak"]["bf16_matmul_tflops"] if results["peak"] else None
-    failed = 0
+    failures = 0
+
+    def emit(r: dict) -> None:  # each row reaches the results file as soon as it is measured
+        nonlocal failures
+        failures += "error" in r
+        r["mode"] = mode
+        print(json.dumps(r), flush=True)
+        results["rows"].append(r)
+        save(path, results)
+
     for mode in args.modes.split(","):
         fp8_base, ckpt = MODES[mode]
         case = bench.Case(model, resolution, args.batch, args.rank, fp8_base, ckpt)
@@ -141,18 +178,13 @@ def cmd_rows(args) -> int:
             if system == "peer" and fp8_base:
                 continue  # diffusers has no fp8 bases: the engine alone runs that mode
             try:
-                made = {"engine": engine_rows, "peer": lambda *a: [peer_row(*a)], "graph": lambda *a: [graph_row(*a)]}
-                new = made[system](case, args, device, dtype, peak)
-            except (RuntimeError, AssertionError, torch.cuda.OutOfMemoryError) as e:  # the next row still runs
-                failed = 1
-                new = [dict(system=system, model=model, resolution=resolution, batch=args.batch, rank=args.rank,
-                            mode=mode, error=f"{type(e).__name__}: {e}"[:2000])]
-            for r in new:
-                r["mode"] = mode
-                print(json.dumps(r), flush=True)
-            results["rows"] += new
-            save(path, results)
-    return failed
+                if system == "engine":
+                    engine_rows(case, args, device, dtype, peak, emit)
+                else:
+                    emit({"peer": peer_row, "graph": graph_row}[system](case, args, device, dtype, peak))
+            except ROW_ERRORS as e:  # the next row still runs
+                emit(failed(system, case, e))
+    return 1 if failures else 0
 
 
 def cmd_loss(args) -> int:

@@ -63,12 +63,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if auto:
         if args.overwrite:
             raise TrainError("--resume auto goes on with the output folder's run, --overwrite replaces it: give one of them")
-        found = rundir.run_status(output_dir, cfg.output.name)
+        found = rundir.assess(output_dir, cfg)[0]
         if found == rundir.FINISHED:  # a notebook cell run again after the run ended: nothing to do, nothing touched
             print(f"{output_dir / cfg.output.name}.safetensors: this run has finished; nothing to do "
                   "(--overwrite trains it again, --output-dir starts another)")
             return 0
-        resume = output_dir if found == rundir.UNFINISHED else None  # anything else: refused as a fresh run would be
+        # a run killed before its first state starts again; another run's files are refused, as by a fresh run
+        resume = output_dir if found == rundir.UNFINISHED else None
     world = distributed.from_environment(os.environ)  # torchrun's ranks; one process without it
     stop = StopOnSignal()
     with distributed.joined(world, cfg.train.device), stop.installed():

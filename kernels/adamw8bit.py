@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gesso.kernels import fallback
 from gesso.kernels.dispatch import use_triton
 
 BLOCK = 256
@@ -97,7 +98,7 @@ def _nearest_code(x, mids_ptr):
     """Index of the nearest of 256 sorted codes: the count of the 255 midpoints below x, 8 halvings."""
     code = tl.zeros_like(x).to(tl.int32)
     for i in tl.static_range(8):
-        step: tl.constexpr = 128 >> i
+        step = 128 >> i  # a constexpr per unrolled iteration; an annotated one could not be reassigned
         mid = tl.load(mids_ptr + code + (step - 1))
         code = tl.where(mid < x, code + step, code)
     return code
@@ -221,8 +222,10 @@ class AdamW8bit(torch.optim.Optimizer):
                 args = (p, p.grad, state, group["lr"], beta1, beta2, group["eps"], group["weight_decay"], state["step"])
                 if "exp_avg" in state:
                     adamw32_step(*args)
-                elif use_triton(p):
-                    adamw8bit_step(*args)
+                elif use_triton(p, op="adamw8bit"):
+                    # a launch that fails (compile, shared memory) does so before writing: the reference does this step
+                    fallback.run("adamw8bit", str(p.dtype).removeprefix("torch."), p.device,
+                                 lambda: adamw8bit_step(*args), lambda: adamw8bit_ref(*args))
                 else:
                     adamw8bit_ref(*args)
         return loss

@@ -12,39 +12,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from gesso.kernels import fallback, tiles
 from gesso.kernels.dispatch import autocast_inputs, shape_key, use_triton
-from gesso.kernels.tuning import autotuned, config, fits
+from gesso.kernels.tuning import autotuned
 
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
-
-# Tiles per padded head dim: the fp32 accumulators (BLOCK_M or BLOCK_N rows x BLOCK_D) must fit in registers.
-# Forward and dQ tile the queries (BLOCK_M) and stream the keys (BLOCK_N); dK/dV tile the keys and stream the queries.
-FWD_TILES = {64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (32, 64, 4, 2)],
-             128: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)],
-             256: [(64, 32, 8, 2), (32, 32, 8, 2), (32, 16, 4, 2)]}
-DKDV_TILES = {64: [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2)],
-              128: [(32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
-              256: [(32, 32, 8, 2), (16, 32, 4, 2)]}
-DQ_TILES = {64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
-            128: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
-            256: [(32, 32, 8, 2), (32, 16, 4, 2)]}
-INTERPRETER_CONFIG = config(4, 2, BLOCK_M=64, BLOCK_N=64)
-
-
-def _configs(tiles: dict) -> list:
-    unique = dict.fromkeys(t for d in tiles for t in tiles[d])  # a tile listed for two head dims is timed once
-    return [config(w, s, BLOCK_M=m, BLOCK_N=n) for m, n, w, s in unique]
-
-
-def _pruner(tiles: dict, tiled: str, length: str):
-    """Keep the tiles listed for this call's padded head dim whose `tiled` block does not exceed the `length` argument."""
-    def prune(configs, args, **kwargs):
-        allowed = set(tiles[min(d for d in tiles if d >= kwargs["BLOCK_D"])])
-        mine = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
-        return fits(mine, {tiled: args[length]})
-    return prune
-
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, upcast: bool = True) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v; q (B, H, Tq, D), k and v (B, H, Tk, D)."""
@@ -55,7 +28,8 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, upcast: boo
     return torch.matmul(scores.softmax(dim=-1), v).to(dtype)
 
 
-@autotuned(_configs(FWD_TILES), INTERPRETER_CONFIG, key=["H", "Tq", "Tk", "D"], prune=_pruner(FWD_TILES, "BLOCK_M", "Tq"))
+@autotuned(tiles.attention_configs(tiles.ATTENTION_FWD), tiles.ATTENTION_INTERPRETER, key=["H", "Tq", "Tk", "D"],
+           prune=tiles.ATTENTION_FWD_PRUNE)
 @triton.jit
 def _attention_fwd_kernel(
     # pointers
@@ -127,8 +101,8 @@ def _attention_bwd_preprocess_kernel(
     tl.store(delta_ptr + offs_m, tl.sum(o * do, 1), mask=offs_m < rows)
 
 
-@autotuned(_configs(DKDV_TILES), INTERPRETER_CONFIG, key=["H", "Tq", "Tk", "D"],
-           prune=_pruner(DKDV_TILES, "BLOCK_N", "Tk"))
+@autotuned(tiles.attention_configs(tiles.ATTENTION_DKDV), tiles.ATTENTION_INTERPRETER, key=["H", "Tq", "Tk", "D"],
+           prune=tiles.ATTENTION_DKDV_PRUNE)
 @triton.jit
 def _attention_bwd_dkdv_kernel(
     # pointers
@@ -183,7 +157,8 @@ def _attention_bwd_dkdv_kernel(
     tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=mask_nd)
 
 
-@autotuned(_configs(DQ_TILES), INTERPRETER_CONFIG, key=["H", "Tq", "Tk", "D"], prune=_pruner(DQ_TILES, "BLOCK_M", "Tq"))
+@autotuned(tiles.attention_configs(tiles.ATTENTION_DQ), tiles.ATTENTION_INTERPRETER, key=["H", "Tq", "Tk", "D"],
+           prune=tiles.ATTENTION_DQ_PRUNE)
 @triton.jit
 def _attention_bwd_dq_kernel(
     # pointers
@@ -284,6 +259,19 @@ def _backward(do, q, k, v, o, lse):
     return dq, dk, dv
 
 
+def _backward_ref(do, q, k, v):
+    """dq, dk, dv of torch's scaled_dot_product_attention at the same q, k, v: the reference's gradients."""
+    with torch.enable_grad():
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        return torch.autograd.grad(F.scaled_dot_product_attention(q, k, v), (q, k, v), do)
+
+
+def shape_class(dtype, head_dim: int) -> str:
+    """The fallback's unit (kernels/fallback.py): one family of tiles per dtype and padded head dim."""
+    padded = min(d for d in tiles.ATTENTION_FWD if d >= max(16, triton.next_power_of_2(head_dim)))
+    return f"{str(dtype).removeprefix('torch.')}, head dim<={padded}"
+
+
 class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v):
@@ -293,7 +281,9 @@ class FlashAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
-        return _backward(do, *ctx.saved_tensors)
+        q, k, v, o, lse = ctx.saved_tensors
+        return fallback.run("attention", shape_class(q.dtype, q.shape[-1]), q.device,
+                            lambda: _backward(do, q, k, v, o, lse), lambda: _backward_ref(do, q, k, v))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -307,4 +297,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     key = shape_key(*q.shape, k.shape[2], q.dtype)  # B, H, Tq, D, Tk, dtype
     if q.shape[-1] > MAX_HEAD_DIM or not use_triton(q, k, v, op="attention", key=key):
         return F.scaled_dot_product_attention(q, k, v)
-    return FlashAttentionFunction.apply(q, k, v)
+    return fallback.run("attention", shape_class(q.dtype, q.shape[-1]), q.device,
+                        lambda: FlashAttentionFunction.apply(q, k, v), lambda: F.scaled_dot_product_attention(q, k, v))

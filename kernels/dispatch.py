@@ -1,13 +1,15 @@
 """Choose the Triton kernel or the PyTorch reference for a call.
 
 `GESSO_KERNELS` = `auto` (default) | `triton` | `reference`. In `auto`, CUDA tensors on a GPU of
-compute capability >= 8.0 take the Triton kernels and everything else takes the reference.
+compute capability >= 8.0 take the Triton kernels and everything else takes the reference; fp32 tensors take the
+reference's cuBLAS matmuls and SDPA too (fp32 Triton dots run in IEEE fp32, without tensor cores, and spill).
 `triton` forces the kernels even for CPU tensors (the interpreter tests: `TRITON_INTERPRET=1`).
-This is the only place below cli.py that reads the environment.
+This is the only place below cli.py that reads the environment (with kernels/fallback.py, which finds the per-user
+cache folder). In `auto`, a kernel that failed or disagreed on this GPU runs its reference (kernels/fallback.py).
 
 `auto` never picks a kernel that lost on this GPU: `dispatch_table.json` beside this file lists, per device
 name, op and shape key, the path a GPU session measured to be faster there ("triton" or "reference", with both
-times). Shapes and devices it does not list take the kernel. Only measurements go in it
+times). Shapes and devices it does not list take the kernel (fp32: the reference). Only measurements go in it
 (`benchmarks/dispatch_table.py` writes it on a GPU); it is absent until one has run.
 """
 import functools
@@ -21,6 +23,7 @@ import torch
 ENV_VAR = "GESSO_KERNELS"
 MODES = ("auto", "triton", "reference")
 MIN_CAPABILITY = (8, 0)  # bf16 tensor cores and the Triton features these kernels assume
+DOT_OPS = ("lora_linear", "attention")  # matmul kernels, which fp32 would run without tensor cores
 
 TABLE = Path(__file__).with_name("dispatch_table.json")
 CHOICES = ("triton", "reference")
@@ -100,8 +103,8 @@ class recorded:
 
 def use_triton(*tensors: torch.Tensor, min_capability: tuple = MIN_CAPABILITY, op: str | None = None,
                key: str | None = None) -> bool:
-    """True when the call with these tensors should run the Triton kernel (on a GPU of min_capability, and not
-    where the dispatch table measured `op` at shape `key` slower than the reference on this GPU)."""
+    """True when the call with these tensors (the first one sets the dtype) should run the Triton kernel: forced by
+    GESSO_KERNELS, else under `auto` as `_auto_kernel` decides."""
     if op is not None and _recording:
         _recording[-1].add((op, key))
     mode = kernel_mode()
@@ -111,9 +114,18 @@ def use_triton(*tensors: torch.Tensor, min_capability: tuple = MIN_CAPABILITY, o
     if len(devices) != 1:
         return False
     (device,) = devices
+    return _auto_kernel(device, tensors[0].dtype, min_capability, op, key)
+
+
+def _auto_kernel(device: torch.device, dtype: torch.dtype, min_capability: tuple, op: str | None, key: str | None) -> bool:
+    """`auto`: a GPU of min_capability, and not where the dispatch table measured `op` at shape `key` slower than the
+    reference on this GPU; fp32 matmul kernels only where the table measured them faster."""
     if device.type != "cuda" or not _capable(device, min_capability):
         return False
-    return op is None or table_choice(device, op, key) != "reference"
+    choice = table_choice(device, op, key) if op is not None else None
+    if dtype == torch.float32 and op in DOT_OPS:
+        return choice == "triton"
+    return choice != "reference"
 
 
 def autocast_inputs(x: torch.Tensor, *others):

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from gesso.kernels import fallback, tiles
 from gesso.kernels.dispatch import MIN_CAPABILITY, autocast_inputs, shape_key, use_triton
-from gesso.kernels.tuning import autotuned, config, fits
+from gesso.kernels.tuning import autotuned
 
 FP8_DTYPES = (torch.float8_e4m3fn,)
 FP8_MIN_CAPABILITY = (8, 9)
@@ -78,19 +79,7 @@ def _keep_mask(seed, offs_m, offs_k, K, dropout_p):
     return tl.rand(seed, offs_m[:, None] * K + offs_k[None, :]) >= dropout_p
 
 
-# (BLOCK_M, output tile BLOCK_N, reduction step BLOCK_K): Hopper/Ada tiles first, then short-row ones (77 tokens)
-FWD_CONFIGS = [config(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64), config(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
-               config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
-               config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), config(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64)]
-# the dx pass tiles (rows, input columns) and reduces over the outputs: the same shapes with N and K swapped
-DX_CONFIGS = [config(c.num_warps, c.num_stages, BLOCK_M=c.kwargs["BLOCK_M"], BLOCK_K=c.kwargs["BLOCK_N"], BLOCK_N=64)
-              for c in FWD_CONFIGS]
-INTERPRETER_CONFIG = config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
-DOWN_BLOCKS = dict(BLOCK_M=64, BLOCK_K=64)  # d_down: fixed, its split of M over programs is sized from these
-
-
-@autotuned(FWD_CONFIGS, INTERPRETER_CONFIG, key=["M", "N", "K", "R"],
-           prune=lambda configs, args, **kw: fits(configs, {"BLOCK_M": args["M"], "BLOCK_N": args["N"]}))
+@autotuned(tiles.LORA_FWD, tiles.LORA_INTERPRETER, key=["M", "N", "K", "R"], prune=tiles.LORA_FWD_PRUNE)
 @triton.jit
 def _lora_linear_fwd_kernel(
     # pointers
@@ -150,8 +139,7 @@ def _lora_linear_fwd_kernel(
                  xa, mask=mask_m[:, None] & mask_r[None, :])
 
 
-@autotuned(DX_CONFIGS, INTERPRETER_CONFIG, key=["M", "N", "K", "R"],
-           prune=lambda configs, args, **kw: fits(configs, {"BLOCK_M": args["M"], "BLOCK_K": args["K"]}))
+@autotuned(tiles.LORA_DX, tiles.LORA_INTERPRETER, key=["M", "N", "K", "R"], prune=tiles.LORA_DX_PRUNE)
 @triton.jit
 def _lora_linear_bwd_dx_kernel(
     # pointers
@@ -260,9 +248,18 @@ def _dropout_keep_kernel(
              mask=(offs_m < M)[:, None] & (offs_k < K)[None, :])
 
 
+def _block_r(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
 def _meta(r: int, dtype) -> dict:
     """The constexprs the tuner does not choose; fp32 inputs (the interpreter tests) get exact fp32 products, not TF32."""
-    return dict(BLOCK_R=max(16, triton.next_power_of_2(r)), DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+    return dict(BLOCK_R=_block_r(r), DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+
+
+def shape_class(x_dtype, w_dtype, r: int) -> str:
+    """The fallback's unit (kernels/fallback.py): one compiled kernel family per dtypes and padded rank."""
+    return f"{str(x_dtype).removeprefix('torch.')} x, {str(w_dtype).removeprefix('torch.')} W, rank<={_block_r(r)}"
 
 
 def _scale_mode(weight, weight_scale) -> int:
@@ -323,7 +320,7 @@ def _backward(dy, x2, weight, weight_scale, down, up, xa, lora_scale, dropout_p,
         up.stride(0), up.stride(1), dx.stride(0), dx.stride(1), dyb.stride(0), dyb.stride(1),
         W_SCALE=mode, HAS_DROPOUT=dropout_p > 0.0, **meta)
     # d_down reduces over all M rows: split M so that enough programs run, then sum the partials.
-    block_m, block_k = DOWN_BLOCKS["BLOCK_M"], DOWN_BLOCKS["BLOCK_K"]
+    block_m, block_k = tiles.LORA_DOWN["BLOCK_M"], tiles.LORA_DOWN["BLOCK_K"]
     k_blocks = triton.cdiv(K, block_k)
     split = max(1, min(triton.cdiv(M, 4 * block_m), triton.cdiv(264, k_blocks)))
     rows_per_split = triton.cdiv(triton.cdiv(M, split), block_m) * block_m
@@ -332,10 +329,20 @@ def _backward(dy, x2, weight, weight_scale, down, up, xa, lora_scale, dropout_p,
     _lora_linear_bwd_down_kernel[(k_blocks, split)](
         dyb, x2, part, M, K, R, rows_per_split, dropout_p, seed,
         dyb.stride(0), dyb.stride(1), x2.stride(0), x2.stride(1), part.stride(0), part.stride(1), part.stride(2),
-        HAS_DROPOUT=dropout_p > 0.0, **DOWN_BLOCKS, **meta, num_warps=8 if meta["BLOCK_R"] >= 64 else 4, num_stages=3)
+        HAS_DROPOUT=dropout_p > 0.0, **tiles.LORA_DOWN, **meta, num_warps=8 if meta["BLOCK_R"] >= 64 else 4, num_stages=3)
     d_down = part.sum(0) * lora_scale
     d_up = torch.matmul(dy.t(), xa).float() * lora_scale  # (N, R): skinny, cuBLAS does it well
     return dx, d_down, d_up
+
+
+def _backward_ref(dy, x2, weight, weight_scale, down, up, lora_scale, dropout_p, seed):
+    """The reference's gradients (dx, d_down, d_up) of the forward the kernel ran, with the kernel's Philox keep-mask."""
+    keep = dropout_keep_mask(seed, tuple(x2.shape), dropout_p, x2.device) if dropout_p > 0.0 else None
+    with torch.enable_grad():
+        x, a, b = (t.detach().requires_grad_() for t in (x2, down, up))
+        y = lora_linear_ref(x, weight, None, a, b, lora_scale * (1.0 - dropout_p), weight_scale=weight_scale,
+                            dropout_p=dropout_p, dropout_mask=keep)
+        return torch.autograd.grad(y, (x, a, b), dy)
 
 
 def dropout_keep_mask(seed: int, shape: tuple, dropout_p: float, device) -> torch.Tensor:
@@ -371,8 +378,11 @@ class LoRALinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x2, weight, weight_scale, down, up, xa = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
-        dx, d_down, d_up = _backward(dy2, x2, weight, weight_scale, down, up, xa,
-                                     ctx.lora_scale, ctx.dropout_p, ctx.seed)
+        args = (dy2, x2, weight, weight_scale, down, up)
+        dx, d_down, d_up = fallback.run(
+            "lora_linear", shape_class(x2.dtype, weight.dtype, down.shape[0]), x2.device,
+            lambda: _backward(*args, xa, ctx.lora_scale, ctx.dropout_p, ctx.seed),
+            lambda: _backward_ref(*args, ctx.lora_scale, ctx.dropout_p, ctx.seed))
         d_bias = dy2.float().sum(0).to(dy.dtype) if ctx.bias_needs_grad else None
         return (dx.reshape(ctx.x_shape), None, d_bias, d_down.to(down.dtype), d_up.to(up.dtype),
                 None, None, None, None)
@@ -398,5 +408,7 @@ def lora_linear(x, weight, bias, down, up, scale: float, *, weight_scale=None,
     assert not weight.requires_grad, "the Triton path never computes dW: freeze the base weight (requires_grad_(False))"
     if dropout_seed is None:
         dropout_seed = int(torch.randint(0, 2**31 - 1, ()).item()) if dropout_p > 0.0 else 0
-    return LoRALinearFunction.apply(x, weight, bias, down, up, float(scale), weight_scale,
-                                    float(dropout_p), dropout_seed)
+    return fallback.run(
+        "lora_linear", shape_class(x.dtype, weight.dtype, down.shape[0]), x.device,
+        lambda: LoRALinearFunction.apply(x, weight, bias, down, up, float(scale), weight_scale, float(dropout_p), dropout_seed),
+        lambda: lora_linear_ref(x, weight, bias, down, up, scale, weight_scale=weight_scale, dropout_p=dropout_p))

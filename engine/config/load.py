@@ -138,10 +138,19 @@ def load_config(path: str | Path, overrides: list[str] = (), dataset_config: str
     data = read_toml(path)
     if dataset_config:
         data = apply_dataset_config(data, dataset_config)
+    return build_config(apply_overrides(data, overrides), str(path), path.parent)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] = ()) -> dict[str, Any]:
+    """`data` (a dict shaped like the TOML, changed in place) with each `section.key=value` set, as --set sets it:
+    the value in TOML syntax, a bare word a string. ConfigError for an item that is not section.key=value."""
     for item in overrides:
         section, key, value = _parse_override(item)
-        data.setdefault(section, {})[key] = value
-    return build_config(data, str(path), path.parent)
+        table = data.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"--set {item}: [{section}] must be a table")
+        table[key] = value
+    return data
 
 
 def _typed(data: dict[str, Any], source: str) -> Config:

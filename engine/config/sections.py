@@ -89,7 +89,7 @@ class TrainSection:
     lr_warmup_steps: int = 0
     lr_scheduler_num_cycles: int = 1
     max_grad_norm: float = 1.0  # 0 disables gradient clipping
-    mixed_precision: str = "no"  # no, bf16, fp16 (with loss scaling)
+    mixed_precision: str = "auto"  # auto (bf16 from sm_80, fp16 on older GPUs, fp32 on the CPU), no, bf16, fp16
     gradient_checkpointing: bool = False
     fp8_base: bool = False  # store the frozen UNet weights in fp8 (e4m3, per-channel scale): half of bf16's memory
     blocks_to_swap: int = 0  # frozen weights of the N largest UNet blocks in host memory (engine/memory/blockswap.py); 0 = off
@@ -167,7 +167,7 @@ CHOICES = {
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("train", "optimizer"): tuple(OPTIMIZERS),
     ("train", "lr_scheduler"): tuple(SCHEDULES),
-    ("train", "mixed_precision"): ("no", "bf16", "fp16"),
+    ("train", "mixed_precision"): ("auto", "no", "bf16", "fp16"),
     ("model", "prediction"): ("auto", "epsilon", "v_prediction"),
     ("loss", "prediction"): ("auto", "epsilon", "v_prediction"),
     ("train", "memory"): ("manual", "auto"),

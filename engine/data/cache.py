@@ -12,7 +12,8 @@ dropout makes each step's caption new, and trained text encoders change their ou
 cache is off and text is encoded per batch. SDXL's ADM vector is built per batch from the pooled vector
 and the sample's size and crop: cheap, and a flip changes the crop.
 Files are written atomically and never deleted; a cache folder that cannot be written is reported once and
-the run continues from memory. Each file's metadata records every tensor's shape, dtype and sha256; at load
+the run continues from memory. Encoder batches are fixed by the dataset, not by what is cached (fixed_batches), so
+a run killed while caching and run again trains on the bits an uninterrupted run caches. Each file's metadata records every tensor's shape, dtype and sha256; at load
 a file that is unreadable, truncated, fails its checksum, lacks checksums (an older format), holds NaN or
 inf, or whose shapes are not what the current bucket and encoders give, is named in a notice, encoded again
 and rewritten: never trained on. The check costs a sha256 over bytes just read (0.13 ms for a 1024x1024
@@ -28,7 +29,6 @@ from itertools import groupby
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -38,7 +38,8 @@ from gesso.engine.data.images import BadImage
 from gesso.engine.data.masks import ALPHA, load_mask
 from gesso.engine.embedding import vectors as embedding
 from gesso.engine.io import write_atomic
-from gesso.errors import OutputError, TrainError
+from gesso.errors import GessoError, OutputError, TrainError
+from gesso.models.files import read_safetensors
 
 log = logging.getLogger("gesso.cache")
 FORMAT = "gesso-cache-2"  # in every key and file: bump when decoding, resizing, encoding or the file layout changes
@@ -132,13 +133,12 @@ class _Store:
 
     def load(self, path: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor] | None:
         """The file's tensors if they pass every check against `shapes` (name -> expected shape), else None."""
-        try:
-            with safe_open(path, "pt") as f:
-                metadata, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-        except FileNotFoundError:
+        if not path.is_file():
             return None
-        except Exception as e:  # truncated, zeroed or foreign bytes
-            why = f"unreadable ({e})"
+        try:
+            tensors, metadata = read_safetensors(path, GessoError)
+        except GessoError as e:  # truncated, zeroed or foreign bytes
+            why = f"unreadable ({str(e).removeprefix(f'{path}: ')})"
         else:
             why = _damage(tensors, metadata, shapes)
             if why is None:
@@ -269,7 +269,7 @@ def _cache_latents(sd, dataset: Dataset, cache_dir, vae_id: str, store: _Store, 
     latents: list[torch.Tensor | None] = [None] * len(items)
     flipped: list[torch.Tensor | None] = [None] * len(items)
     masks: list[torch.Tensor | None] = [None] * len(items)
-    paths, missing = [], []
+    paths, missing = [], set()
     for i, it in enumerate(items):
         key = _key(it.digest, vae_id, it.bucket, it.resized, it.crop, flip, *([it.mask_digest] if it.mask_digest else []))
         paths.append(_folder(cache_dir, it) / "latents" / f"{key}.safetensors")
@@ -280,45 +280,60 @@ def _cache_latents(sd, dataset: Dataset, cache_dir, vae_id: str, store: _Store, 
             latents[i], flipped[i], masks[i] = got["latents"], got.get("flipped"), got.get("mask")
             stats.latents_loaded += 1
         else:
-            missing.append(i)
+            missing.add(i)
     broken = set()
     bar = tqdm(total=len(missing), desc="caching latents", unit="image", leave=False, disable=not (progress and missing))
     try:  # closed on an interrupt too, so a one-line message never lands on the bar's line
-        for _, group in groupby(sorted(missing, key=lambda i: items[i].bucket), key=lambda i: items[i].bucket):
-            group = list(group)
-            for start in range(0, len(group), batch_size):
-                chunk, pixels = [], []
-                for i in group[start : start + batch_size]:
-                    try:
-                        pixels.append(load_pixels(items[i]))
+        for group in fixed_batches(range(len(items)), lambda i: items[i].bucket, missing, batch_size):
+            chunk, pixels = [], []
+            for i in group:
+                try:
+                    pixels.append(load_pixels(items[i]))
+                    if i in missing:
                         masks[i] = _load_mask(items[i], _latent_shape(sd, items[i].bucket))
-                        chunk.append(i)
-                    except (OSError, BadImage) as e:  # changed or removed since the scan
+                    chunk.append(i)
+                except (OSError, BadImage) as e:  # changed or removed since the scan
+                    if i in missing:
                         log.warning("skipped %s: %s", items[i].path, e)
                         dataset.skipped.append((items[i].path, str(e)))
                         broken.add(i)
-                bar.update(len(group[start : start + batch_size]))
-                if not chunk:
+            bar.update(len(missing.intersection(group)))
+            if not missing.intersection(chunk):
+                continue
+            batch = torch.stack(pixels)  # (b, 3, H, W)
+            encoded = encode_latents(sd, torch.cat([batch, batch.flip(-1)]) if flip else batch)
+            for j, i in enumerate(chunk):
+                if i not in missing:  # encoded only as its batch's member: its cached file stays
                     continue
-                batch = torch.stack(pixels)  # (b, 3, H, W)
-                encoded = encode_latents(sd, torch.cat([batch, batch.flip(-1)]) if flip else batch)
-                stats.latents_encoded += len(chunk)
-                for j, i in enumerate(chunk):
-                    tensors = {"latents": encoded[j].clone()} | ({"flipped": encoded[len(chunk) + j].clone()} if flip else {})
-                    tensors |= {"mask": masks[i]} if masks[i] is not None else {}
-                    if not all(torch.isfinite(t).all() for t in tensors.values()):  # an fp16 VAE overflows on some images
-                        why = "the VAE's latents are not finite (NaN or inf); not cached, not trained"
-                        log.warning("skipped %s: %s", items[i].path, why)
-                        dataset.skipped.append((items[i].path, why))
-                        broken.add(i)
-                        continue
-                    latents[i], flipped[i] = tensors["latents"], tensors.get("flipped")
-                    store.save(paths[i], tensors, str(items[i].path))
+                stats.latents_encoded += 1
+                tensors = {"latents": encoded[j].clone()} | ({"flipped": encoded[len(chunk) + j].clone()} if flip else {})
+                tensors |= {"mask": masks[i]} if masks[i] is not None else {}
+                if not all(torch.isfinite(t).all() for t in tensors.values()):  # an fp16 VAE overflows on some images
+                    why = "the VAE's latents are not finite (NaN or inf); not cached, not trained"
+                    log.warning("skipped %s: %s", items[i].path, why)
+                    dataset.skipped.append((items[i].path, why))
+                    broken.add(i)
+                    continue
+                latents[i], flipped[i] = tensors["latents"], tensors.get("flipped")
+                store.save(paths[i], tensors, str(items[i].path))
     finally:
         bar.close()
     keep = [i for i in range(len(items)) if i not in broken]
     dataset.items = [items[i] for i in keep]
     return [latents[i] for i in keep], [flipped[i] for i in keep], [masks[i] for i in keep]
+
+
+def fixed_batches(keys, group_of, missing: set, batch_size: int) -> Iterator[list]:
+    """The encoder batches that hold a missing key: `keys` grouped by `group_of` (one bucket, one padded length), in
+    order, cut into batches of `batch_size` whatever is cached. A key is thus encoded beside the same others, and to
+    the same bits, in a run that fills the cache at once and in one resumed after a kill cut its caching short; a
+    batch is encoded whole, its members already cached included, when any of it is missing."""
+    for _, group in groupby(sorted(keys, key=group_of), key=group_of):
+        group = list(group)
+        for start in range(0, len(group), batch_size):
+            batch = group[start : start + batch_size]
+            if missing.intersection(batch):
+                yield batch
 
 
 def _load_mask(item: Item, latent_shape: tuple[int, ...]) -> torch.Tensor | None:
@@ -332,7 +347,7 @@ def _cache_text(sd, tokenizers, dataset: Dataset, cache_dir, text_id: str, store
                 progress: bool = False):
     roots = {"": dataset.items[0]} | {it.caption: it for it in reversed(dataset.items)}  # first item holding each caption
     chunks = {c: models.tokenize(tokenizers, [c])[0].shape[1] // CHUNK for c in roots}  # 0.2 ms a caption
-    text, paths, missing = {}, {}, []
+    text, paths, missing = {}, {}, set()
     for caption, it in roots.items():
         paths[caption] = _folder(cache_dir, it) / "text" / f"{_key(caption, text_id)}.safetensors"
         got = store.load(paths[caption], _text_shapes(sd, chunks[caption]))
@@ -340,22 +355,20 @@ def _cache_text(sd, tokenizers, dataset: Dataset, cache_dir, text_id: str, store
             text[caption] = (got["context"], got.get("pooled"))
             stats.texts_loaded += 1
         else:
-            missing.append(caption)
+            missing.add(caption)
     bar = tqdm(total=len(missing), desc="caching text", unit="caption", leave=False, disable=not (progress and missing))
     try:  # closed on an interrupt too, so a one-line message never lands on the bar's line
-        by_length = sorted(missing, key=lambda c: chunks[c])  # one padded length per encoder call: each caption keeps its own
-        for _, group in groupby(by_length, key=lambda c: chunks[c]):
-            group = list(group)
-            for start in range(0, len(group), batch_size):
-                captions = group[start : start + batch_size]
-                with torch.no_grad():
-                    context, pooled = encode_captions(sd, tokenizers, captions)
-                for j, c in enumerate(captions):
+        # batches of one padded length per encoder call: each caption keeps its own
+        for captions in fixed_batches(roots, lambda c: chunks[c], missing, batch_size):
+            with torch.no_grad():
+                context, pooled = encode_captions(sd, tokenizers, captions)
+            for j, c in enumerate(captions):
+                if c in missing:  # encoded only as its batch's member: its cached file stays
                     text[c] = (context[j].cpu().clone(), None if pooled is None else pooled[j].cpu().clone())
                     tensors = {"context": text[c][0]} | ({} if pooled is None else {"pooled": text[c][1]})
                     store.save(paths[c], tensors, c)
-                stats.texts_encoded += len(captions)
-                bar.update(len(captions))
+            stats.texts_encoded += len(missing.intersection(captions))
+            bar.update(len(missing.intersection(captions)))
     finally:
         bar.close()
     return text

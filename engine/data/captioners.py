@@ -5,8 +5,11 @@ Models come from a local folder or through huggingface_hub's cache (HF_HUB_CACHE
 unless offline; a model that is neither there nor reachable is one line saying how to download it.
 
 BLIP: BlipForConditionalGeneration over BlipProcessor's 384 px input, deterministic beam search (3 beams, 5 to 75
-tokens; kohya's limits, but not its random nucleus sampling, so a second run writes the same captions). Only
-safetensors weights are read.
+tokens, kohya's limits, cut to the text decoder's max_position_embeddings for a smaller model; not kohya's random
+nucleus sampling, so a second run writes the same captions). Only safetensors weights are read.
+
+A model that cannot be loaded is one CaptionError naming it; a captioner that fails on an image (a model that
+raises inside its forward pass) names the image in the run's summary and the run goes on with the next one.
 
 WD tagger v3: model.onnx on onnxruntime (the repository ships it, and timm would need torchvision), with
 selected_tags.csv (tag_id, name, category, count). The image is padded to a white square, resized to the graph's
@@ -17,6 +20,7 @@ tags longer than 3 characters (kohya's rule: kaomoji such as ^_^ keep theirs).
 """
 import csv
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +39,7 @@ log = logging.getLogger("gesso.caption")
 DEFAULT_MODELS = {"blip": "Salesforce/blip-image-captioning-large", "tagger": "SmilingWolf/wd-vit-tagger-v3"}
 BLIP_FILES = ["*.json", "*.txt", "*.safetensors"]  # config, processor, tokenizer, weights: no pickle
 TAGGER_FILES = ["model.onnx", "selected_tags.csv"]
+MIN_CAPTION_TOKENS, MAX_CAPTION_TOKENS = 5, 75  # kohya's BLIP caption lengths, within the model's positions
 RATING, CHARACTER = "9", "4"
 
 
@@ -81,6 +86,9 @@ def read_tags(path: Path) -> list[tuple[str, str]]:
         rows = list(csv.reader(f))
     if not rows or rows[0][:3] != ["tag_id", "name", "category"]:
         raise CaptionError(f"{path}: expected a header tag_id,name,category, got {rows[0][:3] if rows else 'nothing'}")
+    short = next((i for i, r in enumerate(rows[1:], start=2) if len(r) < 3), None)
+    if short is not None:
+        raise CaptionError(f"{path}: line {short} has fewer than 3 columns (tag_id,name,category)")
     return [(r[1], r[2]) for r in rows[1:]]
 
 
@@ -105,12 +113,14 @@ class Tagger:
         except ImportError:
             raise CaptionError("the tagger runs on onnxruntime: pip install 'gesso[caption]'") from None
         folder = model_folder(model, TAGGER_FILES)
-        self.tags, self.opts = read_tags(_require(folder, "selected_tags.csv", model)), opts
+        self.opts = opts
         cuda = device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers()
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(_require(folder, "model.onnx", model)), providers=providers)
-        graph_input = self.session.get_inputs()[0]
-        self.input_name, self.side = graph_input.name, int(graph_input.shape[1])  # NHWC
+        with _loading(model, f"the tagger from {folder}"):
+            self.tags = read_tags(_require(folder, "selected_tags.csv", model))
+            self.session = ort.InferenceSession(str(_require(folder, "model.onnx", model)), providers=providers)
+            graph_input = self.session.get_inputs()[0]
+            self.input_name, self.side = graph_input.name, int(graph_input.shape[1])  # NHWC
         outputs = self.session.get_outputs()[0].shape[-1]
         if isinstance(outputs, int) and outputs != len(self.tags):
             raise CaptionError(f"model {model}: the graph scores {outputs} tags, selected_tags.csv lists {len(self.tags)}")
@@ -137,18 +147,31 @@ class Blip:
         folder = model_folder(model, BLIP_FILES)
         _require(folder, "config.json", model)
         self.device = torch.device(device if device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-        try:
+        with _loading(model, f"BLIP from {folder}"):
             self.processor = BlipProcessor.from_pretrained(folder)
             self.model = BlipForConditionalGeneration.from_pretrained(folder, use_safetensors=True).to(self.device).eval()
-        except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CaptionError(f"model {model}: cannot load BLIP from {folder}: {first}") from None
+            # every token of a caption, the start token included, takes a position of the text decoder
+            self.max_length = min(MAX_CAPTION_TOKENS, int(self.model.config.text_config.max_position_embeddings))
 
     @torch.no_grad()
     def __call__(self, images: list[Image.Image]) -> list[str]:
         inputs = self.processor(images=images, return_tensors="pt").to(self.device)
-        out = self.model.generate(**inputs, num_beams=3, max_length=75, min_length=5)
+        out = self.model.generate(**inputs, num_beams=3, max_length=self.max_length,
+                                  min_length=min(MIN_CAPTION_TOKENS, self.max_length))
         return [t.strip() for t in self.processor.batch_decode(out, skip_special_tokens=True)]
+
+
+@contextmanager
+def _loading(model: str, what: str):
+    """Any failure to load `what` (a damaged or foreign file, a config the library refuses) as one CaptionError
+    naming the model, never the library's traceback."""
+    try:
+        yield
+    except GessoError:
+        raise
+    except Exception as e:  # transformers and onnxruntime raise many types for a model they cannot use
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise CaptionError(f"model {model}: cannot load {what}: {first}") from None
 
 
 def open_captioner(kind: str, model: str | None, device: str, opts: TagOptions):
@@ -181,7 +204,8 @@ def find_images(root: Path) -> list[Path]:
 def caption_folder(root: Path, captioner, prefix: str = "", overwrite: bool = False, batch_size: int = 1,
                    extension: str = ".txt", progress: bool = True) -> CaptionSummary:
     """Write `<image stem><extension>` beside each image under `root`. An image that has a caption file (any the
-    dataset reads) keeps it unless `overwrite`; a broken image is skipped with a warning naming it, as training does."""
+    dataset reads) keeps it unless `overwrite`; a broken image, or one the captioner fails on, is skipped with a
+    warning naming it, as training skips a broken image."""
     summary = CaptionSummary([], [], [])
     todo = []
     for path in find_images(root):
@@ -200,9 +224,36 @@ def caption_folder(root: Path, captioner, prefix: str = "", overwrite: bool = Fa
                     why = f"unreadable ({e.strerror or e})" if isinstance(e, OSError) else str(e)
                     log.warning("skipped %s: %s", path, why)
                     summary.failed.append((path, why))
-            for path, caption in zip(batch, captioner(images) if images else []):
+            for path, caption in _captions(captioner, batch, images, summary):
                 text = with_trigger(caption, prefix)
                 write_atomic(path.with_suffix(extension), lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
                 summary.written.append(path)
             bar.update(len(todo[start : start + batch_size]))
     return summary
+
+
+def _captions(captioner, batch: list[Path], images: list[Image.Image], summary: CaptionSummary) -> list[tuple[Path, str]]:
+    """(image, caption) for a batch. When the captioner fails on the batch, each image is captioned alone, and one it
+    fails on is named in the summary: one bad image (or a model that breaks on some input) costs that image only."""
+    if not images:
+        return []
+    try:
+        return list(zip(batch, captioner(images)))
+    except Exception as e:  # whatever the model's library raises inside its forward pass
+        if len(images) == 1:
+            _failed(summary, batch[0], e)
+            return []
+    out = []
+    for path, image in zip(batch, images):
+        try:
+            out += zip([path], captioner([image]))
+        except Exception as e:
+            _failed(summary, path, e)
+    return out
+
+
+def _failed(summary: CaptionSummary, path: Path, e: Exception) -> None:
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    why = f"the captioner failed on it ({type(e).__name__}{': ' + first if first else ''})"
+    log.warning("skipped %s: %s", path, why)
+    summary.failed.append((path, why))

@@ -13,12 +13,12 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save
 from torch import nn
 
 from gesso.engine.io import write_bytes_atomic
 from gesso.errors import GessoError
+from gesso.models.files import read_safetensors
 
 PLACEHOLDER = "<gesso-emb-{}>"
 SDXL_KEYS = ("clip_l", "clip_g")  # CLIP-L, OpenCLIP bigG: the order of SDXL's text encoders
@@ -124,13 +124,7 @@ def read_embedding(path: str | Path, encoders: int) -> list[torch.Tensor]:
     path = Path(path)
     if path.suffix != ".safetensors":
         raise EmbeddingFileError(f"{path}: only .safetensors embeddings are read (a .pt file is a pickle, never loaded)")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except FileNotFoundError:
-        raise EmbeddingFileError(f"{path}: no such file") from None
-    except Exception as e:  # safetensors' own error types for truncated or foreign files
-        raise EmbeddingFileError(f"{path}: not a readable safetensors file ({e})") from None
+    tensors = read_safetensors(path, EmbeddingFileError)[0]
     if encoders == 2:
         if not set(SDXL_KEYS) <= tensors.keys():
             raise EmbeddingFileError(f"{path}: an SDXL embedding needs clip_l and clip_g tensors, found {sorted(tensors)}")

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from gesso.engine.config.sections import Config
 from gesso.engine.data.dataset import shard
 from gesso.engine.run import rundir
 from gesso.engine.run.events import Events, StopTraining
@@ -59,17 +60,18 @@ class World:
         return device
 
     @contextmanager
-    def claim(self, folder: Path, name: str, fresh: bool) -> Iterator[None]:
-        """rundir.claim by rank 0, its refusal raised on every rank: a run folder is locked and checked once."""
+    def claim(self, folder: Path, cfg: Config, mode: str) -> Iterator[rundir.Claim]:
+        """rundir.claim by rank 0, its refusal raised on every rank: a run folder is locked and checked once. The
+        other ranks, which write nothing, hold a claim that keeps no files and has nothing to prove."""
         if self.size == 1:
-            with rundir.claim(folder, name, fresh):
-                yield
+            with rundir.claim(folder, cfg, mode) as held:
+                yield held
             return
         with ExitStack() as stack:
-            refusal = None
+            refusal, held = None, rundir.Claim(folder, cfg)
             if self.main:
                 try:
-                    stack.enter_context(rundir.claim(folder, name, fresh))
+                    held = stack.enter_context(rundir.claim(folder, cfg, mode))
                 except GessoError as e:
                     refusal = e
             message = [str(refusal) if refusal else None]
@@ -78,7 +80,7 @@ class World:
                 raise refusal
             if message[0] is not None:
                 raise TrainError(message[0])
-            yield
+            yield held
 
     @contextmanager
     def main_first(self) -> Iterator[None]:
@@ -158,6 +160,9 @@ SINGLE = World()
 
 class NoLog:
     """The run log of a rank that writes nothing: rank 0's metrics.jsonl already holds every step's all-reduced loss."""
+
+    def open(self) -> None:
+        pass
 
     def step(self, record: dict, steps_per_s: float, peak_memory_gib: float | None) -> None:
         pass

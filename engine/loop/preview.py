@@ -30,11 +30,12 @@ def preview_settings(cfg: Config, multiple: int) -> list[render.Settings]:
 
 
 @torch.no_grad()
-def render_previews(sd, tokenizers, cfg: Config, folder: Path, epoch: int, device: torch.device,
+def render_previews(sd, tokenizers, cfg: Config, folder: Path, label: str, device: torch.device,
                     lora_file: Path | None = None, step: int = 0, bar=None, log=None) -> list[Path]:
-    """One PNG per prompt in `folder`, named <name>-e<epoch>-<i>.png, with A1111 parameters in each.
+    """One PNG per prompt in `folder`, named <name>-<label>-<i>.png (label `e000002` after epoch 2, `step00000012` for
+    a host's preview-now at step 12), with A1111 parameters in each.
 
-    lora_file: the LoRA file saved at this epoch, named in the infotext. bar: the training bar (tqdm), told which
+    lora_file: the LoRA file saved at this epoch (or step), named in the infotext. bar: the training bar (tqdm), told which
     preview is rendering. log: the run's RunLog (engine/run/logs.py), which gets each image for TensorBoard at `step`.
     """
     vae_device = next(sd.vae.parameters()).device
@@ -54,7 +55,7 @@ def render_previews(sd, tokenizers, cfg: Config, folder: Path, epoch: int, devic
             (image, parameters), = render.render(pipe, s)
             if lora_file is not None:
                 parameters = render.infotext(pipe, replace(s, prompt=f"{s.prompt} <lora:{lora_file.stem}:1>"))
-            paths.append(render.save_png(image, folder / f"{cfg.output.name}-e{epoch:06d}-{i:02d}.png", parameters))
+            paths.append(render.save_png(image, folder / f"{cfg.output.name}-{label}-{i:02d}.png", parameters))
             if log is not None:
                 log.image(f"preview/{i:02d}", image, step)
     finally:

@@ -8,28 +8,30 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from gesso import models
 from gesso.engine import diffusion
 from gesso.engine.config.sections import Config
 from gesso.engine.data.cache import Cache, prepare_cache
-from gesso.engine.data.dataset import Dataset, DatasetOptions, Subset, build_dataset, validation_set
+from gesso.engine.data.dataset import validation_set
 from gesso.engine.embedding import inversion as textual_inversion
 from gesso.engine.loop import objective, prediction
 from gesso.engine.loop.averaging import EMA, Shown
+from gesso.engine.loop.control import Control, answer
 from gesso.engine.loop.distributed import SINGLE, NoLog, World
+from gesso.engine.loop.inputs import Inputs, find_inputs, load_model, pick_device
 from gesso.engine.loop.plan import Plan
 from gesso.engine.loop.preview import render_previews
-from gesso.engine.loop.validation import validation_loss
+from gesso.engine.loop.validation import validation_loss, validation_seed
 from gesso.engine.lora import network as lora
-from gesso.engine.memory import memplan
 from gesso.engine.memory.network_setup import AMP_DTYPES, prepare_unet, train_optimizer
+from gesso.engine.run import rundir
 from gesso.engine.run.events import Events, StopTraining
 from gesso.engine.run.logs import RunLog
 from gesso.engine.run.metadata import training_metadata
-from gesso.engine.run.saving import Saver, check_resumable
-from gesso.engine.run.state import STATE_FILE, Position, load_state, restore
+from gesso.engine.run.saving import Saver
+from gesso.engine.run.state import STATE_FILE, Position, restore
 from gesso.engine.schedules import build_schedule
 from gesso.errors import TrainError
+from gesso.kernels.selfcheck import preflight
 
 
 @dataclass
@@ -45,49 +47,7 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainError("train.device = cuda, but no CUDA device is available")
-    return torch.device(name)
-
-
-def load_model(cfg: Config, dtype: torch.dtype = torch.float32):
-    """The base model, on the CPU, and its tokenizers: a checkpoint (file, diffusers folder, Hub id) when
-    `model.checkpoint` is set, else the built-in architecture `model.name` at random init from `model.seed`
-    (models/lookup.py, which raises CheckpointError naming the key). The UNet and text encoders come in `dtype`, the
-    VAE in fp32 (SDXL's overflows in fp16)."""
-    model = models.find_model(*cfg.model.source)
-    sd = model.load(dtype, "cpu", seed=cfg.model.seed, vae_dtype=torch.float32)
-    return sd, sd.cfg, model.tokenizers()
-
-
-def load_dataset(cfg: Config) -> Dataset:
-    d = cfg.dataset
-    # a regularization subset's captions are the class prompt: the dataset's trigger only where the subset names it
-    subsets = [Subset(**{"trigger": "" if s.get("is_reg") else d.trigger, "alpha_mask": d.alpha_mask, **s}) for s in d.subsets]
-    if d.path:
-        subsets.insert(0, Subset(d.path, d.repeats, d.trigger, alpha_mask=d.alpha_mask, mask_dir=d.mask_dir))
-    options = DatasetOptions(resolution=d.resolution, bucketing=d.bucketing, min_bucket_side=d.min_bucket_side,
-                             max_bucket_side=d.max_bucket_side, random_crop=d.random_crop, flip=d.flip,
-                             shuffle_caption=d.shuffle_caption, keep_tokens=d.keep_tokens,
-                             caption_dropout_rate=d.caption_dropout_rate, caption_extension=d.caption_extension,
-                             seed=cfg.train.seed, masked_loss=cfg.loss.masked, prior_loss_weight=cfg.train.prior_loss_weight,
-                             validation_split=d.validation_split, validation_seed=validation_seed(cfg))
-    try:
-        dataset = build_dataset(subsets, options)
-        if d.validation_dir:  # a folder of its own instead of a split
-            dataset.held_out = build_dataset([Subset(d.validation_dir, 1, d.trigger)], options).items
-    except (ValueError, FileNotFoundError) as e:
-        raise TrainError(f"dataset: {e}") from None
-    if not dataset.items:
-        print(dataset.report(), flush=True)  # what was skipped and why, before the one-line error
-        raise TrainError(f"dataset: no trainable images (png, jpg, webp) in {', '.join(str(s.path) for s in subsets)}")
-    return dataset
-
-
-def prepare_run(cfg: Config, device: torch.device, progress: bool = False, world: World = SINGLE):
+def prepare_run(inputs: Inputs, progress: bool = False, world: World = SINGLE):
     """Model with LoRA injected into the UNet (and the text encoders when trained), the dataset, and its latents
     cached, and its text encodings too unless the text encoders are trained (then captions are encoded per batch).
 
@@ -95,9 +55,9 @@ def prepare_run(cfg: Config, device: torch.device, progress: bool = False, world
     encoders visit the GPU to fill the cache, then the UNet goes there, already in bf16/fp16 or fp8. Loading
     everything onto the GPU in fp32 first (14 GB for SDXL) would fail on the 8 to 12 GB cards this is for.
     """
-    dataset = load_dataset(cfg)
+    cfg, device, dataset = inputs.cfg, inputs.device, inputs.dataset
     amp = AMP_DTYPES.get(cfg.train.mixed_precision)
-    sd, model_cfg, tokenizers = load_model(cfg, amp or torch.float32)
+    sd, model_cfg, tokenizers = load_model(cfg, amp or torch.float32, inputs.model)
     sd.requires_grad_(False)
     sd.eval()
     sd.vae.to(device)
@@ -141,52 +101,62 @@ def fixed_eval_loss(unet, cache: Cache, seed: int = 1234, draws: int = 4, batch_
     return total / count
 
 
-def validation_seed(cfg: Config) -> int:
-    return cfg.dataset.validation_seed or cfg.train.seed
-
-
 def train(cfg: Config, output_dir: str | Path, on_event: Callable[[dict], None] | None = None,
-          resume: str | Path | None = None, progress: bool = True, overwrite: bool = False) -> TrainResult:
+          resume: str | Path | None = None, progress: bool = True, overwrite: bool = False,
+          control: Control | None = None) -> TrainResult:
     """Train a LoRA as `cfg` says, writing its files to `output_dir`.
 
     on_event: called with each event (engine/run/events.py): every optimizer step's metrics, every file written;
     raising `StopTraining` in it ends the run with its state saved. resume: a folder holding a state.pt from an
     earlier run of the same config; training goes on from there and ends with the files an uninterrupted run
     writes. progress: the terminal progress bar (a host showing its own turns it off). overwrite: replace the
-    files of an earlier run in `output_dir`; without it (and without resuming that run) such a folder is refused.
+    files of an earlier run in `output_dir`, which stay whole until this run writes its first file; without it (and
+    without resuming that run) such a folder is refused, unless its files are this same run's from a start killed
+    before its first state.pt (then the run starts again).
+    control: a `Control` the host (any thread) asks to stop, save, preview or validate now; each request is answered
+    at the next step boundary (engine/loop/control.py).
 
-    One run at a time holds `output_dir` (engine/run/rundir.py): a second one is refused with a TrainError naming the
-    first one's pid; temporary files a killed run left there are removed first.
+    It trains with autograd on whatever the host's modes are (ComfyUI runs its nodes under torch.inference_mode(),
+    others call from torch.no_grad()), and leaves them as they were.
+
+    Every input (the model, the dataset, the resume state) is checked before `output_dir` is touched. One run at a
+    time holds `output_dir` (engine/run/rundir.py): a second one is refused with a TrainError naming the first one's
+    pid; temporary files a killed run left there are removed first.
     """
-    return run_training(cfg, output_dir, on_event, resume, progress, overwrite)
+    return run_training(cfg, output_dir, on_event, resume, progress, overwrite, control=control)
 
 
 def run_training(cfg: Config, output_dir: str | Path, on_event: Callable[[dict], None] | None = None,
                  resume: str | Path | None = None, progress: bool = True, overwrite: bool = False,
-                 world: World = SINGLE, clock: Callable[[], float] = time.monotonic) -> TrainResult:
+                 world: World = SINGLE, clock: Callable[[], float] = time.monotonic,
+                 control: Control | None = None) -> TrainResult:
     """`train` in one process of a torchrun world: `world` is this process's rank (engine/loop/distributed.py), inside
     its process group, and rank 0 alone writes; `clock` gives the monotonic seconds output.save_every_n_minutes counts
-    in (tests pass a fake one). `gesso train` calls this; a host calls `train`."""
+    in (tests pass a fake one). `gesso train` calls this; a host calls `train`. A `control` is for one process: a
+    stop asked of one rank alone would leave the others waiting.
+
+    Every input is found and checked (engine/loop/inputs.py) before the output folder is refused, locked or changed."""
     output_dir = Path(output_dir)
     # resuming a run in its own folder goes on with that run's files; any other run would replace them
-    fresh = not overwrite and not (resume and Path(resume).resolve() == output_dir.resolve())
-    with world.claim(output_dir, cfg.output.name, fresh):
-        if overwrite and not resume and world.main:  # a killed overwrite run must not leave the earlier run's state to resume
-            (output_dir / STATE_FILE).unlink(missing_ok=True)
-        return _train(cfg, output_dir, on_event, resume, progress and world.main, world, clock)
+    own = resume is not None and Path(resume).resolve() == output_dir.resolve()
+    mode = rundir.OVERWRITE if overwrite else rundir.RESUME if own else rundir.FRESH
+    # autograd on, whatever the host's modes, from the resume state's first tensor: both restore the host's own on the way out
+    with torch.inference_mode(False), torch.enable_grad():
+        inputs = find_inputs(cfg, world.device(pick_device(cfg.train.device)), resume, world.size)
+        with world.claim(output_dir, cfg, mode) as held:
+            return _train(inputs, held, on_event, progress and world.main, world, clock, control)
 
 
-def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | None, resume: str | Path | None,
-           progress: bool, world: World, clock: Callable[[], float]) -> TrainResult:
-    state = _load_resume(resume, cfg, world.size) if resume else None
-    device = world.device(pick_device(cfg.train.device))
-    if cfg.train.memory == "auto":
-        cfg = _auto_memory(cfg, device)
+def _train(inputs: Inputs, held: rundir.Claim, on_event: Callable[[dict], None] | None, progress: bool, world: World,
+           clock: Callable[[], float], control: Control | None) -> TrainResult:
+    cfg, device, state, output_dir = inputs.cfg, inputs.device, inputs.state, held.folder
     torch.manual_seed(cfg.train.seed)
-    sd, model_cfg, network, cache = prepare_run(cfg, device, progress, world)
+    sd, model_cfg, network, cache = prepare_run(inputs, progress, world)
     cfg, model_cfg = prediction.resolve(cfg, model_cfg)
     sd.cfg = model_cfg  # previews sample with the prediction the run trains
     unet, tc = sd.unet, cfg.train
+    preflight(device, AMP_DTYPES.get(tc.mixed_precision, torch.float32), fp8_base=tc.fp8_base, progress=progress,
+              adamw8bit=tc.optimizer == "adamw8bit", rank=cfg.network.rank, head_dims=_head_dims(model_cfg.unet))
     # The frozen UNet is stored in mixed_precision's dtype and computes in it, without autocast: autocast would
     # run every GroupNorm and LayerNorm in fp32 and keep their fp32 outputs for backward, twice the activation
     # memory of the same step in bf16 (which the benchmark measures). The LoRA parameters stay fp32.
@@ -208,33 +178,52 @@ def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | Non
     g = torch.Generator().manual_seed(tc.seed)  # CPU generator: the same draws on any device
     pos = Position(1, 0, 0, g.get_state())
     events = Events(on_event, plan.total_steps, device)
-    saver = Saver(cfg, output_dir, network, meta, state["files"] if state else [], events, world.size, world.main, clock,
-                  shown.evaluating, ema)
+    saver = Saver(cfg, output_dir, network, meta, state["files"] if state else held.kept, events, world.size, world.main,
+                  clock, shown.evaluating, ema, before_write=held.prove)
     if state:
         pos = restore(state, network, opt, sched, scaler, g)  # one TrainError line for a state that does not fit
-        _restore_ema(ema, state, Path(resume))
+        _restore_ema(ema, state)
         print(f"resuming at epoch {pos.epoch}, step {pos.step} of {plan.total_steps}", flush=True)
     world.broadcast_parameters(network)
     result = TrainResult(output_dir, output_dir / f"{cfg.output.name}.safetensors")
     log = RunLog(output_dir, pos.step, cfg.output.tensorboard) if world.main else NoLog()
+    held.when_proved(log.open)  # an overwrite keeps the earlier run's logs until its first file
     bar = tqdm(total=plan.total_steps, initial=pos.step, unit="step", dynamic_ncols=True, disable=not progress)
-    validated = -1
+    validated: dict[int, float] = {}  # step: its validation loss, computed once a step
 
-    def validate(epoch: int) -> None:
-        """The validation loss of the weights the run shows, logged, sent and printed (a host's control may call it)."""
-        nonlocal validated
-        if cache.validation is None or validated == pos.step:
-            return
+    def validate(epoch: int) -> float | None:
+        """The validation loss of the weights the run shows, logged, sent and printed; None without a validation set."""
+        if cache.validation is None or pos.step in validated:
+            return validated.get(pos.step)
         with shown.evaluating():
-            value = validation_loss(unet, cache.validation, cfg.loss, ac, validation_seed(cfg))
-        validated = pos.step
+            value = validated[pos.step] = validation_loss(unet, cache.validation, cfg.loss, ac, validation_seed(cfg))
         log.validation(pos.step, epoch, value)
         if world.main:
             tqdm.write(f"validation loss {value:.4f} at step {pos.step} (epoch {epoch})")  # above the bar
             events.validated(pos.step, epoch, value)
+        return value
+
+    def previews(label: str, epoch: int, saved: Path | None) -> list[Path]:
+        held.prove()  # an --overwrite's earlier files go before the first preview as before the first file
+        with shown.evaluating():
+            paths = render_previews(sd, cache.tokenizers, cfg, output_dir / "samples", label, device, saved, pos.step, bar, log)
+        for path in paths:
+            events.saved("preview", path, pos.step, epoch)
+        return paths
+
+    def save_now() -> Path | None:
+        path = saver.step_file(pos.epoch, pos.step)
+        saver.state_if_asked(opt, sched, scaler, pos)
+        return path
+
+    def preview_now() -> list[Path]:
+        saved = output_dir / f"{cfg.output.name}-step{pos.step:08d}.safetensors"  # named when save_now wrote it just now
+        saved = saved if saved.name in saver.files else None
+        return previews(f"step{pos.step:08d}", pos.epoch, saved) if cfg.sample.prompts else []
 
     try:
         events.start(pos.step, pos.epoch)
+        answer(control, events, pos.step, pos.epoch, save_now, preview_now, lambda: validate(pos.epoch))
         for epoch in range(pos.epoch, plan.epochs + 1):
             micro_losses = []
             for i, batch in enumerate(world.batches(cache, epoch, plan.batch_size, tc.seed, skip=pos.batch), start=pos.batch):
@@ -271,13 +260,15 @@ def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | Non
                 log.step(record, event["steps_per_s"], event["peak_memory_gib"])
                 result.losses.append(record["loss"])
                 if cfg.output.save_every_n_steps and pos.step % cfg.output.save_every_n_steps == 0 and pos.step < plan.total_steps:
-                    saver.intermediate(f"step{pos.step:08d}", epoch, pos.step)
+                    saver.step_file(epoch, pos.step)
                     saver.state_if_asked(opt, sched, scaler, pos)
                 saver.on_clock(opt, sched, scaler, pos, plan.total_steps)
                 world.emit_step(events, event)  # after this step's files: a host stopping here leaves them written
                 _show(bar, event)
                 if tc.validate_every_n_steps and pos.step % tc.validate_every_n_steps == 0:
                     validate(epoch)
+                # the host's requests, at this boundary
+                answer(control, events, pos.step, epoch, save_now, preview_now, lambda: validate(epoch))
             pos = Position(epoch + 1, 0, pos.step, g.get_state())
             validate(epoch)
             every = cfg.output.save_every_n_epochs
@@ -287,9 +278,7 @@ def _train(cfg: Config, output_dir: Path, on_event: Callable[[dict], None] | Non
                 saver.state_if_asked(opt, sched, scaler, pos)
             if world.main and cfg.sample.prompts and cfg.sample.every_n_epochs and epoch % cfg.sample.every_n_epochs == 0:
                 saved = output_dir / f"{cfg.output.name}-{epoch:06d}.safetensors" if every and epoch % every == 0 else None
-                with shown.evaluating():
-                    for path in render_previews(sd, cache.tokenizers, cfg, output_dir / "samples", epoch, device, saved, pos.step, bar, log):
-                        events.saved("preview", path, pos.step, epoch)
+                previews(f"e{epoch:06d}", epoch, saved)
     except StopTraining:
         events.stopping = True
         saver.state(opt, sched, scaler, pos)  # pos is the last optimizer-step boundary
@@ -348,26 +337,15 @@ def _current_lr(opt: torch.optim.Optimizer) -> float:
     return group["lr"] * group.get("d", 1.0)  # Prodigy's step is d * lr
 
 
-def _auto_memory(cfg: Config, device: torch.device) -> Config:
-    free = memplan.free_gib(device)
-    chosen, peak = memplan.plan(cfg, free)
-    print(memplan.describe(peak, free), flush=True)
-    return chosen
+def _head_dims(u) -> set[int]:
+    """The attention head dims of a UNet config (SDXL: 64; SD 1.5: 40, 80, 160), for the kernels' self-check."""
+    return {u.heads_and_dim(u.model_channels * mult)[1] for mult, depth in zip(u.channel_mult, u.transformer_depth) if depth}
 
 
-def _restore_ema(ema: EMA | None, state: dict, folder: Path) -> None:
+def _restore_ema(ema: EMA | None, state: dict) -> None:
     if ema is None:  # check_resumable refused a state whose EMA this run does not keep
         return
     try:
-        ema.load_state_dict(state["ema"], str(folder / STATE_FILE))
+        ema.load_state_dict(state["ema"], STATE_FILE)
     except ValueError as e:
         raise TrainError(str(e)) from None
-
-
-def _load_resume(folder: str | Path, cfg: Config, processes: int) -> dict:
-    try:
-        state = load_state(Path(folder))
-    except FileNotFoundError as e:
-        raise TrainError(str(e)) from None
-    check_resumable(state, cfg, processes, Path(folder))
-    return state

@@ -10,12 +10,17 @@ at any step boundary.
 import torch
 
 from gesso.engine import diffusion
-from gesso.engine.config.sections import LossSection
+from gesso.engine.config.sections import Config, LossSection
 from gesso.engine.data.cache import Cache
 from gesso.engine.loop import objective
 
 TIMESTEPS = (10, 350, 500, 650, 990)
 BATCH = 8  # images per forward: the validation set is small and this runs under no_grad
+
+
+def validation_seed(cfg: Config) -> int:
+    """The seed of the split and of the validation noise: dataset.validation_seed, or train.seed when it is 0."""
+    return cfg.dataset.validation_seed or cfg.train.seed
 
 
 @torch.no_grad()

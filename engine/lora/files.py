@@ -9,11 +9,11 @@ import hashlib
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save
 
 from gesso.engine.io import write_bytes_atomic
 from gesso.errors import LoRAFileError
+from gesso.models.files import read_safetensors, read_safetensors_header
 
 SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale", ".hada_w1_a", ".hada_w1_b", ".hada_w2_a",
             ".hada_w2_b", ".lokr_w1", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2", ".lokr_w2_a", ".lokr_w2_b")  # LoRA, then LyCORIS's
@@ -46,21 +46,10 @@ def save_lora(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict
 
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors LoRA file, or a one-line LoRAFileError."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except FileNotFoundError:
-        raise LoRAFileError(f"{path}: no such file") from None
-    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-        raise LoRAFileError(f"{path}: not a readable safetensors file ({e})") from None
+    return read_safetensors(path, LoRAFileError)
 
 
 def read_lora_header(path: str | Path) -> tuple[list[str], dict[str, str]]:
     """Key names and metadata of a safetensors LoRA file without loading its tensors, or a one-line LoRAFileError."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys()), dict(f.metadata() or {})
-    except FileNotFoundError:
-        raise LoRAFileError(f"{path}: no such file") from None
-    except Exception as e:  # as read_lora: safetensors' own error types for truncated or foreign files
-        raise LoRAFileError(f"{path}: not a readable safetensors file ({e})") from None
+    header, metadata = read_safetensors_header(Path(path), LoRAFileError)
+    return list(header), metadata

@@ -245,7 +245,7 @@ def optimizer(path: str, network: lora.LoRANetwork, device: torch.device) -> tor
     return AdamW8bit(params, lr=1e-4) if path == "kernels" else torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
 
 
-def _time_path(path, unet, network, b, steps, warmup, device, count) -> tuple:
+def time_path(path, unet, network, b, steps, warmup, device, count) -> tuple:
     """(median seconds, peak allocated GiB, peak reserved GiB, counted FLOPs or None) of one path."""
     opt = optimizer(path, network, device)
     with kernel_path(path):
@@ -279,8 +279,8 @@ def run_case(case: Case, steps: int, warmup: int, device: torch.device, dtype: t
     release(device)
     unet, network = build(case, device, dtype)
     b = make_batch(case, 0, device, dtype)
-    ref = _time_path("reference", unet, network, b, steps, warmup, device, count=True)
-    ker = _time_path("kernels", unet, network, b, steps, warmup, device, count=False)
+    ref = time_path("reference", unet, network, b, steps, warmup, device, count=True)
+    ker = time_path("kernels", unet, network, b, steps, warmup, device, count=False)
     del unet, network, b
     release(device)
     tflop, forward_tflop = ref[3]

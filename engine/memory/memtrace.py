@@ -130,6 +130,8 @@ def predict(cfg: Config, resolution: int | None = None, batch: int | None = None
     """The peak GPU memory of `cfg`'s UNet LoRA training step (text-encoder LoRA not included)."""
     mcfg = model_config(cfg)
     tc = cfg.train
+    if tc.mixed_precision == "auto":  # what a GPU from sm_80 trains in (the CPU's fp32 has no GPU memory to predict)
+        tc = dataclasses.replace(tc, mixed_precision="bf16")
     resolution = resolution or cfg.dataset.resolution
     batch = batch or tc.batch_size
     if cfg.network.type == "embedding":

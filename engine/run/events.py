@@ -9,6 +9,8 @@ with json.dumps as they are (a web UI, a ComfyUI node's progress bar):
 - `{"event": "save", "kind", "path", "step", "epoch"}` after each file is written, `kind` being `epoch`, `step`,
   `final`, `state` or `preview`;
 - `{"event": "validation", "step", "epoch", "val_loss"}` after each validation (engine/loop/validation.py).
+- `{"event": "control", "request", "step", "epoch", "done", "message"}` answering a host's request (gesso.Control,
+  engine/loop/control.py).
 
 The callback stops the run by raising `StopTraining`: the state is saved and `train` returns a result with
 `stopped_early`. Any other exception it raises also leaves a resumable state, and then propagates.

@@ -46,22 +46,34 @@ def kept_rows(path: Path, upto: int) -> list[bytes]:
 
 
 class RunLog:
-    """Appends each step's record to metrics.jsonl (cut back to `from_step` on resume) and to TensorBoard."""
+    """Appends each step's record to metrics.jsonl (cut back to `from_step` on resume) and to TensorBoard, from `open()`
+    on; until then (an --overwrite run that has not written its first file) it keeps them in memory."""
 
     def __init__(self, folder: Path, from_step: int, tensorboard: bool):
+        self.folder, self.from_step, self.tensorboard = folder, from_step, tensorboard
         self.path = folder / "metrics.jsonl"
+        self.file, self.board = None, None
+        self.waiting: list[tuple[str, tuple]] = []  # (method, arguments) logged before open()
+
+    def open(self) -> None:
         # resuming: drop rows past the state, so no step appears twice; rewritten atomically, so a full disk or
         # a kill here leaves the earlier rows as they were
-        write_bytes_atomic(self.path, b"".join(row + b"\n" for row in kept_rows(self.path, from_step)))
+        write_bytes_atomic(self.path, b"".join(row + b"\n" for row in kept_rows(self.path, self.from_step)))
         try:
             self.file = open(self.path, "a")
         except OSError as e:
             raise output_error(self.path, e) from e
-        self.board = Board(folder / "tensorboard", from_step) if tensorboard else None
+        self.board = Board(self.folder / "tensorboard", self.from_step) if self.tensorboard else None
+        for method, args in self.waiting:
+            getattr(self, method)(*args)
+        self.waiting = []
 
     def step(self, record: dict, steps_per_s: float, peak_memory_gib: float | None) -> None:
         """`record` (step, epoch, loss, lr) as a metrics.jsonl row; TensorBoard also gets the rate and peak memory the
         step event measured (engine/run/events.py), so the log, the bar and the host show the same numbers."""
+        if self.file is None:
+            self.waiting.append(("step", (record, steps_per_s, peak_memory_gib)))
+            return
         self._row(record)
         if self.board:
             scalars = {"loss": record["loss"], "lr": record["lr"], "it_per_s": steps_per_s}
@@ -71,6 +83,9 @@ class RunLog:
 
     def validation(self, step: int, epoch: int, val_loss: float) -> None:
         """The validation loss as a metrics.jsonl row of its own ({"step", "epoch", "val_loss"}) and a scalar."""
+        if self.file is None:
+            self.waiting.append(("validation", (step, epoch, val_loss)))
+            return
         self._row({"step": step, "epoch": epoch, "val_loss": val_loss})
         if self.board:
             self.board.add(step, {"val_loss": val_loss})
@@ -84,13 +99,16 @@ class RunLog:
 
     def image(self, tag: str, image, step: int) -> None:
         """A preview (a PIL image) for TensorBoard's Images tab; metrics.jsonl records no images."""
-        if self.board:
+        if self.file is None:
+            self.waiting.append(("image", (tag, image, step)))
+        elif self.board:
             self.board.add_image(tag, image, step)
 
     def close(self) -> None:
         # every row was flushed in step(): closing can only fail on a row step() has already reported
-        with contextlib.suppress(OSError):
-            self.file.close()
+        if self.file is not None:
+            with contextlib.suppress(OSError):
+                self.file.close()
         if self.board:
             self.board.close()
 
@@ -110,8 +128,10 @@ class Board:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             # the pid in the name: a run resumed within the same second must not truncate the earlier run's file
+            earlier = any(folder.glob("events.*"))
             self.writer = EventsWriter(str(folder / "events"), f".{os.getpid()}")
-            if from_step:  # TensorBoard hides the earlier files' steps past this one: the resumed run rewrites them
+            # TensorBoard hides the earlier files' steps past this one: a resumed (or restarted) run rewrites them
+            if from_step or earlier:
                 self.writer.write_event(Event(step=from_step + 1, session_log=SessionLog(status=SessionLog.START)))
             self.writer.flush()
         except OSError as e:

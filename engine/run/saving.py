@@ -22,7 +22,7 @@ class Saver:
 
     def __init__(self, cfg: Config, output_dir: Path, network, meta: dict[str, str], files: list[str], events: Events,
                  processes: int = 1, writes: bool = True, clock: Callable[[], float] = time.monotonic,
-                 evaluating: Callable = contextlib.nullcontext, ema=None):
+                 evaluating: Callable = contextlib.nullcontext, ema=None, before_write: Callable[[], None] = lambda: None):
         self.cfg, self.dir, self.network, self.meta, self.events = cfg, output_dir, network, meta, events
         # LoRA files hold the weights the run shows (EMA, schedule-free's evaluation ones): `evaluating` puts them in
         # place; the state holds the training weights and the EMA's own state
@@ -32,6 +32,7 @@ class Saver:
         self.batch = batch_shape(cfg, processes)  # stored in the state, checked on resume
         self.writes = writes  # rank 0 (or the only process); the others write nothing
         self.clock, self.last_state = clock, clock()  # output.save_every_n_minutes counts from the last state saved
+        self.before_write = before_write  # the run folder's Claim.prove: an --overwrite's earlier files go at the first
 
     def lora(self, path: Path, epoch: int, step: int) -> Path:
         with self.evaluating():  # a copy: fp32 tensors on the CPU are the live parameters, which it then restores
@@ -41,6 +42,7 @@ class Saver:
         for where, t in {path: tensors, **raw}.items():
             require_finite(t, where, step)  # on every rank (their weights are the same): all stop together
         if self.writes:
+            self.before_write()
             write = getattr(self.network, "write", save_lora)  # an embedding network writes its own file layout
             for where, t in {**raw, path: tensors}.items():  # the file named in events and `files` last
                 write(where, t, at_save(self.meta, epoch, step))
@@ -56,6 +58,8 @@ class Saver:
         path = self.lora(self.dir / f"{self.cfg.output.name}-{stem}.safetensors", epoch, step)
         if not self.writes:
             return path
+        if path.name in self.files:  # a file a restarted run kept from its killed start, written again
+            self.files.remove(path.name)
         self.files.append(path.name)
         keep = self.cfg.output.keep_last
         while keep and len(self.files) > keep:
@@ -66,6 +70,14 @@ class Saver:
         self.events.saved("step" if stem.startswith("step") else "epoch", path, step, epoch)
         return path
 
+    def step_file(self, epoch: int, step: int) -> Path | None:
+        """The step's `<name>-step<N>.safetensors`, unless this step already wrote it (a step save, a timed save and a
+        host's save-now may meet on one step): the path, or None."""
+        stem = f"step{step:08d}"
+        if f"{self.cfg.output.name}-{stem}.safetensors" in self.files:
+            return None
+        return self.intermediate(stem, epoch, step)
+
     def state(self, optimizer, scheduler, scaler, pos: Position) -> None:
         # the live weights, not a copy: save_state makes the one copy the file needs
         live = self.network.named_tensors()
@@ -73,6 +85,7 @@ class Saver:
         self.last_state = self.clock()
         if not self.writes:
             return
+        self.before_write()
         path = save_state(self.dir, self.network, optimizer, scheduler, scaler, pos, self.files, network_shape(self.cfg),
                           self.batch, None if self.ema is None else self.ema.state_dict())
         self.events.saved("state", path, pos.step, pos.epoch)
@@ -82,7 +95,6 @@ class Saver:
         if self.cfg.output.save_state:
             self.state(optimizer, scheduler, scaler, pos)
 
-
     def on_clock(self, optimizer, scheduler, scaler, pos: Position, total_steps: int) -> None:
         """After an optimizer step: the state (and with output.timed_lora the step's LoRA file) once
         output.save_every_n_minutes have passed since the last state saved; none at the last step, which the final
@@ -90,9 +102,8 @@ class Saver:
         minutes = self.cfg.output.save_every_n_minutes
         if not minutes or pos.step >= total_steps or self.clock() - self.last_state < minutes * 60:
             return
-        stem = f"step{pos.step:08d}"
-        if self.cfg.output.timed_lora and f"{self.cfg.output.name}-{stem}.safetensors" not in self.files:
-            self.intermediate(stem, pos.epoch, pos.step)
+        if self.cfg.output.timed_lora:
+            self.step_file(pos.epoch, pos.step)
         self.state(optimizer, scheduler, scaler, pos)
 
 

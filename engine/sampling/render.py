@@ -7,6 +7,7 @@ size or the device ("RNG: CPU").
 """
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -14,7 +15,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
-from safetensors import safe_open
 from tqdm import tqdm
 
 from gesso import models
@@ -22,6 +22,7 @@ from gesso.engine import diffusion
 from gesso.engine.embedding import vectors as embedding
 from gesso.engine.io import write_atomic
 from gesso.engine.lora import network as lora
+from gesso.engine.lora.files import read_lora_header
 from gesso.engine.lora.network import load_network
 from gesso.engine.sampling import prompt as prompts
 from gesso.engine.sampling import samplers as sampling
@@ -99,8 +100,8 @@ def attach_lora(unet: torch.nn.Module, path: Path) -> tuple[lora.LoRANetwork, li
     network = load_network(unet, path)
     for p in network.parameters():
         p.requires_grad_(False)
-    with safe_open(str(path), framework="pt") as f:
-        text_modules = sorted({k.split(".")[0] for k in f.keys() if k.startswith(("lora_te", "text_encoder", "te_", "te1", "te2"))})
+    keys = read_lora_header(path)[0]
+    text_modules = sorted({k.split(".")[0] for k in keys if k.startswith(("lora_te", "text_encoder", "te_", "te1", "te2"))})
     return network, text_modules
 
 
@@ -331,9 +332,10 @@ def cell(base: Settings, assignment: dict, lora_name: str | None, strength: floa
     return replace(s, prompt=f"{s.prompt} <lora:{name}:{weight:g}>") if name else s
 
 
-def render_grid(pipe: Pipeline, base: Settings, x: Axis, y: Axis, out_dir: Path,
-                lora_name: str | None = None, strength: float = 1.0) -> tuple[Path, list[Path]]:
-    """Every (y, x) cell rendered and saved as a single PNG, then the labelled grid PNG; returns their paths."""
+def render_grid(pipe: Pipeline, base: Settings, x: Axis, y: Axis, out_dir: Path, lora_name: str | None = None,
+                strength: float = 1.0, on_cell: Callable[[int, int, Settings, Path, str], None] | None = None) -> tuple[Path, list[Path]]:
+    """Every (y, x) cell rendered and saved as a single PNG, then the labelled grid PNG; returns their paths.
+    on_cell(row, column, settings, path, infotext) after each cell's file is written (a host shows it at once)."""
     if x.kind == y.kind:
         raise RenderError(f"x and y are both {x.kind}: choose two different axes")
     settings = [[cell(base, {x.kind: xv, y.kind: yv}, lora_name, strength) for xv in x.values] for yv in y.values]
@@ -348,6 +350,8 @@ def render_grid(pipe: Pipeline, base: Settings, x: Axis, y: Axis, out_dir: Path,
         images[i][j] = image
         paths.append(save_png(image, out_dir / f"{index:05d}-{s.seed}.png", text))
         index += 1
+        if on_cell is not None:
+            on_cell(i, j, s, paths[-1], text)
     grid = grid_image(images, [x.label(v) for v in x.values], [y.label(v) for v in y.values])
     plot = f"x: {x.kind} {', '.join(map(str, x.values))}; y: {y.kind} {', '.join(map(str, y.values))}"
     grid_path = out_dir / f"xy_grid-{index:05d}.png"

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources, PTXASError
 
 from benchmarks import dispatch_table, quick, summary
 from gesso import models
@@ -62,6 +64,29 @@ def test_driver_writes_every_system_and_the_summary(tmp_path):
         by_system["diffusers-peft"]["seconds_per_step"] / by_system["engine-kernels"]["seconds_per_step"])
 
 
+@pytest.mark.parametrize("error", [CompilationError(None, None, "step is already defined"), PTXASError("ptxas error"),
+                                   OutOfResources(102400, 101376, "shared memory")], ids=type)
+def test_a_row_that_raises_leaves_the_rows_measured_before_it(error, tmp_path, monkeypatch):
+    raw = tmp_path / "raw.json"
+    real = bench.time_path
+    seen_before = []
+
+    def time_path(path, *args, **kwargs):
+        if path == "kernels":  # the reference row must already be in the file when the kernels path starts
+            seen_before.extend(r["system"] for r in json.loads(raw.read_text())["rows"])
+            raise error
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "time_path", time_path)
+    rows = ["rows", "--results", str(raw), "--steps", "1", "--warmup", "0", *TINY, "--modes", "bf16-ckpt"]
+    assert quick.main([*rows, "--systems", "engine,peer"]) == 1
+    assert seen_before == ["engine-reference"]
+    kept = json.loads(raw.read_text())["rows"]
+    assert [r["system"] for r in kept] == ["engine-reference", "engine-kernels", "diffusers-peft"]
+    assert kept[0]["seconds_per_step"] > 0 and kept[2]["seconds_per_step"] > 0  # measured before and after the failure
+    assert kept[1]["error"].startswith(type(error).__name__)
+
+
 def test_peer_computes_the_engines_function_on_the_same_modules():
     case = bench.Case("tiny-sdxl", 64, 1, 4)
     unet, network = bench.build(case, torch.device("cpu"), torch.float32)
@@ -108,7 +133,7 @@ def test_shell_plan_runs_the_issues_order_inside_the_budget(tmp_path):
     plan = [line for line in done.stdout.splitlines() if line.startswith("plan ")]
     limits = [int(line.split()[1]) for line in plan]
     assert sum(limits) <= 540
-    order = ["pytest -q -p no:cacheprovider tests/kernels", "--systems engine --modes bf16-ckpt",
+    order = ["pytest -q -p no:cacheprovider tests/kernels", "compile_targets --warm", "--systems engine --modes bf16-ckpt",
              "--systems engine --modes fp8-ckpt", "--systems peer", "--systems graph", "benchmarks.quick loss",
              "benchmarks.dispatch_table", "benchmarks.summary"]  # batch 4 and 512 px: where time is left
     positions = [next(i for i, line in enumerate(plan) if step in line) for step in order]

@@ -14,9 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from gesso import cli
+from gesso.engine.lora import formats
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "tests" / "data" / "demo.toml"
+RANK = 4
 
 
 def gesso_cli(*args, cwd=None, timeout=600, env=None, **kwargs) -> subprocess.CompletedProcess:
@@ -113,3 +115,79 @@ def read_only(folder: Path):
         yield folder
     finally:
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def lora_tensors(cfg) -> dict[str, torch.Tensor]:
+    """A rank-4 kohya module on every weight the layout places (UNet with LoCon convs, both text encoders)."""
+    g = torch.Generator().manual_seed(3)
+    tensors = {}
+    for name, target in formats.layout(cfg).targets.items():
+        out, *fan_in = target.shape
+        tensors[f"{name}.lora_down.weight"] = torch.randn(RANK, *fan_in, generator=g) * 0.1
+        tensors[f"{name}.lora_up.weight"] = torch.randn(out, RANK, *[1] * (len(fan_in) - 1), generator=g) * 0.1
+        tensors[f"{name}.alpha"] = torch.tensor(2.0)
+    return tensors
+
+
+# One interpreter imports gesso once and forks a child per run, which runs cli.main as `python cli.py train` does;
+# a child is killed like any process. Only the imports (seconds, writing nothing) are shared: 20+ kills then fit in
+# the time a test has. Loading the config once (argv: config, overrides) imports what its checks import on first use.
+ZYGOTE = r"""
+import json, os, sys
+from gesso import cli
+from gesso.engine.config.load import load_config
+load_config(sys.argv[1], sys.argv[2:])
+ended = {}
+for line in sys.stdin:
+    command, arg = line.split(" ", 1)
+    if command == "run":
+        argv, log = json.loads(arg)
+        pid = os.fork()
+        if pid == 0:
+            code = 70
+            try:
+                out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                os.dup2(out, 1)
+                os.dup2(out, 2)
+                code = cli.main(argv)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        print(pid, flush=True)
+    else:
+        pid = int(arg)
+        if pid not in ended:
+            done, status = os.waitpid(pid, os.WNOHANG if command == "poll" else 0)
+            if done:
+                ended[pid] = os.waitstatus_to_exitcode(status)
+        print(ended.get(pid, "running"), flush=True)
+"""
+
+
+class Zygote:
+    """The forking interpreter above: `run` starts `gesso ARGV` as a child (its output in a log file) and gives its pid;
+    `poll` and `wait` give its exit code as os.waitstatus_to_exitcode does (-9 for kill -9)."""
+
+    def __init__(self, cwd: Path, config: Path, sets: list[str]):
+        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE, str(config), *sets], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, cwd=cwd, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+    def ask(self, line: str) -> str:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def run(self, argv: list[str], log: Path) -> int:
+        return int(self.ask("run " + json.dumps([argv, str(log)])))
+
+    def poll(self, pid: int) -> int | None:
+        answer = self.ask(f"poll {pid}")
+        return None if answer == "running" else int(answer)
+
+    def wait(self, pid: int) -> int:
+        return int(self.ask(f"wait {pid}"))
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from faults_testutil import assert_one_line_error, assert_unchanged, gesso_cli, gesso_main, snapshot, temp_litter
+from faults_testutil import RANK, assert_one_line_error, assert_unchanged, gesso_cli, gesso_main, lora_tensors, snapshot, temp_litter
 from safetensors.torch import load_file, save_file
 
 from gesso import models
@@ -14,7 +14,6 @@ from gesso.engine.lora import formats, names
 from gesso.engine.lora.files import read_lora, save_lora
 from gesso.engine.lora.tools import convert_lora
 
-RANK = 4
 META = {"ss_sd_model_name": "tiny-sdxl", "ss_base_model_version": "sdxl_base_v1-0"}
 UNET_UP, UNET_DOWN = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k", "lora_unet_middle_block_1_proj_out"
 TE2_Q = "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"  # a row slice of OpenCLIP's fused in_proj_weight
@@ -25,18 +24,6 @@ SPOILED = {
     "nan_alpha": (f"{UNET_UP}.alpha", float("nan"), UNET_UP, "alpha"),
     "te_nan_up": (f"{TE2_Q}.lora_up.weight", float("nan"), TE2_Q, "up weight"),
 }
-
-
-def lora_tensors(cfg) -> dict[str, torch.Tensor]:
-    """A rank-4 kohya module on every weight the layout places (UNet with LoCon convs, both text encoders)."""
-    g = torch.Generator().manual_seed(3)
-    tensors = {}
-    for name, target in formats.layout(cfg).targets.items():
-        out, *fan_in = target.shape
-        tensors[f"{name}.lora_down.weight"] = torch.randn(RANK, *fan_in, generator=g) * 0.1
-        tensors[f"{name}.lora_up.weight"] = torch.randn(out, RANK, *[1] * (len(fan_in) - 1), generator=g) * 0.1
-        tensors[f"{name}.alpha"] = torch.tensor(2.0)
-    return tensors
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import torch
 from faults_testutil import DEMO, assert_one_line_error, assert_unchanged, gesso_cli, snapshot, temp_litter
 
 from gesso.engine.config.load import load_config
-from gesso.engine.loop.train import load_model
+from gesso.engine.loop.inputs import load_model
 from gesso.engine.memory.network_setup import inject_network
 from gesso.engine.run.events import Events
 from gesso.engine.run.saving import Saver

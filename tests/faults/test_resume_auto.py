@@ -96,5 +96,11 @@ def test_an_unfinished_state_of_another_network_is_refused(tmp_path, cache):
     (run / "demo.safetensors").unlink()  # as if killed after its last state: unfinished
     before = snapshot(run)
     proc = gesso_main(*command(run, cache, "--set", "network.rank=4"))
+    assert_one_line_error(proc, run, "of another config (network.rank, train.epochs differ)", "--overwrite")
+    assert_unchanged(before)
+    # a folder from before manifests: the state itself is checked, and refused for its network
+    (run / "gesso-run.json").unlink()
+    before = snapshot(run)
+    proc = gesso_main(*command(run, cache, "--set", "network.rank=4"))
     assert_one_line_error(proc, "state was trained with network")
     assert_unchanged(before)

@@ -5,6 +5,8 @@ import io
 import pickle
 import random
 import shutil
+import struct
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from faults_testutil import DEMO, assert_one_line_error, assert_unchanged, gesso
 from safetensors.torch import save as safetensors_bytes
 
 from gesso.engine.config.load import load_config
+from gesso.engine.loop.inputs import find_inputs
 from gesso.engine.loop.train import prepare_run, train
 from gesso.engine.memory.network_setup import train_optimizer
 from gesso.engine.run.state import STATE_FILE, load_state, restore
@@ -67,8 +70,19 @@ def with_lora(state: dict, key: str, value) -> dict:
     return {**state, "lora": lora if value is None else {**lora, key: value}}
 
 
+def altered_tensor(raw: bytes) -> bytes:
+    """One byte of a LoRA tensor's data flipped in place: a zip torch.load still reads without complaint, whose
+    record no longer matches the CRC-32 torch.save wrote for it."""
+    archive = zipfile.ZipFile(io.BytesIO(raw))
+    record = next(r for r in archive.infolist() if "/data/" in r.filename and r.file_size >= 16)
+    names, extra = struct.unpack("<HH", raw[record.header_offset + 26 : record.header_offset + 30])
+    at = record.header_offset + 30 + names + extra + record.file_size // 2
+    return raw[:at] + bytes([raw[at] ^ 0xFF]) + raw[at + 1 :]
+
+
 # each case: the bytes of the bad state.pt from the good one's bytes and content, and what the error line says
 CASES = {
+    "a tensor's bytes altered": (lambda raw, state: altered_tensor(raw), "no longer match the checksum"),
     "empty": (lambda raw, state: b"", "empty or truncated"),
     "truncated to half": (lambda raw, state: raw[: len(raw) // 2], "damaged"),
     "truncated to 5000 bytes": (lambda raw, state: raw[:5000], "damaged"),
@@ -203,7 +217,7 @@ def run_parts(template):
     """A loaded good state, and a builder of this run's network, optimizer, schedule and scaler as train makes them."""
     folder, cache = template
     cfg = load_config(DEMO, short(cache))
-    sd, _, network, _ = prepare_run(cfg, torch.device("cpu"))
+    sd, _, network, _ = prepare_run(find_inputs(cfg, torch.device("cpu")))
 
     def parts(tc=cfg.train, fp16=False):
         opt = train_optimizer(network, tc)
@@ -252,3 +266,15 @@ def test_restore_refuses_other_parameter_groups(run_parts):
     opt, sched, scaler = parts()
     with pytest.raises(TrainError, match=r"state.pt: optimizer state for parameter groups of \[10, "):
         restore(forged, network, opt, sched, scaler, torch.Generator())
+
+
+def test_states_without_checksums_still_load(tmp_path, template):
+    """A state saved with torch's CRC-32s turned off (every CRC zero) loads as before; so does an intact one."""
+    folder, _ = template
+    state = load_state(folder)
+    with torch.utils.serialization.config.patch({"save.compute_crc32": False}):
+        torch.save(state, tmp_path / STATE_FILE)
+    assert not any(r.CRC for r in zipfile.ZipFile(tmp_path / STATE_FILE).infolist())
+    loaded = load_state(tmp_path)
+    assert all(torch.equal(loaded["lora"][k], state["lora"][k]) for k in state["lora"])
+    assert load_state(folder)["step"] == state["step"] == 3

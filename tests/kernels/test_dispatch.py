@@ -42,9 +42,9 @@ def test_old_gpus_fall_back_with_one_notice(monkeypatch, capsys):
     assert "8.6 < 8.9" in capsys.readouterr().err
 
 
-def _cuda_operand():
-    """Something with a CUDA device, for the dispatch's device checks only: no GPU is touched."""
-    return SimpleNamespace(device=torch.device("cuda", 0))
+def _cuda_operand(dtype=torch.bfloat16):
+    """Something with a CUDA device and a dtype, for the dispatch's checks only: no GPU is touched."""
+    return SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype)
 
 
 def _table(tmp_path, monkeypatch, devices) -> None:
@@ -72,6 +72,18 @@ def test_table_sends_a_slower_shape_to_the_reference(tmp_path, monkeypatch):
     assert dispatch.use_triton(gpu, op="attention", key=attn_key) is True  # measured on another GPU only
     monkeypatch.setenv(dispatch.ENV_VAR, "triton")
     assert dispatch.use_triton(gpu, op="lora_linear", key=lin_key) is True  # a forced mode overrides the table
+
+
+def test_fp32_matmul_kernels_take_cublas_unless_the_table_measured_the_kernel_faster(tmp_path, monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    faster = {"use": "triton", "triton_ms": 0.1, "reference_ms": 0.2}
+    _table(tmp_path, monkeypatch, {"NVIDIA H200": {"ops": {"lora_linear": {"4096-640-640-16-float32-float32": faster}}}})
+    fp32, bf16 = _cuda_operand(torch.float32), _cuda_operand(torch.bfloat16)
+    assert dispatch.use_triton(fp32, op="lora_linear", key="1024-1280-1280-16-float32-float32") is False  # cuBLAS
+    assert dispatch.use_triton(fp32, op="attention", key="1-10-4096-64-4096-float32") is False
+    assert dispatch.use_triton(fp32, op="lora_linear", key="4096-640-640-16-float32-float32") is True  # measured faster
+    assert dispatch.use_triton(bf16, op="lora_linear", key="1024-1280-1280-16-bfloat16-bfloat16") is True
+    assert dispatch.use_triton(fp32, op="adamw8bit") is True  # elementwise, no dots: fp32 LoRA weights are its case
 
 
 def test_a_malformed_table_names_its_file(tmp_path, monkeypatch):

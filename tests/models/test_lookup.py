@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 
 from gesso import models
 from gesso.engine.config.sections import Config, ModelSection
-from gesso.engine.loop.train import load_model
+from gesso.engine.loop.inputs import load_model
 from gesso.engine.lora.tools import convert_lora
 from gesso.engine.memory.memtrace import model_config
 from gesso.engine.sampling.render import load_pipeline

@@ -5,7 +5,7 @@ Imports inside functions count too, so a cycle cannot be dodged by importing lat
 (`from . import x`, `from ..run import state`) count as the absolute imports they stand for.
 
 The folder graph has one node per package folder (`gesso.engine` for the foundations directly in engine/,
-`gesso.engine.loop`, `gesso.engine.run`, ..., `gesso.kernels`, `gesso.models`, `gesso.commands`) and one per module
+`gesso.engine.loop`, `gesso.engine.run`, ..., `gesso.kernels`, `gesso.models`, `gesso.commands`, `gesso.serve`) and one per module
 at the repository root (`gesso`, `gesso.cli`, `gesso.errors`): the root holds the entry points, which import
 everything, and errors.py, which everything imports, so as one node it would be a cycle by construction. A folder
 depends on another when any of its modules imports any of the other's; that graph must have no cycle either, so the
@@ -15,7 +15,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGE_DIRS = ("commands", "engine", "kernels", "models")
+PACKAGE_DIRS = ("commands", "engine", "kernels", "models", "serve")
 
 
 def module_name(path: Path) -> str:

@@ -13,12 +13,13 @@ import os
 import site
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGE_DIRS = ("commands", "engine", "kernels", "models")
+PACKAGE_DIRS = ("commands", "engine", "kernels", "models", "serve")
 BARE_NAMES = ("models", "engine", "kernels", "cli")  # our sub-packages as a host would name its own
 
 # Printed as JSON by the venv's Python: the venv's own gesso distribution, read from its site-packages only.
@@ -201,11 +202,33 @@ def test_the_plain_install_holds_the_package_and_nothing_else(plain):
     src = plain.source
     modules = {p.name for p in src.glob("*.py") if p.name != "setup.py"}  # __init__, cli, errors
     modules |= {p.relative_to(src).as_posix() for d in PACKAGE_DIRS for p in (src / d).rglob("*.py")}
-    data = {p.relative_to(src).as_posix() for p in (src / "models" / "tokenizers" / "clip").iterdir()}
-    assert data == {"models/tokenizers/clip/merges.txt", "models/tokenizers/clip/vocab.json"}
-    assert installed == modules | data  # every sub-package setup.py must list, the tokenizer files, and nothing else
+    tokenizer = {p.relative_to(src).as_posix() for p in (src / "models" / "tokenizers" / "clip").iterdir()}
+    assert tokenizer == {"models/tokenizers/clip/merges.txt", "models/tokenizers/clip/vocab.json"}
+    page = {p.relative_to(src).as_posix() for p in (src / "serve" / "static").rglob("*") if p.is_file()}  # gesso serve's page
+    assert {"serve/static/index.html", "serve/static/app.js", "serve/static/vendor/uPlot.iife.min.js",
+            "serve/static/vendor/uPlot.LICENSE.txt"} <= page
+    data = tokenizer | page
+    data |= {"kernels/dispatch_table.json"} if (src / "kernels" / "dispatch_table.json").is_file() else set()
+    assert installed == modules | data  # every sub-package setup.py must list, its data files (the measured dispatch table once one exists), and nothing else
     for name in data:
         assert (plain.site / "gesso" / name).read_bytes() == (src / name).read_bytes()
+
+
+def test_the_built_wheel_carries_the_dispatch_table(tmp_path):
+    """kernels/dispatch_table.json (written by a GPU session, benchmarks/dispatch_table.py) ships in the wheel, where
+    kernels/dispatch.py reads it beside itself; a stand-in table where the checkout has none yet."""
+    source = copy_checkout(tmp_path / "src")
+    table = source / "kernels" / "dispatch_table.json"
+    if not table.is_file():
+        row = {"use": "reference", "triton_ms": 0.2, "reference_ms": 0.1}
+        table.write_text(json.dumps({"devices": {"NVIDIA H200": {"measured": {"date": "2026-12-03", "torch": "2.11.0"},
+                                                                 "ops": {"attention": {"1-10-4096-64-77-bfloat16": row}}}}}))
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-input", "--disable-pip-version-check",
+         "-q", "-w", tmp_path / "dist", "."], cwd=source)
+    (wheel,) = (tmp_path / "dist").glob("gesso-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        assert z.read("gesso/kernels/dispatch_table.json") == table.read_bytes()
+        assert "gesso/kernels/dispatch.py" in z.namelist()
 
 
 @pytest.mark.parametrize("mode", ["editable", "plain"])

@@ -7,7 +7,7 @@ import pytest
 
 from gesso import cli
 from gesso.engine.config.load import load_config
-from gesso.engine.loop.train import load_dataset
+from gesso.engine.loop.inputs import load_dataset
 from gesso.errors import ConfigError
 
 DEMO = Path(__file__).resolve().parents[3] / "tests" / "data" / "demo.toml"

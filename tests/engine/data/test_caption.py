@@ -10,7 +10,7 @@ from huggingface_hub import constants
 from PIL import Image
 
 from gesso import cli
-from gesso.engine.data.captioners import DEFAULT_MODELS
+from gesso.engine.data.captioners import DEFAULT_MODELS, caption_folder
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 SIDE = 8  # the tiny tagger's input side (448 for the real ones)
@@ -50,15 +50,21 @@ def _tiny_tagger(folder):
     (folder / "selected_tags.csv").write_text("\n".join(rows) + "\n")
 
 
-def _tiny_blip(folder):
+def _tiny_blip(folder, positions=80, endless=False):
+    """A random BLIP of `positions` text positions; `endless`: it never ends a caption by itself (its end token [SEP]
+    is never the likeliest), so every caption runs to the longest the captioner allows."""
     from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"] + "a cat dog on the sofa red blue sitting photo of".split()
     (folder / "vocab.txt").write_text("\n".join(words) + "\n")
     text = dict(vocab_size=len(words), hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
-                max_position_embeddings=80, bos_token_id=5, sep_token_id=3, pad_token_id=0, encoder_hidden_size=16)
+                max_position_embeddings=positions, bos_token_id=5, sep_token_id=3, pad_token_id=0, encoder_hidden_size=16)
     vision = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8)
     torch.manual_seed(0)
-    BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision)).save_pretrained(folder)
+    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision))
+    if endless:
+        with torch.no_grad():
+            model.text_decoder.cls.predictions.bias[words.index("[SEP]")] = -1e4
+    model.save_pretrained(folder)
     BlipProcessor(BlipImageProcessor(size={"height": 16, "width": 16}), BertTokenizer(str(folder / "vocab.txt"),
                                                                                          bos_token="[DEC]")).save_pretrained(folder)
 
@@ -128,6 +134,49 @@ def test_blip_writes_the_models_sentence_with_the_prefix(hub, images):
     written = {p.stem: p.read_text() for p in (images / "5_mychar").glob("*.caption")}
     assert sorted(written) == ["blue", "red", "wide_red"]  # kept.png has a .txt caption: the dataset would read it
     assert written["blue"] == f"zkchar, {sentence}\n"
+
+
+def test_blip_captions_fit_a_small_models_positions(hub, images):
+    # 32 text positions, and a model that never ends a caption by itself: kohya's 75 tokens would index past them
+    folder = _snapshot(hub, "tiny/blip-32")
+    _tiny_blip(folder, positions=32, endless=True)
+    assert cli.main(["caption", str(images), "--captioner", "blip", "--model", "tiny/blip-32", "--batch-size", "2"]) == 0
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+    processor, model = BlipProcessor.from_pretrained(folder), BlipForConditionalGeneration.from_pretrained(folder)
+    inputs = processor(images=[Image.open(images / "5_mychar" / "red.png").convert("RGB")], return_tensors="pt")
+    out = model.generate(**inputs, num_beams=3, max_length=32, min_length=5)
+    assert out.shape[1] == 32  # the caption runs to the model's last position, and no further
+    written = _captions(images / "5_mychar")
+    assert sorted(written) == ["blue", "kept", "red", "wide_red"]
+    assert written["red"] == processor.batch_decode(out, skip_special_tokens=True)[0].strip() + "\n"
+
+
+def test_a_captioner_failing_on_an_image_names_it_and_goes_on(images, caplog):
+    def captioner(pictures):  # fails on any batch holding a red picture, as a model might on some input
+        if any(p.getpixel((0, 0))[0] > 200 for p in pictures):  # red.png and wide_red.jpg (JPEG: about 254)
+            raise RuntimeError("index out of range in self")
+        return ["a blue square"] * len(pictures)
+
+    with caplog.at_level(logging.WARNING):
+        summary = caption_folder(images, captioner, batch_size=2, progress=False)
+    assert [p.name for p in summary.written] == ["blue.png"]
+    failed = {p.name: why for p, why in summary.failed}
+    assert failed.keys() == {"broken.png", "red.png", "wide_red.jpg"}
+    assert failed["red.png"] == "the captioner failed on it (RuntimeError: index out of range in self)"
+    assert _captions(images / "5_mychar") == {"blue": "a blue square\n", "kept": "my own words\n"}
+    assert any("red.png" in r.getMessage() and "captioner failed" in r.getMessage() for r in caplog.records)
+
+
+def test_a_model_that_cannot_load_is_one_line_naming_it(hub, images, capsys):
+    folder = _snapshot(hub, "tiny/blip-cut")
+    _tiny_blip(folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    capsys.readouterr()  # transformers' progress bars while the model was saved
+    assert cli.main(["caption", str(images), "--captioner", "blip", "--model", "tiny/blip-cut"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: model tiny/blip-cut: cannot load BLIP from ")
+    assert _captions(images / "5_mychar") == {"kept": "my own words\n"}
 
 
 def test_a_missing_model_offline_is_one_line_saying_how_to_download_it(hub, images, capsys):

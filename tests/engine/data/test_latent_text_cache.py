@@ -1,5 +1,7 @@
 import dataclasses
+import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from PIL import Image
 from gesso import models
 from gesso.engine.data.cache import encode_captions, prepare_cache
 from gesso.engine.data.dataset import Sample, Subset, build_dataset
+from gesso.models.files import read_safetensors
 
 LONG = ", ".join(f"tag{i}" for i in range(60))  # over 75 tokens: several 77-token chunks
 
@@ -68,12 +71,16 @@ def test_second_run_hits_and_each_change_misses_only_what_changed(tmp_path, make
     pixels = np.asarray(Image.open(root / "b.png")).copy()
     pixels[0, 0] ^= 1  # one bit of one pixel
     Image.fromarray(pixels).save(root / "b.png")
-    _, seen = _run(root, small, counted)
-    assert seen == {"images": 1, "captions": 0}
+    changed, seen = _run(root, small, counted)
+    # b is encoded again in its batch, beside a (cache.fixed_batches: the bits a cache filled at once gives)
+    assert seen == {"images": 2, "captions": 0}
+    assert (changed.stats.latents_encoded, changed.stats.latents_loaded) == (1, 2)
+    assert torch.equal(changed.latents[0], first.latents[0])  # a's cached latents stay
 
     (root / "a.txt").write_text("red square, new tag")
-    _, seen = _run(root, small, counted)
-    assert seen == {"images": 0, "captions": 1}
+    changed, seen = _run(root, small, counted)
+    assert seen == {"images": 0, "captions": 3}  # in its batch of one-chunk captions, beside "" and "blue square"
+    assert (changed.stats.texts_encoded, changed.stats.texts_loaded) == (1, 3)
 
     _, seen = _run(root, dataclasses.replace(small, resolution=64), counted)
     assert seen["images"] == 3
@@ -87,13 +94,36 @@ def test_another_model_or_a_corrupt_file_is_a_miss(tmp_path, make_image, small, 
     _run(root, small, counted, tmp_path / "cache")
     victim = sorted((tmp_path / "cache" / "latents").glob("*.safetensors"))[0]
     victim.write_bytes(victim.read_bytes()[:50])
-    _, seen = _run(root, small, counted, tmp_path / "cache")
-    assert seen == {"images": 1, "captions": 0}
+    damaged, seen = _run(root, small, counted, tmp_path / "cache")
+    assert (damaged.stats.latents_encoded, damaged.stats.rejected, seen["captions"]) == (1, 1, 0)
 
     sd, tokenizers, seen = counted
     other = models.build("tiny-sdxl", seed=1)
     cache = prepare_cache(other, tokenizers, build_dataset([Subset(root)], small), "cpu", tmp_path / "cache")
     assert (cache.stats.latents_encoded, cache.stats.texts_encoded) == (3, 4)
+
+
+def test_a_cache_filled_in_two_goes_holds_the_bits_of_one_filled_at_once(tmp_path, make_image, small, counted):
+    # six 64 px images in one bucket, encoder batches of 4 (images 0-3, then 4-5): a run killed while caching left
+    # every file but image 2's and caption 2's, and the next one encodes them in their own batches again. Alone (a
+    # batch of 1) the tiny VAE's latents at 64 px differ from those of a batch of 4 in the last bits.
+    root, options = tmp_path / "set", dataclasses.replace(small, resolution=64)
+    for i in range(6):
+        make_image(root / f"{i}.png", 64, 64, seed=i, caption=f"shape {i}")
+    at_once, _ = _run(root, options, counted, tmp_path / "at_once")
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "at_once", cut)
+    for victim in cut.rglob("*.safetensors"):
+        source = json.loads(read_safetensors(victim)[1]["gesso_cache"])["source"]
+        if source in (str(root / "2.png"), "shape 2"):
+            victim.unlink()
+    resumed, seen = _run(root, options, counted, cut)
+    assert (resumed.stats.latents_encoded, resumed.stats.texts_encoded) == (1, 1)
+    assert seen["images"] == 4  # image 2 with its batch
+    assert all(torch.equal(x, y) for x, y in zip(at_once.latents, resumed.latents))
+    assert at_once.text.keys() == resumed.text.keys()
+    assert all(torch.equal(at_once.text[c][0], resumed.text[c][0]) and torch.equal(at_once.text[c][1], resumed.text[c][1])
+               for c in at_once.text)
 
 
 def test_cached_text_pads_like_encoding_the_batch_together(tmp_path, make_image, small, counted):

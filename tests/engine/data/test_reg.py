@@ -10,8 +10,8 @@ from gesso.engine.config.sections import LossSection
 from gesso.engine.data.cache import prepare_cache
 from gesso.engine.data.dataset import balance_reg
 from gesso.engine.loop import objective
+from gesso.engine.loop.inputs import load_dataset
 from gesso.engine.loop.plan import Plan
-from gesso.engine.loop.train import load_dataset
 
 AC = diffusion.scaled_linear_alphas_cumprod()
 

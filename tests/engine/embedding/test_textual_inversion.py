@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from gesso.engine.config.load import load_config
 from gesso.engine.embedding.vectors import read_embedding
+from gesso.engine.loop.inputs import find_inputs
 from gesso.engine.loop.train import fixed_eval_loss, prepare_run, train
 from gesso.engine.lora.files import read_lora_header
 from gesso.engine.memory.network_setup import train_optimizer
@@ -39,7 +40,7 @@ def test_embedding_learns_on_a_fixed_evaluation_set(tmp_path):
     cfg = load_config(ROOT / "examples" / "demo.toml", EMBEDDING + [
         "sample.prompts=[]", "output.save_dtype=fp32", f"dataset.cache_dir='{tmp_path / 'cache'}'"])
     result = train(cfg, tmp_path / "run", progress=False)
-    sd, _, network, cache = prepare_run(cfg, torch.device("cpu"))
+    sd, _, network, cache = prepare_run(find_inputs(cfg, torch.device("cpu")))
     before = fixed_eval_loss(sd.unet, cache)
     for param, trained in zip(network.parameters(), read_embedding(result.final, 2)):
         param.data.copy_(trained)
@@ -49,7 +50,7 @@ def test_embedding_learns_on_a_fixed_evaluation_set(tmp_path):
 
 def test_only_the_new_vectors_train(ti_run):
     cfg, _ = ti_run
-    sd, _, network, _ = prepare_run(cfg, torch.device("cpu"))
+    sd, _, network, _ = prepare_run(find_inputs(cfg, torch.device("cpu")))
     trainable = [p for p in sd.parameters() if p.requires_grad]
     assert {id(p) for p in trainable} == {id(p) for p in network.parameters()}  # UNet and both encoders frozen
     assert [tuple(p.shape) for p in trainable] == [(4, 32), (4, 64)]  # CLIP-L and bigG rows (tiny widths)
@@ -71,7 +72,7 @@ def test_files_are_sdxl_embeddings_with_textual_inversion_metadata(ti_run):
 def test_previews_use_the_embedding_and_the_state_resumes_it(ti_run):
     cfg, result = ti_run
     assert sorted(p.name for p in (result.output_dir / "samples").glob("*.png")) == ["demo-e000002-00.png", "demo-e000004-00.png"]
-    sd, _, network, _ = prepare_run(cfg, torch.device("cpu"))
+    sd, _, network, _ = prepare_run(find_inputs(cfg, torch.device("cpu")))
     network.load_state(load_state(result.output_dir)["lora"], "state.pt")  # the last state: epoch 4, as the final file
     for param, trained in zip(network.parameters(), read_embedding(result.final, 2)):
         assert torch.equal(param.detach(), trained)

@@ -8,7 +8,8 @@ from schedulefree import AdamWScheduleFree
 
 from gesso.engine.config.load import load_config
 from gesso.engine.loop.averaging import EMA
-from gesso.engine.loop.train import train
+from gesso.engine.loop.inputs import find_inputs
+from gesso.engine.loop.train import prepare_run, train
 from gesso.engine.lora.files import read_lora
 from gesso.models.files import load_weights_only
 
@@ -67,9 +68,8 @@ def test_ema_file_is_the_ema_of_the_per_step_weights(tmp_path):
     raw = small(tmp_path, "train.epochs=1", "output.save_every_n_steps=1")
     run = train(raw, tmp_path / "raw", progress=False)
     per_step = [read_lora(tmp_path / "raw" / f"demo-step{s:08d}.safetensors")[0] for s in (1, 2)] + [read_lora(run.final)[0]]
-    from gesso.engine.loop.train import prepare_run  # the initial weights: the run's own, from its seed
-    torch.manual_seed(cfg.train.seed)
-    _, _, network, _ = prepare_run(cfg, torch.device("cpu"))
+    torch.manual_seed(cfg.train.seed)  # the initial weights: the run's own, from its seed
+    _, _, network, _ = prepare_run(find_inputs(cfg, torch.device("cpu")))
     start = {k: v.detach().double() for k, v in network.kohya_state_dict().items()}
     ema_file = read_lora(train(cfg, tmp_path / "ema", progress=False).final)[0]
     for key in ema_file:
@@ -95,8 +95,7 @@ def schedule_free(tmp_path_factory):
 def test_schedule_free_file_holds_the_librarys_evaluation_weights(schedule_free):
     folder, cfg = schedule_free
     state = load_weights_only(folder / "state.pt")
-    from gesso.engine.loop.train import prepare_run
-    _, _, network, _ = prepare_run(cfg, torch.device("cpu"))
+    _, _, network, _ = prepare_run(find_inputs(cfg, torch.device("cpu")))
     names = list(network.named_tensors())  # the network's order, as the optimizer holds its parameters
     params = [torch.nn.Parameter(state["lora"][k].clone()) for k in names]
     opt = AdamWScheduleFree(params, lr=1e-3)

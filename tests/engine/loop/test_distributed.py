@@ -29,7 +29,8 @@ DEMO = ROOT / "tests" / "data" / "demo.toml"
 # 12 images x 1 repeat / batch 4 at 64 px = 3 batches per epoch, 2 epochs. Two processes take 2 batches a step: 2
 # steps per epoch, the second with one batch, so rank 1 has none there (the uneven case). A LoRA file every step.
 SETS = ["train.epochs=2", "dataset.repeats=1", "dataset.resolution=64", "sample.prompts=[]", "output.tensorboard=false",
-        "output.save_dtype='fp32'", "output.save_every_n_steps=1"]
+        "output.save_dtype='fp32'", "output.save_every_n_steps=1",
+        "train.device='cpu'"]  # gloo on the CPU: on a machine with one GPU, two processes would both ask for it
 STEPS = 4
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 

@@ -8,6 +8,7 @@ import torch
 
 from gesso import models
 from gesso.engine.config.load import load_config
+from gesso.engine.loop.inputs import find_inputs
 from gesso.engine.loop.train import fixed_eval_loss, prepare_run, train
 from gesso.engine.lora import names
 from gesso.engine.lora import network as lora
@@ -31,7 +32,7 @@ def demo_run(tmp_path_factory):
 def test_demo_learns_on_a_fixed_evaluation_set(demo_run):
     # Same images, timesteps and noise before and after: a drop here is learning, not a different draw.
     cfg, result = demo_run
-    sd, _, network, cache = prepare_run(cfg, torch.device("cpu"))
+    sd, _, network, cache = prepare_run(find_inputs(cfg, torch.device("cpu")))
     network.remove()
     before = fixed_eval_loss(sd.unet, cache)
     load_network(sd.unet, result.final)
@@ -93,7 +94,7 @@ def test_saved_keys_follow_the_kohya_layout(demo_run):
 
 def test_reloaded_lora_reproduces_the_trained_model(demo_run):
     cfg, result = demo_run
-    sd, _, network, cache = prepare_run(cfg, torch.device("cpu"))
+    sd, _, network, cache = prepare_run(find_inputs(cfg, torch.device("cpu")))
     network.remove()
     g = torch.Generator().manual_seed(7)
     _, context, y = next(cache.fixed_batches(2))
@@ -196,7 +197,7 @@ def test_bf16_run_computes_in_bf16_without_autocast_and_previews_with_fp8_bases(
 def test_run_loads_in_the_training_precision_with_an_fp32_vae(tmp_path):
     # the model loads on the CPU already in bf16 (14 GB of fp32 SDXL never reaches the GPU), the VAE stays fp32
     cfg = load_config(DEMO, ["train.mixed_precision='bf16'", f"dataset.cache_dir='{tmp_path / 'cache'}'"])
-    sd, _, network, _ = prepare_run(cfg, torch.device("cpu"))
+    sd, _, network, _ = prepare_run(find_inputs(cfg, torch.device("cpu")))
     assert {p.dtype for p in sd.unet.parameters() if not p.requires_grad} == {torch.bfloat16}
     assert {p.dtype for e in sd.text_encoders for p in e.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in sd.vae.parameters()} == {torch.float32}

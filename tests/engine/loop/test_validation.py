@@ -1,6 +1,6 @@
 """Validation on held-out images: kohya's split (3 of the demo's 12, named), the same split from a kohya dataset TOML
 without a warning, one val_loss per epoch in metrics.jsonl and TensorBoard, the same number for the same weights, and
-a training run that validates trains exactly as one that does not."""
+a training run that validates (on its own schedule and at a host's validate_now) trains exactly as one that does not."""
 import json
 import logging
 from pathlib import Path
@@ -10,9 +10,11 @@ from tensorboardX.proto import event_pb2
 
 from gesso.engine import diffusion
 from gesso.engine.config.load import load_config
+from gesso.engine.loop.control import Control
 from gesso.engine.loop.plan import Plan
-from gesso.engine.loop.train import load_dataset, prepare_run, train, validation_seed
-from gesso.engine.loop.validation import validation_loss
+from gesso.engine.loop.inputs import find_inputs, load_dataset
+from gesso.engine.loop.train import prepare_run, train
+from gesso.engine.loop.validation import validation_loss, validation_seed
 from gesso.engine.lora.files import read_lora
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -72,7 +74,7 @@ def test_val_loss_once_per_epoch_in_metrics_tensorboard_events_and_the_same_for_
     assert len(_scalars(tmp_path / "run" / "tensorboard")["val_loss"]) == 2
     assert "validation loss" in capsys.readouterr().out
     # the final file's weights, evaluated twice, give the logged number twice
-    sd, _, network, cache = prepare_run(cfg, torch.device("cpu"))
+    sd, _, network, cache = prepare_run(find_inputs(cfg, torch.device("cpu")))
     tensors, _ = read_lora(result.final)
     for key, p in network.named_tensors().items():
         p.data.copy_(tensors[key])
@@ -89,9 +91,20 @@ def test_validating_leaves_the_training_bit_identical(tmp_path):
         for ext in (".png", ".txt"):
             (held / f"{name}{ext}").write_bytes((DEMO.parent / "demo" / f"{name}{ext}").read_bytes())
     plain = train(small(tmp_path), tmp_path / "plain", progress=False)
+    control, events = Control(), []
+
+    def host(event):  # a host's validate_now at steps 1 and 2 (where the run validates anyway: computed once)
+        events.append(event)
+        if event["event"] == "step" and event["step"] in (1, 2):
+            control.validate_now()
+
     validated = train(small(tmp_path, f"dataset.validation_dir='{held}'", "train.validate_every_n_steps=2"),
-                      tmp_path / "validated", progress=False)
+                      tmp_path / "validated", on_event=host, progress=False, control=control)
     rows = [json.loads(line) for line in (tmp_path / "validated" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "val_loss" in r] == [2, 3, 4, 6]  # every 2 steps and every epoch, once each
+    # asked at step 1, then every 2 steps and every epoch, once each
+    assert [r["step"] for r in rows if "val_loss" in r] == [1, 2, 3, 4, 6]
+    answers = [e for e in events if e["event"] == "control"]
+    assert [(e["step"], e["done"], e["message"]) for e in answers] == [
+        (s, True, f"validation loss {r['val_loss']:.6f}") for s, r in zip((1, 2), [r for r in rows if "val_loss" in r])]
     a, b = read_lora(plain.final)[0], read_lora(validated.final)[0]
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from gesso import cli
 from gesso.engine.config.load import load_config
 from gesso.engine.loop import prediction
-from gesso.engine.loop.train import load_dataset, load_model
+from gesso.engine.loop.inputs import load_dataset, load_model
 from gesso.engine.lora import formats as lora_convert
 from gesso.engine.lora import tools as lora_tools
 from gesso.engine.lora.files import read_lora, save_lora

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from gesso import models
 from gesso.engine.config.load import load_config
+from gesso.engine.loop.inputs import find_inputs
 from gesso.engine.loop.train import prepare_run, train
 from gesso.engine.lora import formats as lora_convert
 from gesso.engine.lora import names
@@ -92,7 +93,7 @@ def test_resume_state_restores_te_modules(te_run):
     state = load_state(result.output_dir)
     tensors, _ = read_lora(result.final)
     assert {k for k in state["lora"] if k.startswith("lora_te")} == {k for k in tensors if k.startswith("lora_te")}
-    _, _, network, _ = prepare_run(cfg, torch.device("cpu"))
+    _, _, network, _ = prepare_run(find_inputs(cfg, torch.device("cpu")))
     restore_network(network, state)
     name = "lora_te2_text_model_encoder_layers_1_self_attn_k_proj"
     assert torch.equal(network.modules[name].lora_up.detach(), tensors[f"{name}.lora_up.weight"])

@@ -5,7 +5,7 @@ from unittest import mock
 import pytest
 
 from gesso.engine.config.load import load_config
-from gesso.engine.loop import train as train_module
+from gesso.engine.loop import inputs
 from gesso.engine.memory import memplan, memtrace
 from gesso.errors import ConfigError
 from tests.engine.memory import memory_testutil
@@ -65,7 +65,7 @@ def test_when_only_block_swap_fits_the_fewest_blocks_that_fit_are_swapped():
 def test_training_prints_its_choice_and_a_card_too_small_is_one_line(predicted, capsys):
     cfg, predict, _ = predicted
     with mock.patch.object(memplan, "free_gib", return_value=6.0), mock.patch.object(memplan.memtrace, "predict", predict):
-        chosen = train_module._auto_memory(cfg, None)
+        chosen = inputs.auto_memory(cfg, None)
     assert chosen.train.fp8_base and chosen.train.gradient_checkpointing
     line = capsys.readouterr().out.strip()
     assert line.startswith("train.memory = auto: fp8 bases + bf16 + checkpointing, predicted peak ") and "of 6.00 GiB free" in line

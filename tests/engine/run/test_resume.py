@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from gesso.engine.config.load import load_config
+from gesso.engine.loop.inputs import find_inputs
 from gesso.engine.loop.train import fixed_eval_loss, prepare_run, train
 from gesso.engine.lora.files import read_lora
 from gesso.engine.lora.network import load_network
@@ -67,7 +68,7 @@ def eval_drop(tmp_path, *overrides):
     """Relative drop of the fixed-set eval loss after two demo epochs, measured on the full-precision model."""
     cfg = load_config(DEMO, ["train.epochs=2", "sample.prompts=[]", f"dataset.cache_dir='{tmp_path / 'cache'}'", *overrides])
     result = train(cfg, tmp_path / overrides[0].split("=")[1].strip("'"))
-    sd, _, network, cache = prepare_run(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fp8_base=False)), torch.device("cpu"))
+    sd, _, network, cache = prepare_run(find_inputs(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fp8_base=False)), torch.device("cpu")))
     network.remove()
     before = fixed_eval_loss(sd.unet, cache)
     load_network(sd.unet, result.final)
