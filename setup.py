@@ -33,11 +33,15 @@ setup(
         # diffusers and transformers are the references the parity tests compare against; peft is what
         # diffusers' load_lora_weights needs to load our LoRA files in the format tests.
         # lycoris-lora is the reference for the LoHa/LoKr/DoRA deltas; onnx builds the tiny WD tagger graph that
-        # the caption tests run on onnxruntime.
+        # the caption tests run on onnxruntime; scipy's KS test and CDFs check the timestep distributions; the
+        # optimizers extra is tested against the libraries' own steps.
         # fastapi, uvicorn and httpx: the serve tests start a real `gesso serve` and talk to it over HTTP; selenium drives
         # the page's tests in a headless Chromium (Debian's chromium and chromium-driver, which .ci/run installs)
         "test": ["pytest", "pytest-benchmark", "diffusers>=0.30", "peft", "onnxruntime", "onnx",
-                 "lycoris-lora>=4.1", "fastapi>=0.110", "uvicorn[standard]>=0.29", "httpx>=0.27", "selenium>=4.20"],
+                 "lycoris-lora>=4.1", "scipy", "schedulefree>=1.4", "pytorch-optimizer>=3.0",
+                 "fastapi>=0.110", "uvicorn[standard]>=0.29", "httpx>=0.27", "selenium>=4.20"],
+        # train.optimizer = adamw_schedulefree (schedulefree's AdamWScheduleFree), came and lion (pytorch-optimizer)
+        "optimizers": ["schedulefree>=1.4", "pytorch-optimizer>=3.0"],
         # `gesso serve`: the HTTP job API, on FastAPI (Starlette underneath, OpenAPI schema from it) served by uvicorn;
         # [standard] brings its C parser (httptools) and event loop (uvloop): 0.56 ms of server CPU per status request
         # instead of 0.79 with the pure-Python h11 and asyncio (benchmarks/serve_load.py, 2026-12-03, benchmarks/README.md)

@@ -1,15 +1,18 @@
 """Optimizers for LoRA training: the factory, Prodigy and Adafactor.
 
-AdamW is torch's; 8-bit AdamW is the kernels package's. Prodigy and
+AdamW is torch's; 8-bit AdamW is the kernels package's; schedule-free AdamW comes from the `schedulefree` package
+and CAME and Lion from `pytorch-optimizer` (the `optimizers` extra), imported when chosen. Prodigy and
 Adafactor are written here so their state lives in plain tensors and python scalars that
 `state_dict` round-trips exactly, and so every mode reads its step size from the param group's
 `lr`, which the lr schedules scale and which may differ between UNet and text encoders.
 """
+import importlib
 import inspect
 import math
 
 import torch
 
+from gesso.errors import ConfigError
 from gesso.kernels.adamw8bit import AdamW8bit
 
 
@@ -182,35 +185,60 @@ class Adafactor(torch.optim.Optimizer):
         return loss
 
 
+def _library(name: str, module: str, attr: str, package: str):
+    """The class `attr` of an optional package, imported when the optimizer is chosen; a missing package is one
+    ConfigError line naming the extra that installs it."""
+    def load():
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except ImportError:
+            raise ConfigError(f"train.optimizer = {name} needs the {package} package: pip install 'gesso[optimizers]'") from None
+    return load
+
+
 OPTIMIZERS = {
     "adamw": lambda: torch.optim.AdamW,
     "adamw8bit": lambda: AdamW8bit,
     "prodigy": lambda: Prodigy,
     "adafactor": lambda: Adafactor,
+    "adamw_schedulefree": _library("adamw_schedulefree", "schedulefree", "AdamWScheduleFree", "schedulefree"),
+    "came": _library("came", "pytorch_optimizer", "CAME", "pytorch-optimizer"),
+    "lion": _library("lion", "pytorch_optimizer", "Lion", "pytorch-optimizer"),
 }
+# the optimizers that take train.adam_beta1/2 and adam_epsilon; the others keep their own defaults (Lion's betas are
+# (0.9, 0.99), CAME's three betas (0.9, 0.999, 0.9999) and two epsilons), which optimizer_args may set
+ADAM_MOMENTS = ("adamw", "adamw8bit", "prodigy", "adamw_schedulefree")
+# optimizers whose training weights are not the weights to evaluate: train()/eval() switch between them
+SWITCHES_WEIGHTS = ("adamw_schedulefree",)
 
 
 def optimizer_options(name: str) -> list[str]:
     """The keywords train.optimizer_args may give the optimizer `name`: its constructor's, less those
-    build_optimizer sets itself from the train section (lr, weight_decay, betas, eps), which would collide."""
-    own = set(inspect.signature(build_optimizer).parameters) - {"extra"}
-    return sorted(set(inspect.signature(OPTIMIZERS[name]()).parameters) - {"params"} - own)
+    build_optimizer sets itself from the train section (lr, weight_decay, and for Adam's kin betas and eps)."""
+    own = {"lr", "weight_decay"} | ({"betas", "eps"} if name in ADAM_MOMENTS else set())
+    named = [p.name for p in inspect.signature(OPTIMIZERS[name]()).parameters.values()
+             if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    return sorted(set(named) - {"params"} - own)
 
 
 def build_optimizer(
-    name: str, param_groups, lr: float, weight_decay: float, betas=(0.9, 0.999), eps=1e-8, **extra
+    name: str, param_groups, lr: float, weight_decay: float, adam_betas=(0.9, 0.999), adam_eps=1e-8, **extra
 ) -> torch.optim.Optimizer:
     """The named optimizer over `param_groups` (tensors, or dicts whose own `lr` overrides `lr`).
 
     `extra` holds the optimizer's own options (Prodigy: d_coef, growth_rate, use_bias_correction,
     safeguard_warmup, d0, decouple, beta3; Adafactor: relative_step, scale_parameter, warmup_init,
-    clip_threshold, decay_rate, beta1). Adafactor has no Adam moments, so it takes neither `betas`
-    nor the scalar `eps`. For Prodigy, lr = 1 is the usual setting.
+    clip_threshold, decay_rate, beta1; schedule-free AdamW: warmup_steps, r, weight_lr_power; CAME and Lion: betas).
+    Only Adam's kin (ADAM_MOMENTS) take `adam_betas` and `adam_eps` (as betas, eps); the others keep their own
+    defaults unless `extra` sets them. For Prodigy, lr = 1 is the usual setting.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r} (known: {', '.join(OPTIMIZERS)})")
     unknown = sorted(set(extra) - set(optimizer_options(name)))
     if unknown:
         raise ValueError(f"optimizer {name!r} has no option {', '.join(unknown)} (known: {', '.join(optimizer_options(name))})")
-    kwargs = dict(lr=lr, weight_decay=weight_decay) | ({} if name == "adafactor" else dict(betas=betas, eps=eps)) | extra
-    return OPTIMIZERS[name]()(param_groups, **kwargs)
+    kwargs = dict(lr=lr, weight_decay=weight_decay) | (dict(betas=adam_betas, eps=adam_eps) if name in ADAM_MOMENTS else {}) | extra
+    opt = OPTIMIZERS[name]()(param_groups, **kwargs)
+    if name in SWITCHES_WEIGHTS:
+        opt.train()  # schedule-free starts in evaluation mode and refuses to step there
+    return opt

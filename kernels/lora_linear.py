@@ -357,6 +357,12 @@ def dropout_keep_mask(seed: int, shape: tuple, dropout_p: float, device) -> torc
     return keep.bool().reshape(shape)
 
 
+def reference_keep_mask(seed: int, shape: tuple, dropout_p: float, device) -> torch.Tensor:
+    """The bool keep-mask the reference path draws for x of `shape` with this seed (torch's CPU generator, so the
+    same on any device, and the same again when gradient checkpointing recomputes the forward)."""
+    return (torch.rand(shape, generator=torch.Generator().manual_seed(seed)) >= dropout_p).to(device)
+
+
 class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, down, up, scale, weight_scale, dropout_p, seed):
@@ -387,7 +393,8 @@ def lora_linear(x, weight, bias, down, up, scale: float, *, weight_scale=None,
     """x W^T + b + scale * (dropout(x) down^T) up^T with W frozen (bf16/fp16, or fp8 e4m3 with weight_scale).
 
     dropout_p > 0 applies LoRA dropout to the low-rank input; pass it only in training.
-    dropout_seed fixes the Triton kernel's Philox mask (drawn from torch's CPU generator when None).
+    dropout_seed fixes the mask: the Triton kernel's Philox bits, or on the reference path `reference_keep_mask`'s
+    (when None, the kernel's seed is drawn from torch's CPU generator and the reference draws its own mask).
     """
     assert 0.0 <= dropout_p < 1.0, f"dropout_p={dropout_p} must be in [0, 1)"
     x, bias, down, up = autocast_inputs(x, bias, down, up)
@@ -395,7 +402,9 @@ def lora_linear(x, weight, bias, down, up, scale: float, *, weight_scale=None,
     min_capability = FP8_MIN_CAPABILITY if weight.dtype in FP8_DTYPES else MIN_CAPABILITY
     key = shape_key(x.numel() // x.shape[-1], weight.shape[0], x.shape[-1], down.shape[0], x.dtype, weight.dtype)
     if not use_triton(x, weight, down, up, min_capability=min_capability, op="lora_linear", key=key):
-        return lora_linear_ref(x, weight, bias, down, up, scale, weight_scale=weight_scale, dropout_p=dropout_p)
+        mask = None if dropout_p == 0.0 or dropout_seed is None else reference_keep_mask(dropout_seed, x.shape, dropout_p, x.device)
+        return lora_linear_ref(x, weight, bias, down, up, scale, weight_scale=weight_scale, dropout_p=dropout_p,
+                               dropout_mask=mask)
     assert not weight.requires_grad, "the Triton path never computes dW: freeze the base weight (requires_grad_(False))"
     if dropout_seed is None:
         dropout_seed = int(torch.randint(0, 2**31 - 1, ()).item()) if dropout_p > 0.0 else 0

@@ -18,7 +18,7 @@ from fastapi.responses import FileResponse
 
 from gesso.engine.config.load import build_config
 from gesso.engine.loop.inputs import load_dataset
-from gesso.engine.loop.train import Plan
+from gesso.engine.loop.plan import Plan
 from gesso.engine.memory import memtrace
 from gesso.errors import GessoError
 from gesso.serve.grid import GridRequest, check_grid

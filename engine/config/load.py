@@ -182,16 +182,19 @@ def _typed(data: dict[str, Any], source: str) -> Config:
 
 
 def _resolved(cfg: Config, source: str, base: Path) -> Config:
-    """dataset.path required; dataset and mask folders resolved against `base` and checked, the cache folder and a
+    """dataset.path required; dataset, mask and validation folders resolved against `base` and checked, the cache folder and a
     checkpoint path resolved (a Hub repo id stays as it is)."""
     if not cfg.dataset.path and not cfg.dataset.subsets:
         raise ConfigError(f"{source}: dataset.path is required")
     dataset = _folder(f"{source}: dataset.path", base / cfg.dataset.path) if cfg.dataset.path else ""
     mask_dir = str(_folder(f"{source}: dataset.mask_dir", base / cfg.dataset.mask_dir)) if cfg.dataset.mask_dir else ""
+    validation_dir = (str(_folder(f"{source}: dataset.validation_dir", base / cfg.dataset.validation_dir))
+                      if cfg.dataset.validation_dir else "")
     subsets = _subsets(source, cfg.dataset.subsets, base)
     cache_dir = str((base / cfg.dataset.cache_dir).resolve()) if cfg.dataset.cache_dir else ""
     model = cfg.model
     if model.checkpoint and ((base / model.checkpoint).exists() or looks_like_path(model.checkpoint)):  # else a Hub id
         model = dataclasses.replace(model, checkpoint=str((base / model.checkpoint).resolve()))
-    data = dataclasses.replace(cfg.dataset, path=str(dataset), subsets=subsets, cache_dir=cache_dir, mask_dir=mask_dir)
+    data = dataclasses.replace(cfg.dataset, path=str(dataset), subsets=subsets, cache_dir=cache_dir, mask_dir=mask_dir,
+                               validation_dir=validation_dir)
     return dataclasses.replace(cfg, model=model, dataset=data)

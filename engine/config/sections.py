@@ -46,6 +46,9 @@ class DatasetSection:
     cache_dir: str = ""  # latent and text caches; empty: <dataset folder>/.gesso_cache
     alpha_mask: bool = False  # loss.masked: each image's alpha channel is its mask (kohya's alpha_mask)
     mask_dir: str = ""  # loss.masked: same-named mask images (red channel) for dataset.path's images
+    validation_split: float = 0.0  # kohya's: this fraction of each subset's images is held out for the validation loss
+    validation_seed: int = 0  # kohya's: seeds the split and the validation noise; 0: train.seed
+    validation_dir: str = ""  # a folder of held-out images (with captions) for the validation loss, instead of a split
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,12 @@ class NetworkSection:
     num_vectors: int = 1  # embedding: token vectors per text encoder
     init_word: str = "*"  # embedding: the vectors start as this word's token embeddings
     token: str = ""  # embedding: the caption word it learns; empty: dataset.trigger, else output.name
+    dropout: float = 0.0  # kohya's network_dropout: LoRA input features dropped in training (the fused kernel's mask)
+    rank_dropout: float = 0.0  # kohya's rank_dropout: ranks dropped per sample, the rest scaled by 1 / (1 - p)
+    module_dropout: float = 0.0  # kohya's module_dropout: probability a module is skipped for a step
+    loraplus_lr_ratio: float = 0.0  # LoRA+: the up matrices learn at ratio x lr; 0 = off
+    loraplus_unet_lr_ratio: float = 0.0  # LoRA+ for the UNet only (wins over loraplus_lr_ratio); 0 = that one
+    loraplus_text_encoder_lr_ratio: float = 0.0  # LoRA+ for the text encoders only; 0 = loraplus_lr_ratio
 
 
 @dataclass(frozen=True)
@@ -88,6 +97,8 @@ class TrainSection:
     seed: int = 42  # seeds data order, timesteps and noise
     device: str = "auto"  # auto (cuda when present), cpu, cuda
     prior_loss_weight: float = 1.0  # loss weight of regularization images (subsets with is_reg = true)
+    ema_decay: float = 0.0  # EMA of the LoRA weights (saved files and previews use it); 0 = off, 0.999 is usual
+    validate_every_n_steps: int = 0  # validation loss every N steps as well as every epoch; 0: every epoch only
 
 
 @dataclass(frozen=True)
@@ -103,6 +114,12 @@ class LossSection:
     multires_noise_discount: float = 0.3
     min_timestep: int = 0
     max_timestep: int = 1000  # timesteps drawn from [min_timestep, max_timestep)
+    timestep_sampling: str = "uniform"  # uniform, logit_normal, sigmoid, beta over [min_timestep, max_timestep)
+    logit_mean: float = 0.0  # logit_normal: mean of the normal
+    logit_std: float = 1.0  # logit_normal: its standard deviation
+    sigmoid_scale: float = 1.0  # sigmoid: t = sigmoid(scale x N(0, 1))
+    beta_alpha: float = 3.0  # beta: Beta(alpha, beta) over the range
+    beta_beta: float = 3.0
     masked: bool = False  # weight the loss per latent pixel by each image's mask (dataset alpha_mask or mask_dir)
 
 
@@ -118,6 +135,7 @@ class OutputSection:
     keep_last: int = 0  # keep only the newest K intermediate files; 0 keeps all
     save_state: bool = True  # write a resumable state (state.pt) at every save
     tensorboard: bool = True  # TensorBoard scalars in <output>/tensorboard
+    save_non_ema: bool = False  # with train.ema_decay: also write the raw weights, <name>-non-ema[-...].safetensors
 
 
 @dataclass(frozen=True)
@@ -154,6 +172,7 @@ CHOICES = {
     ("loss", "prediction"): ("auto", "epsilon", "v_prediction"),
     ("train", "memory"): ("manual", "auto"),
     ("loss", "loss_type"): ("l2", "huber"),
+    ("loss", "timestep_sampling"): ("uniform", "logit_normal", "sigmoid", "beta"),
     ("sample", "sampler"): tuple(SAMPLERS),
     ("output", "save_dtype"): ("fp16", "bf16", "fp32"),
 }
@@ -177,6 +196,7 @@ AT_LEAST_0 = (_within(0, math.inf), "must be 0 or more")
 AT_LEAST_1 = (_within(1, math.inf), "must be 1 or more")
 PROBABILITY = (_within(0, 1), "must be within [0, 1]")
 BETA = (_within(0, 1, high_open=True), "must be within [0, 1)")
+DROP = (_within(0, 1, high_open=True), "must be within [0, 1) (0: off)")
 
 # (section, key): (predicate, rule); floats are also finite, checked before these
 RANGES = {
@@ -193,6 +213,21 @@ RANGES = {
     ("network", "conv_alpha"): POSITIVE,
     ("network", "lokr_factor"): (_within(0, math.inf), "must be 0 (the most balanced split) or more"),
     ("network", "num_vectors"): (_within(1, 75), "must be within [1, 75] (one prompt chunk)"),
+    ("network", "dropout"): DROP,
+    ("network", "rank_dropout"): DROP,
+    ("network", "module_dropout"): DROP,
+    ("network", "loraplus_lr_ratio"): (_within(0, math.inf), "must be 0 (off) or more"),
+    ("network", "loraplus_unet_lr_ratio"): (_within(0, math.inf), "must be 0 (loraplus_lr_ratio) or more"),
+    ("network", "loraplus_text_encoder_lr_ratio"): (_within(0, math.inf), "must be 0 (loraplus_lr_ratio) or more"),
+    ("dataset", "validation_split"): (_within(0, 1, high_open=True), "must be within [0, 1)"),
+    ("dataset", "validation_seed"): SEED,
+    ("train", "ema_decay"): (_within(0, 1, high_open=True), "must be within [0, 1) (0: off)"),
+    ("train", "validate_every_n_steps"): (_within(0, math.inf), "must be 0 (every epoch only) or more"),
+    ("loss", "logit_mean"): (_within(-10, 10), "must be within [-10, 10]"),
+    ("loss", "logit_std"): (_within(0, 10, low_open=True), "must be within (0, 10]"),
+    ("loss", "sigmoid_scale"): (_within(0, 10, low_open=True), "must be within (0, 10]"),
+    ("loss", "beta_alpha"): (_within(0, 100, low_open=True), "must be within (0, 100]"),
+    ("loss", "beta_beta"): (_within(0, 100, low_open=True), "must be within (0, 100]"),
     ("train", "epochs"): AT_LEAST_1,
     ("train", "batch_size"): AT_LEAST_1,
     ("train", "gradient_accumulation_steps"): AT_LEAST_1,
@@ -242,7 +277,24 @@ RELATIONS = [
      "an embedding trains with the text encoders frozen; set train_text_encoders = false"),
     ("model.prediction, loss.prediction", lambda c: "auto" in (c.model.prediction, c.loss.prediction)
      or c.model.prediction == c.loss.prediction, "disagree; set model.prediction only"),
+    ("network.type, network.dropout, network.rank_dropout, network.module_dropout",
+     lambda c: c.network.type == "lora" or not (c.network.dropout or c.network.rank_dropout or c.network.module_dropout),
+     "dropout is kohya's LoRA dropout: network.type = lora only"),
+    ("network.type, network.loraplus_lr_ratio", lambda c: c.network.type in ("lora", "dora") or not _loraplus(c.network),
+     "LoRA+ scales the up matrices' rate: network.type = lora or dora only"),
+    ("train.ema_decay, train.optimizer", lambda c: not (c.train.ema_decay and c.train.optimizer == "adamw_schedulefree"),
+     "schedule-free's evaluation weights are already an average of the run: use one or the other"),
+    ("output.save_non_ema, train.ema_decay", lambda c: not c.output.save_non_ema or c.train.ema_decay > 0,
+     "save_non_ema writes the raw weights beside the EMA ones: it needs train.ema_decay > 0"),
+    ("dataset.validation_split, dataset.validation_dir", lambda c: not (c.dataset.validation_split and c.dataset.validation_dir),
+     "hold images out by a split or by a folder, not both"),
+    ("train.validate_every_n_steps, dataset.validation_split", lambda c: not c.train.validate_every_n_steps
+     or bool(c.dataset.validation_split or c.dataset.validation_dir), "needs a validation set (validation_split or validation_dir)"),
 ]
+
+
+def _loraplus(n: NetworkSection) -> bool:
+    return bool(n.loraplus_lr_ratio or n.loraplus_unet_lr_ratio or n.loraplus_text_encoder_lr_ratio)
 
 
 def _has_mask_source(d: DatasetSection) -> bool:

@@ -185,6 +185,7 @@ class Cache:
     masks: list[torch.Tensor | None]  # per item (1, h/8, w/8) in [0, 1], None: unmasked
     train_text_encoders: bool = False
     stats: CacheStats = field(default_factory=CacheStats)
+    validation: "Cache | None" = None  # the held-out images' cache (engine/loop/validation.py), None without any
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import random
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -63,6 +64,8 @@ class DatasetOptions:
     seed: int = 0  # seeds random crops
     masked_loss: bool = False  # look up each image's mask (its subset's alpha_mask or mask_dir)
     prior_loss_weight: float = 1.0  # loss weight of regularization samples
+    validation_split: float = 0.0  # kohya's: the fraction of each subset's images held out for the validation loss
+    validation_seed: int = 0  # kohya's: seeds that split (Python's random.shuffle, as kohya's)
 
     @property
     def augments_captions(self) -> bool:
@@ -111,6 +114,7 @@ class Dataset:
     ignored_folders: list[tuple[Path, str]] = field(default_factory=list)
     unused_reg: list[Path] = field(default_factory=list)  # regularization images beyond the balance (as kohya)
     unmasked: list[tuple[Path, str]] = field(default_factory=list)  # with masked loss on: images trained unmasked, why
+    held_out: list[Item] = field(default_factory=list)  # validation_split's images: not trained, the validation set
 
     def __len__(self) -> int:
         """Samples per epoch: images x repeats, regularization samples included."""
@@ -297,8 +301,30 @@ def build_dataset(subsets: list[Subset], options: DatasetOptions = DatasetOption
     if dataset.caption_problems:
         first = dataset.caption_problems[0]
         log.warning("%d caption problems (images still train), first: %s: %s", len(dataset.caption_problems), *first)
+    dataset.items, dataset.held_out = hold_out(dataset.items, options.validation_split, options.validation_seed)
     _balance(dataset)
     return dataset
+
+
+def hold_out(items: list[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
+    """(trained, held out): as kohya's split_train_val, per subset folder, each one's images (in file-name order)
+    shuffled with Python's random seeded by `seed`, the last round(n x fraction) held out (at least one when
+    fraction > 0 and the folder has two or more). Regularization images are never held out."""
+    if not fraction:
+        return items, []
+    held = set()
+    for root in dict.fromkeys(it.root for it in items if not it.is_reg):
+        paths = sorted(it.path for it in items if it.root == root and not it.is_reg)
+        random.Random(seed).shuffle(paths)
+        n = min(len(paths) - 1, max(1, round(len(paths) * fraction)))
+        held |= set(paths[len(paths) - n:]) if n > 0 else set()
+    return [it for it in items if it.path not in held], [it for it in items if it.path in held]
+
+
+def validation_set(dataset: Dataset) -> Dataset:
+    """The held-out images as a dataset of their own, as written: no flips, no caption shuffle or dropout."""
+    options = dataclasses.replace(dataset.options, flip=False, shuffle_caption=False, caption_dropout_rate=0.0)
+    return Dataset([dataclasses.replace(it, repeats=1) for it in dataset.held_out], options)
 
 
 def _balance(dataset: Dataset) -> None:

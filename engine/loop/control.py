@@ -27,7 +27,8 @@ class Control:
       output.save_state is off, `state.pt`;
     - `sample_now()`: renders the [sample] prompts with the LoRA as it is, as `samples/<name>-step<N>-<i>.png`;
       without prompts it answers done=False;
-    - `validate_now()`: answers done=False, "no validation configured": this version has no validation set.
+    - `validate_now()`: computes the validation loss of the weights as they are (a `validation` event, and the value in
+      the answer's message); without a validation set (dataset.validation_split, validation_dir) it answers done=False.
     """
 
     def __init__(self):
@@ -58,10 +59,11 @@ class Control:
 
 
 def answer(control: Control | None, events: Events, step: int, epoch: int, save: Callable[[], Path | None],
-           preview: Callable[[], list[Path]]) -> None:
+           preview: Callable[[], list[Path]], validate: Callable[[], float | None]) -> None:
     """Carry out the host's requests at a step boundary: `save` writes the step's LoRA file (None when this step had
-    already written it) and the state, `preview` renders the previews (none without sample prompts). A stop is
-    answered last, by raising StopTraining: the loop saves the state at this boundary."""
+    already written it) and the state, `preview` renders the previews (none without sample prompts), `validate` gives
+    the validation loss (None without a validation set). A stop is answered last, by raising StopTraining: the loop
+    saves the state at this boundary."""
     for request in control.take() if control is not None else ():
         done, message = True, ""
         if request == "save_now":
@@ -72,7 +74,9 @@ def answer(control: Control | None, events: Events, step: int, epoch: int, save:
             done = bool(paths)
             message = f"rendered {len(paths)} preview(s)" if paths else "no previews configured (sample.prompts is empty)"
         elif request == "validate_now":
-            done, message = False, "no validation configured"
+            value = validate()
+            done = value is not None
+            message = f"validation loss {value:.6f}" if done else "no validation configured"
         else:
             message = f"stopping at step {step}: saving the state"
         events.emit({"event": "control", "request": request, "step": step, "epoch": epoch, "done": done, "message": message})

@@ -167,6 +167,9 @@ class NoLog:
     def step(self, record: dict, steps_per_s: float, peak_memory_gib: float | None) -> None:
         pass
 
+    def validation(self, step: int, epoch: int, val_loss: float) -> None:
+        pass
+
     def close(self) -> None:
         pass
 

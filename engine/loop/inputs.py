@@ -15,6 +15,7 @@ import torch
 from gesso import models
 from gesso.engine.config.sections import Config
 from gesso.engine.data.dataset import Dataset, DatasetOptions, Subset, build_dataset
+from gesso.engine.loop.validation import validation_seed
 from gesso.engine.memory import memplan
 from gesso.engine.run.saving import check_resumable
 from gesso.engine.run.state import load_state
@@ -73,9 +74,12 @@ def load_dataset(cfg: Config) -> Dataset:
                              max_bucket_side=d.max_bucket_side, random_crop=d.random_crop, flip=d.flip,
                              shuffle_caption=d.shuffle_caption, keep_tokens=d.keep_tokens,
                              caption_dropout_rate=d.caption_dropout_rate, caption_extension=d.caption_extension,
-                             seed=cfg.train.seed, masked_loss=cfg.loss.masked, prior_loss_weight=cfg.train.prior_loss_weight)
+                             seed=cfg.train.seed, masked_loss=cfg.loss.masked, prior_loss_weight=cfg.train.prior_loss_weight,
+                             validation_split=d.validation_split, validation_seed=validation_seed(cfg))
     try:
         dataset = build_dataset(subsets, options)
+        if d.validation_dir:  # a folder of its own instead of a split
+            dataset.held_out = build_dataset([Subset(d.validation_dir, 1, d.trigger)], options).items
     except (ValueError, FileNotFoundError) as e:
         raise TrainError(f"dataset: {e}") from None
     if not dataset.items:

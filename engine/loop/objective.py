@@ -1,6 +1,6 @@
 """What one training step asks of the UNet: the noise, timesteps and target it sees, and the weighted loss.
 
-Options follow kohya's sd-scripts: noise offset, multi-resolution noise, a timestep range, min-SNR-γ
+Options follow kohya's sd-scripts: noise offset, multi-resolution noise, a timestep range and distribution, min-SNR-γ
 weighting, epsilon or v-prediction targets, L2 or pseudo-Huber loss.
 """
 from dataclasses import dataclass
@@ -9,6 +9,7 @@ import torch
 
 from gesso.engine import diffusion
 from gesso.engine.config.sections import LossSection
+from gesso.engine.loop import timesteps
 
 
 @dataclass
@@ -23,7 +24,7 @@ def draw(x0: torch.Tensor, opts: LossSection, alphas_cumprod: torch.Tensor, g: t
     noise = diffusion.offset_noise(x0.shape, g, opts.noise_offset)
     if opts.multires_noise_iterations:
         noise = diffusion.pyramid_noise(noise, g, opts.multires_noise_iterations, opts.multires_noise_discount)
-    t = torch.randint(opts.min_timestep, opts.max_timestep, (x0.shape[0],), generator=g)
+    t = timesteps.sample(x0.shape[0], opts, g)
     noise, t = noise.to(x0.device), t.to(x0.device)
     noisy = diffusion.add_noise(x0, noise, t, alphas_cumprod)
     target = diffusion.v_target(x0, noise, t, alphas_cumprod) if opts.prediction == "v_prediction" else noise

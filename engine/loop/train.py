@@ -11,13 +11,16 @@ from tqdm import tqdm
 from gesso.engine import diffusion
 from gesso.engine.config.sections import Config
 from gesso.engine.data.cache import Cache, prepare_cache
-from gesso.engine.data.dataset import Dataset
+from gesso.engine.data.dataset import validation_set
 from gesso.engine.embedding import inversion as textual_inversion
 from gesso.engine.loop import objective, prediction
+from gesso.engine.loop.averaging import EMA, Shown
 from gesso.engine.loop.control import Control, answer
 from gesso.engine.loop.distributed import SINGLE, NoLog, World
 from gesso.engine.loop.inputs import Inputs, find_inputs, load_model, pick_device
+from gesso.engine.loop.plan import Plan
 from gesso.engine.loop.preview import render_previews
+from gesso.engine.loop.validation import validation_loss, validation_seed
 from gesso.engine.lora import network as lora
 from gesso.engine.memory.network_setup import AMP_DTYPES, prepare_unet, train_optimizer
 from gesso.engine.run import rundir
@@ -25,7 +28,7 @@ from gesso.engine.run.events import Events, StopTraining
 from gesso.engine.run.logs import RunLog
 from gesso.engine.run.metadata import training_metadata
 from gesso.engine.run.saving import Saver
-from gesso.engine.run.state import Position, restore
+from gesso.engine.run.state import STATE_FILE, Position, restore
 from gesso.engine.schedules import build_schedule
 from gesso.errors import TrainError
 from gesso.kernels.selfcheck import preflight
@@ -42,50 +45,6 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     step: int = 0
     stopped_early: bool = False
-
-
-@dataclass
-class Plan:
-    """Optimizer steps: batches per epoch (bucket-pure, so a bucket's last batch may be short) over the batches each
-    step takes, accumulation on each of `processes` (torchrun's world size)."""
-
-    dataset: Dataset
-    batch_size: int
-    epochs: int
-    accumulation: int = 1
-    processes: int = 1
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.dataset.steps_per_epoch(self.batch_size)
-
-    @property
-    def batches_per_step(self) -> int:
-        return self.accumulation * self.processes
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return math.ceil(self.batches_per_epoch / self.batches_per_step)
-
-    @property
-    def total_steps(self) -> int:
-        return self.steps_per_epoch * self.epochs
-
-    def describe(self) -> str:
-        d = self.dataset
-        repeats = sorted({it.repeats for it in d.items if not it.is_reg})
-        rep = f"{repeats[0]} repeats" if len(repeats) == 1 else "repeats"
-        accum = f" / accumulation {self.accumulation}" if self.accumulation > 1 else ""
-        if self.processes > 1:
-            accum = f" / ({self.processes} processes x accumulation {self.accumulation})"
-        processes = f"{self.processes} process{'es' if self.processes > 1 else ''}"
-        effective = (f" (effective batch {self.batch_size} x {processes} x {self.accumulation} accumulation"
-                     f" = {self.batch_size * self.batches_per_step})" if self.batches_per_step > 1 else "")
-        reg = d.samples(True)  # kohya counts regularization samples into an epoch's batches too
-        samples = f"{d.samples(False)} samples + {reg} regularization samples = {len(d)}" if reg else f"{len(d)} samples"
-        train = sum(not it.is_reg for it in d.items)
-        return (f"{train} images x {rep} = {samples} / batch {self.batch_size}{accum} = {self.steps_per_epoch} steps per epoch"
-                f" x {self.epochs} epochs = {self.total_steps} steps{effective}")
 
 
 def prepare_run(inputs: Inputs, progress: bool = False, world: World = SINGLE):
@@ -113,6 +72,10 @@ def prepare_run(inputs: Inputs, progress: bool = False, world: World = SINGLE):
     with world.main_first():  # under torchrun rank 0 fills the cache, then the others read it
         cache = prepare_cache(sd, tokenizers, dataset, device, cfg.dataset.cache_dir or None, train_text_encoders=train_te,
                               progress=progress and world.main)
+        if dataset.held_out:  # its own RNG: encoding the held-out images leaves the LoRA's random init as it was
+            with torch.random.fork_rng(devices=[]):
+                cache.validation = prepare_cache(sd, tokenizers, validation_set(dataset), device, cfg.dataset.cache_dir or None,
+                                                 train_text_encoders=train_te, progress=progress and world.main)
     cache.release_encoders()  # the VAE (and the text encoders when text is cached) leave the GPU
     unet_lora, _ = prepare_unet(sd.unet, cfg, device)  # before the move: swapped blocks' weights stay in host memory
     if not embedding:
@@ -198,32 +161,52 @@ def _train(inputs: Inputs, held: rundir.Claim, on_event: Callable[[dict], None] 
     # run every GroupNorm and LayerNorm in fp32 and keep their fp32 outputs for backward, twice the activation
     # memory of the same step in bf16 (which the benchmark measures). The LoRA parameters stay fp32.
     meta = training_metadata(cfg, model_cfg.family, cache.dataset, time.time())
-    plan = Plan(cache.dataset, tc.batch_size, tc.epochs, tc.gradient_accumulation_steps, world.size)
+    held_out = cache.validation.dataset.items if cache.validation else []
+    plan = Plan(cache.dataset, tc.batch_size, tc.epochs, tc.gradient_accumulation_steps, world.size, [it.path for it in held_out])
     print(cache.describe(), flush=True)
     print(plan.describe(), flush=True)
 
-    opt = train_optimizer(network, tc)
+    opt = train_optimizer(network, tc, cfg.network)
     sched = build_schedule(tc.lr_scheduler, opt, plan.total_steps, tc.lr_warmup_steps, tc.lr_scheduler_num_cycles)
     update = UpdateWatch(opt, sched)
+    dropout = lora.Dropout.of(cfg.network)
+    ema = EMA(network.parameters(), tc.ema_decay) if tc.ema_decay else None
+    shown = Shown(network, opt, tc.optimizer, ema, dropout)  # what previews, files and validation use
+    shown.set_dropout(dropout)
     scaler = torch.amp.GradScaler(device.type, enabled=tc.mixed_precision == "fp16")
     ac = diffusion.scaled_linear_alphas_cumprod(zero_terminal_snr=cfg.loss.zero_terminal_snr)
     g = torch.Generator().manual_seed(tc.seed)  # CPU generator: the same draws on any device
     pos = Position(1, 0, 0, g.get_state())
     events = Events(on_event, plan.total_steps, device)
     saver = Saver(cfg, output_dir, network, meta, state["files"] if state else held.kept, events, world.size, world.main,
-                  clock, before_write=held.prove)
+                  clock, shown.evaluating, ema, before_write=held.prove)
     if state:
         pos = restore(state, network, opt, sched, scaler, g)  # one TrainError line for a state that does not fit
+        _restore_ema(ema, state)
         print(f"resuming at epoch {pos.epoch}, step {pos.step} of {plan.total_steps}", flush=True)
     world.broadcast_parameters(network)
     result = TrainResult(output_dir, output_dir / f"{cfg.output.name}.safetensors")
     log = RunLog(output_dir, pos.step, cfg.output.tensorboard) if world.main else NoLog()
     held.when_proved(log.open)  # an overwrite keeps the earlier run's logs until its first file
     bar = tqdm(total=plan.total_steps, initial=pos.step, unit="step", dynamic_ncols=True, disable=not progress)
+    validated: dict[int, float] = {}  # step: its validation loss, computed once a step
+
+    def validate(epoch: int) -> float | None:
+        """The validation loss of the weights the run shows, logged, sent and printed; None without a validation set."""
+        if cache.validation is None or pos.step in validated:
+            return validated.get(pos.step)
+        with shown.evaluating():
+            value = validated[pos.step] = validation_loss(unet, cache.validation, cfg.loss, ac, validation_seed(cfg))
+        log.validation(pos.step, epoch, value)
+        if world.main:
+            tqdm.write(f"validation loss {value:.4f} at step {pos.step} (epoch {epoch})")  # above the bar
+            events.validated(pos.step, epoch, value)
+        return value
 
     def previews(label: str, epoch: int, saved: Path | None) -> list[Path]:
         held.prove()  # an --overwrite's earlier files go before the first preview as before the first file
-        paths = render_previews(sd, cache.tokenizers, cfg, output_dir / "samples", label, device, saved, pos.step, bar, log)
+        with shown.evaluating():
+            paths = render_previews(sd, cache.tokenizers, cfg, output_dir / "samples", label, device, saved, pos.step, bar, log)
         for path in paths:
             events.saved("preview", path, pos.step, epoch)
         return paths
@@ -240,7 +223,7 @@ def _train(inputs: Inputs, held: rundir.Claim, on_event: Callable[[dict], None] 
 
     try:
         events.start(pos.step, pos.epoch)
-        answer(control, events, pos.step, pos.epoch, save_now, preview_now)
+        answer(control, events, pos.step, pos.epoch, save_now, preview_now, lambda: validate(pos.epoch))
         for epoch in range(pos.epoch, plan.epochs + 1):
             micro_losses = []
             for i, batch in enumerate(world.batches(cache, epoch, plan.batch_size, tc.seed, skip=pos.batch), start=pos.batch):
@@ -248,6 +231,8 @@ def _train(inputs: Inputs, held: rundir.Claim, on_event: Callable[[dict], None] 
                     objective.draw(torch.zeros(batch), cfg.loss, ac, g)
                 else:
                     x0, context, y, weight, mask = batch
+                    if dropout != lora.OFF:  # fresh masks per micro-batch, from where it stands: a resume draws the same
+                        network.reseed(hash((tc.seed, epoch, i)) % 2**31)
                     d = objective.draw(x0, cfg.loss, ac, g)
                     pred = unet(d.noisy, d.t, context, y)  # computes in the frozen weights' dtype (see above)
                     loss = objective.loss(pred, d, cfg.loss, ac, weight, mask)
@@ -266,6 +251,8 @@ def _train(inputs: Inputs, held: rundir.Claim, on_event: Callable[[dict], None] 
                 scaler.update()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
+                if ema:
+                    ema.update(network.parameters())
                 pos = Position(epoch, i + 1, pos.step + 1, g.get_state())
                 record = {"step": pos.step, "epoch": epoch, "loss": step_loss, "lr": _current_lr(opt)}
                 micro_losses = []
@@ -278,8 +265,12 @@ def _train(inputs: Inputs, held: rundir.Claim, on_event: Callable[[dict], None] 
                 saver.on_clock(opt, sched, scaler, pos, plan.total_steps)
                 world.emit_step(events, event)  # after this step's files: a host stopping here leaves them written
                 _show(bar, event)
-                answer(control, events, pos.step, epoch, save_now, preview_now)  # the host's requests, at this boundary
+                if tc.validate_every_n_steps and pos.step % tc.validate_every_n_steps == 0:
+                    validate(epoch)
+                # the host's requests, at this boundary
+                answer(control, events, pos.step, epoch, save_now, preview_now, lambda: validate(epoch))
             pos = Position(epoch + 1, 0, pos.step, g.get_state())
+            validate(epoch)
             every = cfg.output.save_every_n_epochs
             if every and epoch % every == 0:
                 saver.intermediate(f"{epoch:06d}", epoch, pos.step)
@@ -349,3 +340,12 @@ def _current_lr(opt: torch.optim.Optimizer) -> float:
 def _head_dims(u) -> set[int]:
     """The attention head dims of a UNet config (SDXL: 64; SD 1.5: 40, 80, 160), for the kernels' self-check."""
     return {u.heads_and_dim(u.model_channels * mult)[1] for mult, depth in zip(u.channel_mult, u.transformer_depth) if depth}
+
+
+def _restore_ema(ema: EMA | None, state: dict) -> None:
+    if ema is None:  # check_resumable refused a state whose EMA this run does not keep
+        return
+    try:
+        ema.load_state_dict(state["ema"], STATE_FILE)
+    except ValueError as e:
+        raise TrainError(str(e)) from None

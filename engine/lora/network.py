@@ -17,10 +17,49 @@ from gesso.engine.lora import lycoris
 from gesso.engine.lora.formats import read, require_placed, text_layout, unet_modules
 from gesso.engine.lora.names import block_of, kohya_name
 from gesso.errors import LoRAFileError
-from gesso.kernels.lora_linear import lora_linear
+from gesso.kernels.lora_linear import lora_linear, reference_keep_mask
 
 
-class LoRALinear(nn.Module):
+@dataclass(frozen=True)
+class Dropout:
+    """Training-time dropout of a LoRA module (kohya's network_dropout, rank_dropout, module_dropout); all 0 at inference.
+
+    neuron: the LoRA input's features, the fused kernel's Philox mask (engine's LoRA linear), kept ones scaled by
+    1 / (1 - p); rank: whole ranks per sample, the rest scaled by 1 / (1 - p) (the rank seems smaller); module: the
+    module adds nothing for this step."""
+
+    neuron: float = 0.0
+    rank: float = 0.0
+    module: float = 0.0
+
+    @classmethod
+    def of(cls, n) -> "Dropout":
+        return cls(n.dropout, n.rank_dropout, n.module_dropout)
+
+
+OFF = Dropout()
+
+
+def _draw(seed: int, shape: tuple) -> torch.Tensor:
+    """Uniform draws fixed by `seed`: the same in a gradient-checkpointing recomputation, a resume, on any device."""
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+
+
+class Dropped:
+    """Where LoRALinear and LoRAConv2d share their dropout: the seed for this micro-batch (`reseed`), module dropout's
+    coin and rank dropout's (B, r) mask (kohya's `torch.rand(...) > p`)."""
+
+    dropout: Dropout = OFF
+    dropout_seed: int = 0
+
+    def skipped(self) -> bool:
+        return self.dropout.module > 0 and _draw(self.dropout_seed + 1, (1,)).item() < self.dropout.module
+
+    def rank_mask(self, batch: int, device) -> torch.Tensor:
+        return (_draw(self.dropout_seed + 2, (batch, self.rank)) > self.dropout.rank).to(device)  # (B, r)
+
+
+class LoRALinear(Dropped, nn.Module):
     """base(x) + scale * up(down(x)), base frozen; up starts at zero so the wrapped model is unchanged."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
@@ -41,12 +80,21 @@ class LoRALinear(nn.Module):
         return {"lora_down.weight": self.lora_down, "lora_up.weight": self.lora_up}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.skipped():
+            return self.base(x)
         down, up = self.lora_down.to(x.dtype), self.lora_up.to(x.dtype)
         base = self.base  # nn.Linear, or engine.memory.fp8.FP8Linear: fp8 weight with a per-channel scale (out,)
-        return lora_linear(x, base.weight, base.bias, down, up, self.scale, weight_scale=getattr(base, "weight_scale", None))
+        p = self.dropout.neuron
+        if self.dropout.rank:  # a mask inside the rank path, per sample: the LoRA path in PyTorch, beside the base
+            x_lora = x * reference_keep_mask(self.dropout_seed, x.shape, p, x.device).to(x.dtype) / (1 - p) if p else x
+            lx = F.linear(x_lora, down)  # (B, ..., r)
+            mask = self.rank_mask(x.shape[0], x.device).reshape(x.shape[0], *[1] * (x.dim() - 2), self.rank)
+            return base(x) + self.scale / (1 - self.dropout.rank) * F.linear(lx * mask.to(x.dtype), up)
+        return lora_linear(x, base.weight, base.bias, down, up, self.scale, weight_scale=getattr(base, "weight_scale", None),
+                           dropout_p=p, dropout_seed=self.dropout_seed if p else None)
 
 
-class LoRAConv2d(nn.Module):
+class LoRAConv2d(Dropped, nn.Module):
     """LoCon: a conv with the base's kernel, stride and padding down to `rank` channels, then a 1x1 conv up."""
 
     def __init__(self, base: nn.Conv2d, rank: int, alpha: float):
@@ -67,9 +115,16 @@ class LoRAConv2d(nn.Module):
     tensors = LoRALinear.tensors
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.base
-        h = F.conv2d(x, self.lora_down.to(x.dtype), None, b.stride, b.padding, b.dilation, b.groups)
-        return b(x) + self.scale * F.conv2d(h, self.lora_up.to(x.dtype))
+        b, d = self.base, self.dropout
+        if self.skipped():
+            return b(x)
+        x_lora = x * reference_keep_mask(self.dropout_seed, x.shape, d.neuron, x.device).to(x.dtype) / (1 - d.neuron) if d.neuron else x
+        h = F.conv2d(x_lora, self.lora_down.to(x.dtype), None, b.stride, b.padding, b.dilation, b.groups)  # (B, r, h, w)
+        scale = self.scale
+        if d.rank:
+            h = h * self.rank_mask(x.shape[0], x.device)[:, :, None, None].to(h.dtype)
+            scale = scale / (1 - d.rank)
+        return b(x) + scale * F.conv2d(h, self.lora_up.to(x.dtype))
 
 
 class LoRARows(nn.Module):
@@ -172,6 +227,19 @@ class LoRANetwork:
     def _apply_strengths(self) -> None:
         for name, m in self.modules.items():
             m.multiplier = self.multiplier * self.block_weights.get(block_of(self.paths[name][1]), 1.0)
+
+    def set_dropout(self, dropout: Dropout) -> None:
+        """Dropout for training (OFF at inference) on every module that takes it: LoRA on linears and convs; the fused
+        q/k/v rows of OpenCLIP's in_proj (weight deltas) and LyCORIS modules have none."""
+        for m in self.modules.values():
+            if isinstance(m, Dropped):
+                m.dropout = dropout
+
+    def reseed(self, seed: int) -> None:
+        """New dropout masks: each module's seed from `seed` (one per micro-batch) and its place in the network."""
+        for i, m in enumerate(self.modules.values()):
+            if isinstance(m, Dropped):
+                m.dropout_seed = (seed * 1_000_003 + 4 * i) % 2**31  # a module uses seed, +1 and +2 (engine's Dropped)
 
     def kohya_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         out = {}

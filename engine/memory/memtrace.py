@@ -143,7 +143,7 @@ def predict(cfg: Config, resolution: int | None = None, batch: int | None = None
     trainable = list(network.parameters())
     ids = {id(p) for p in trainable}
     frozen = [t for t in (*unet.parameters(), *unet.buffers()) if id(t) not in ids]  # swapped ones are None: not here
-    opt = train_optimizer(network, tc)
+    opt = train_optimizer(network, tc, cfg.network)
     h = resolution // 8
     with LiveBytes() as live, mock.patch.object(F, "scaled_dot_product_attention", _flash_sdpa):
         x0 = torch.empty(batch, mcfg.unet.in_channels, h, h, device="meta")  # cached latents, fp32

@@ -3,7 +3,7 @@
 (engine/measure/bench.py), so that what is predicted and timed is the very step that trains."""
 import torch
 
-from gesso.engine.config.sections import Config
+from gesso.engine.config.sections import Config, NetworkSection
 from gesso.engine.embedding import inversion as textual_inversion
 from gesso.engine.lora import lycoris, names
 from gesso.engine.lora import network as lora
@@ -28,10 +28,10 @@ def prepare_unet(unet, cfg: Config, device: torch.device) -> tuple[lora.LoRANetw
     return network, swap
 
 
-def train_optimizer(network: lora.LoRANetwork, tc) -> torch.optim.Optimizer:
-    """The optimizer `train` (and engine/memory/memtrace.py) builds over the network's param groups."""
-    return build_optimizer(tc.optimizer, param_groups(network, tc), tc.learning_rate, tc.weight_decay,
-                           betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon, **tc.optimizer_args)
+def train_optimizer(network: lora.LoRANetwork, tc, n: NetworkSection = NetworkSection()) -> torch.optim.Optimizer:
+    """The optimizer `train` (and engine/memory/memtrace.py) builds over the network's param groups (LoRA+ from `n`)."""
+    return build_optimizer(tc.optimizer, param_groups(network, tc, n), tc.learning_rate, tc.weight_decay,
+                           adam_betas=(tc.adam_beta1, tc.adam_beta2), adam_eps=tc.adam_epsilon, **tc.optimizer_args)
 
 
 def inject_network(unet, cfg: Config) -> lora.LoRANetwork:
@@ -50,16 +50,28 @@ def inject_network(unet, cfg: Config) -> lora.LoRANetwork:
     return lora.inject(unet, paths, "lora_unet_", rank, alpha, names=kohya, algo=n.type, options=lycoris.Options.of(n))
 
 
-def param_groups(network: lora.LoRANetwork, tc) -> list[dict]:
-    """UNet LoRA at learning_rate first (the group the logs report), text-encoder LoRA at text_encoder_lr (0: the same)."""
+def param_groups(network: lora.LoRANetwork, tc, n: NetworkSection = NetworkSection()) -> list[dict]:
+    """UNet LoRA at learning_rate first (the group the logs report), text-encoder LoRA at text_encoder_lr (0: the same).
+
+    LoRA+ (kohya's loraplus_lr_ratio, and its unet / text-encoder variants, which win over it): the up matrices of
+    each part in a group of their own at that part's rate times the ratio; 0 leaves them with the rest."""
     if isinstance(network, textual_inversion.EmbeddingNetwork):
         return [{"params": network.parameters()}]
     # lists in the network's order, never sets: the optimizer's state_dict maps states to parameters by position,
     # so the order must be the same in the process that resumes
-    te = [n for n in network.modules if n.startswith("lora_te")]
-    unet = [n for n in network.modules if not n.startswith("lora_te")]
-    groups = [{"params": [p for n in unet for p in network.modules[n].tensors().values()]}]
+    te = [name for name in network.modules if name.startswith("lora_te")]
+    unet = [name for name in network.modules if not name.startswith("lora_te")]
+    groups = _lr_groups(network, unet, tc.learning_rate, n.loraplus_unet_lr_ratio or n.loraplus_lr_ratio)
     if te:
-        groups.append({"params": [p for n in te for p in network.modules[n].tensors().values()],
-                       "lr": tc.text_encoder_lr or tc.learning_rate})
+        groups += _lr_groups(network, te, tc.text_encoder_lr or tc.learning_rate,
+                             n.loraplus_text_encoder_lr_ratio or n.loraplus_lr_ratio, own_lr=True)
+    return groups
+
+
+def _lr_groups(network: lora.LoRANetwork, names: list[str], lr: float, ratio: float, own_lr: bool = False) -> list[dict]:
+    tensors = [(key, p) for name in names for key, p in network.modules[name].tensors().items()]
+    rest = [p for key, p in tensors if not (ratio and key == "lora_up.weight")]
+    groups = [{"params": rest} | ({"lr": lr} if own_lr else {})]
+    if ratio:
+        groups.append({"params": [p for key, p in tensors if key == "lora_up.weight"], "lr": lr * ratio})
     return groups

@@ -8,6 +8,7 @@ with json.dumps as they are (a web UI, a ComfyUI node's progress bar):
   optimizer step (`peak_memory_gib` is None on the CPU);
 - `{"event": "save", "kind", "path", "step", "epoch"}` after each file is written, `kind` being `epoch`, `step`,
   `final`, `state` or `preview`;
+- `{"event": "validation", "step", "epoch", "val_loss"}` after each validation (engine/loop/validation.py).
 - `{"event": "control", "request", "step", "epoch", "done", "message"}` answering a host's request (gesso.Control,
   engine/loop/control.py).
 
@@ -60,6 +61,9 @@ class Events:
                  "steps_per_s": 1.0 / max(now - self.last, 1e-9), "peak_memory_gib": peak_memory_gib(self.device)}
         self.last = now
         return event
+
+    def validated(self, step: int, epoch: int, val_loss: float) -> None:
+        self.emit({"event": "validation", "step": step, "epoch": epoch, "val_loss": val_loss})
 
     def saved(self, kind: str, path: Path, step: int, epoch: int) -> None:
         self.emit({"event": "save", "kind": kind, "path": str(path), "step": step, "epoch": epoch})

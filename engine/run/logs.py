@@ -1,4 +1,5 @@
-"""Run logs: metrics.jsonl (one JSON object per optimizer step), TensorBoard scalars (loss, lr, it/s, peak memory)
+"""Run logs: metrics.jsonl (one JSON object per optimizer step, and one per validation: step, epoch, val_loss),
+TensorBoard scalars (loss, lr, it/s, peak memory, val_loss)
 and the preview images (tag preview/NN, at the step they were rendered after).
 
 metrics.jsonl is the record: a row that cannot be written ends the run with an OutputError. TensorBoard is a
@@ -73,16 +74,28 @@ class RunLog:
         if self.file is None:
             self.waiting.append(("step", (record, steps_per_s, peak_memory_gib)))
             return
-        try:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-        except OSError as e:
-            raise output_error(self.path, e) from e
+        self._row(record)
         if self.board:
             scalars = {"loss": record["loss"], "lr": record["lr"], "it_per_s": steps_per_s}
             if peak_memory_gib is not None:
                 scalars["peak_memory_gib"] = peak_memory_gib
             self.board.add(record["step"], scalars)
+
+    def validation(self, step: int, epoch: int, val_loss: float) -> None:
+        """The validation loss as a metrics.jsonl row of its own ({"step", "epoch", "val_loss"}) and a scalar."""
+        if self.file is None:
+            self.waiting.append(("validation", (step, epoch, val_loss)))
+            return
+        self._row({"step": step, "epoch": epoch, "val_loss": val_loss})
+        if self.board:
+            self.board.add(step, {"val_loss": val_loss})
+
+    def _row(self, record: dict) -> None:
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:
+            raise output_error(self.path, e) from e
 
     def image(self, tag: str, image, step: int) -> None:
         """A preview (a PIL image) for TensorBoard's Images tab; metrics.jsonl records no images."""

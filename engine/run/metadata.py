@@ -36,11 +36,19 @@ def training_metadata(cfg: Config, family: str, dataset: Dataset, started_at: fl
         module, args = "networks.lora", {"conv_dim": str(n.conv_rank), "conv_alpha": str(n.conv_alpha)} if n.conv_rank else {}
     else:
         module, args = "lycoris.kohya", lycoris.network_args(n.type, lycoris.Options.of(n), n.conv_rank, n.conv_alpha)
+    # kohya's network_args are strings as its command line parsed them; network_dropout has its own key ("None": off)
+    args |= {key: str(getattr(n, key)) for key in ("rank_dropout", "module_dropout", "loraplus_lr_ratio",
+                                                    "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio") if getattr(n, key)}
     meta = {
         "ss_network_module": module,
         "ss_network_dim": n.rank,
         "ss_network_alpha": n.alpha,
         "ss_network_args": json.dumps(args),
+        "ss_network_dropout": n.dropout or None,
+        "ss_loraplus_lr_ratio": n.loraplus_lr_ratio or None,
+        "ss_loraplus_unet_lr_ratio": n.loraplus_unet_lr_ratio or None,
+        "ss_loraplus_text_encoder_lr_ratio": n.loraplus_text_encoder_lr_ratio or None,
+        "ss_ema_decay": cfg.train.ema_decay or None,
         "ss_base_model_version": BASE_MODEL_VERSION[family],
         "ss_v2": family == "sd2",
         "ss_sd_model_name": cfg.model.checkpoint or cfg.model.name,

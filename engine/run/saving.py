@@ -1,5 +1,6 @@
 """Writing a run's files: the LoRA per epoch, per N steps, per N minutes and at the end (pruned to keep_last), and
 the resumable state. Under torchrun only rank 0 writes; the other ranks go through the same calls writing nothing."""
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,8 +22,11 @@ class Saver:
 
     def __init__(self, cfg: Config, output_dir: Path, network, meta: dict[str, str], files: list[str], events: Events,
                  processes: int = 1, writes: bool = True, clock: Callable[[], float] = time.monotonic,
-                 before_write: Callable[[], None] = lambda: None):
+                 evaluating: Callable = contextlib.nullcontext, ema=None, before_write: Callable[[], None] = lambda: None):
         self.cfg, self.dir, self.network, self.meta, self.events = cfg, output_dir, network, meta, events
+        # LoRA files hold the weights the run shows (EMA, schedule-free's evaluation ones): `evaluating` puts them in
+        # place; the state holds the training weights and the EMA's own state
+        self.evaluating, self.ema = evaluating, ema
         self.dtype = SAVE_DTYPES[cfg.output.save_dtype]
         self.files = list(files)  # intermediate files written so far, oldest first
         self.batch = batch_shape(cfg, processes)  # stored in the state, checked on resume
@@ -31,12 +35,17 @@ class Saver:
         self.before_write = before_write  # the run folder's Claim.prove: an --overwrite's earlier files go at the first
 
     def lora(self, path: Path, epoch: int, step: int) -> Path:
-        tensors = self.network.kohya_state_dict(self.dtype)
-        require_finite(tensors, path, step)  # on every rank (their weights are the same): all stop together
+        with self.evaluating():  # a copy: fp32 tensors on the CPU are the live parameters, which it then restores
+            tensors = {k: t.clone() for k, t in self.network.kohya_state_dict(self.dtype).items()}
+        raw = {path.with_name(f"{path.stem}-non-ema.safetensors"): self.network.kohya_state_dict(self.dtype)} \
+            if self.cfg.output.save_non_ema else {}
+        for where, t in {path: tensors, **raw}.items():
+            require_finite(t, where, step)  # on every rank (their weights are the same): all stop together
         if self.writes:
             self.before_write()
             write = getattr(self.network, "write", save_lora)  # an embedding network writes its own file layout
-            write(path, tensors, at_save(self.meta, epoch, step))
+            for where, t in {**raw, path: tensors}.items():  # the file named in events and `files` last
+                write(where, t, at_save(self.meta, epoch, step))
         return path
 
     def final(self, path: Path, epoch: int, step: int) -> Path:
@@ -54,7 +63,9 @@ class Saver:
         self.files.append(path.name)
         keep = self.cfg.output.keep_last
         while keep and len(self.files) > keep:
-            (self.dir / self.files.pop(0)).unlink(missing_ok=True)
+            old = self.dir / self.files.pop(0)
+            old.unlink(missing_ok=True)
+            old.with_name(f"{old.stem}-non-ema.safetensors").unlink(missing_ok=True)
         # the event goes out once the file list is final: a host that stops here leaves a state that knows the file
         self.events.saved("step" if stem.startswith("step") else "epoch", path, step, epoch)
         return path
@@ -76,7 +87,7 @@ class Saver:
             return
         self.before_write()
         path = save_state(self.dir, self.network, optimizer, scheduler, scaler, pos, self.files, network_shape(self.cfg),
-                          self.batch)
+                          self.batch, None if self.ema is None else self.ema.state_dict())
         self.events.saved("state", path, pos.step, pos.epoch)
 
     def state_if_asked(self, optimizer, scheduler, scaler, pos: Position) -> None:
@@ -103,7 +114,8 @@ def batch_shape(cfg: Config, processes: int) -> dict:
 
 
 def check_resumable(state: dict, cfg: Config, processes: int, folder: Path) -> None:
-    """TrainError when a loaded state belongs to another network, or counts its position in other batches."""
+    """TrainError when a loaded state belongs to another network, counts its position in other batches, or keeps
+    another EMA (or none)."""
     expected = network_shape(cfg)
     if state["network"] != expected:
         raise TrainError(f"{folder}: state was trained with network {state['network']}, the config says {expected}")
@@ -113,6 +125,10 @@ def check_resumable(state: dict, cfg: Config, processes: int, folder: Path) -> N
                          f"batches per step (processes x train.gradient_accumulation_steps); this run has "
                          f"batch_size {now['batch_size']} and {now['batches_per_step']} ({processes} process(es) x "
                          f"{cfg.train.gradient_accumulation_steps}): keep the effective batch to resume")
+    saved, now = state["ema"]["decay"] if "ema" in state else 0.0, cfg.train.ema_decay
+    if saved != now:  # the EMA goes on from its shadows: with another decay (or none) the files are another run's
+        raise TrainError(f"{folder}: state was trained with train.ema_decay = {saved} (0: off), this run has {now}; "
+                         "resume with the train.ema_decay the run was started with")
 
 
 def network_shape(cfg: Config) -> dict:

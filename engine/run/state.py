@@ -1,5 +1,6 @@
 """Resumable training state: one file, written atomically, holding everything the loop needs to go on
-exactly where it stopped (LoRA weights, optimizer, scheduler, loss scaler, RNG, epoch order and position).
+exactly where it stopped (LoRA weights, optimizer, scheduler, loss scaler, RNG, epoch order and position, and the EMA
+weights with train.ema_decay; schedule-free AdamW's evaluation sequence is in its optimizer state).
 
 A state.pt is untrusted input like any file handed to --resume: its records are checked against the CRC-32 checksums
 torch.save writes into the archive (states of earlier versions carry them too), it is loaded weights-only (tensors
@@ -31,7 +32,7 @@ class Position:
 
 
 def save_state(folder: Path, network, optimizer, scheduler, scaler, pos: Position, files: list[str], network_shape: dict,
-               batch_shape: dict) -> Path:
+               batch_shape: dict, ema: dict | None = None) -> Path:
     state = {
         "lora": network.kohya_state_dict(torch.float32),
         "optimizer": optimizer.state_dict(),
@@ -41,7 +42,7 @@ def save_state(folder: Path, network, optimizer, scheduler, scaler, pos: Positio
         "files": files,
         "network": network_shape,
         "batch_shape": batch_shape,
-    }
+    } | ({"ema": ema} if ema is not None else {})
     path = Path(folder) / STATE_FILE
     write_atomic(path, lambda tmp: _torch_save(state, tmp))
     return path
@@ -116,6 +117,9 @@ FIELDS = {
 OPTIONAL_FIELDS = {
     "batch_shape": (lambda v: _str_dict(v) and set(v) == {"batch_size", "batches_per_step"} and all(_count(1)(n) for n in v.values()),
               "a batch shape (batch_size, batches_per_step)"),
+    "ema": (lambda v: _str_dict(v) and isinstance(v.get("decay"), float) and 0 < v["decay"] < 1
+            and isinstance(v.get("shadow"), list) and all(torch.is_tensor(t) for t in v["shadow"]),
+            "an EMA state (decay in (0, 1), shadow: a list of tensors)"),
 }
 
 

@@ -12,7 +12,9 @@ from gesso.engine.config.load import build_config, load_config
 from gesso.engine.config.sections import MAX_SEED, MAX_SIDE, Config
 from gesso.errors import ConfigError
 
-NUMERIC = [(s.name, f.name, f.type) for s in fields(Config) for f in fields(s.default_factory) if f.type in (int, float)]
+SIGNED = {("loss", "logit_mean")}  # a mean may be negative: refused past its range instead
+NUMERIC = [(s.name, f.name, f.type) for s in fields(Config) for f in fields(s.default_factory)
+           if f.type in (int, float) and (s.name, f.name) not in SIGNED]
 
 
 def with_dataset(data: dict) -> dict:
@@ -40,6 +42,12 @@ def test_every_numeric_key_refuses_minus_one_and_non_finite_values(section, key,
 
 
 BAD = [
+    ("loss", "logit_mean", -10.5),
+    ("loss", "logit_std", 0.0),
+    ("network", "dropout", 1.0),  # dropout probabilities live in [0, 1)
+    ("network", "rank_dropout", 1.0),
+    ("train", "ema_decay", 1.0),
+    ("dataset", "validation_split", 1.0),
     ("train", "learning_rate", 0.0),  # zero where a step size must move
     ("train", "adam_epsilon", 0.0),
     ("train", "adam_beta1", 1.0),  # betas live in [0, 1)

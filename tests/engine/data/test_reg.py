@@ -11,7 +11,7 @@ from gesso.engine.data.cache import prepare_cache
 from gesso.engine.data.dataset import balance_reg
 from gesso.engine.loop import objective
 from gesso.engine.loop.inputs import load_dataset
-from gesso.engine.loop.train import Plan
+from gesso.engine.loop.plan import Plan
 
 AC = diffusion.scaled_linear_alphas_cumprod()
 
