@@ -45,7 +45,8 @@ def test_every_attention_impl_gives_the_reference(case):
 @pytest.mark.parametrize("case", bench_lora_linear.CPU_CASES, ids=lambda c: c[0])
 def test_every_lora_linear_impl_gives_the_reference(case, rank):
     _, M, K, N = case
-    x, weight, scale, bias, down, up = bench_lora_linear.operands(M, K, N, rank, False, device="cpu", dtype=torch.float32)
+    x, weight, scale, bias, down, up = bench_lora_linear.operands(M, K, N, rank, fp8=False, device="cpu",
+                                                                  dtype=torch.float32)
     dy = torch.randn(M, N)
     x64, w64, b64, down64, up64 = float64(x, weight, bias, down, up)
     y64 = lora_linear_ref(x64, w64, b64, down64, up64, 0.5)
