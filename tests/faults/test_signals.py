@@ -111,7 +111,9 @@ def test_a_signal_in_the_loop_leaves_a_state_that_resumes_to_the_uninterrupted_f
     if len(signals) == 1:  # saved at the step boundary after the signal, and the line says which
         assert f"at step {state['step']}:" in line and state["step"] >= 2 and f"--resume {run}" in line
     assert not (run / ".gesso.lock").exists() and not temp_litter(run)
-    for p in run.glob("*.safetensors"):
+    saved = list(run.glob("*.safetensors"))
+    assert saved, "two steps trained and no LoRA file left"  # a file every step: an empty loop would check nothing
+    for p in saved:
         loadable(p)
 
     # the state goes on in this process (the CLI's --resume is this call; the kill test below runs it)
