@@ -23,15 +23,20 @@ IMPLS = {
 }
 
 
+def operands(B, H, Tq, Tk, D, backward, device=DEVICE, dtype=DTYPE):
+    """q (B, H, Tq, D), k and v (B, H, Tk, D), requiring grads when the case times the backward, and dO like q."""
+    q = torch.randn(B, H, Tq, D, device=device, dtype=dtype, requires_grad=backward)
+    k = torch.randn(B, H, Tk, D, device=device, dtype=dtype, requires_grad=backward)
+    v = torch.randn(B, H, Tk, D, device=device, dtype=dtype, requires_grad=backward)
+    return q, k, v, torch.randn(B, H, Tq, D, device=device, dtype=dtype)
+
+
 @pytest.mark.parametrize("impl", [gpu_only("gesso-triton"), "torch-sdpa", "torch-math-ref"])
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("case", GPU_CASES if ON_GPU else CPU_CASES, ids=lambda c: c[0])
 def bench_attention(benchmark, case, backward, impl):
     name, B, H, Tq, Tk, D = case
-    q = torch.randn(B, H, Tq, D, device=DEVICE, dtype=DTYPE, requires_grad=backward)
-    k = torch.randn(B, H, Tk, D, device=DEVICE, dtype=DTYPE, requires_grad=backward)
-    v = torch.randn(B, H, Tk, D, device=DEVICE, dtype=DTYPE, requires_grad=backward)
-    do = torch.randn(B, H, Tq, D, device=DEVICE, dtype=DTYPE)
+    q, k, v, do = operands(B, H, Tq, Tk, D, backward)
     fn = IMPLS[impl]
 
     def step():

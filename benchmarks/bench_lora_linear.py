@@ -21,17 +21,23 @@ CPU_CASES = [("smoke-proj", 256, 64, 64), ("smoke-ff-in", 256, 64, 512)]
 IMPLS = {"gesso-triton": lora_linear, "torch-matmuls": lora_linear_ref}
 
 
-def _operands(M, K, N, rank, fp8):
-    x = torch.randn(M, K, device=DEVICE, dtype=DTYPE, requires_grad=True)
-    weight = torch.randn(N, K, device=DEVICE, dtype=DTYPE) / K**0.5
+def operands(M, K, N, rank, fp8, device=DEVICE, dtype=DTYPE):
+    """x (M, K), weight (N, K) (fp8 with its per-channel scale, or None), bias, down (rank, K), up (N, rank)."""
+    x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
+    weight = torch.randn(N, K, device=device, dtype=dtype) / K**0.5
     scale = None
     if fp8:
         scale = weight.float().abs().amax(dim=1) / 448.0  # per output channel
         weight = (weight.float() / scale[:, None]).to(torch.float8_e4m3fn)
-    bias = torch.randn(N, device=DEVICE, dtype=DTYPE)
-    down = (torch.randn(rank, K, device=DEVICE, dtype=DTYPE) / K**0.5).requires_grad_()
-    up = torch.randn(N, rank, device=DEVICE, dtype=DTYPE).requires_grad_()
+    bias = torch.randn(N, device=device, dtype=dtype)
+    down = (torch.randn(rank, K, device=device, dtype=dtype) / K**0.5).requires_grad_()
+    up = torch.randn(N, rank, device=device, dtype=dtype).requires_grad_()
     return x, weight, scale, bias, down, up
+
+
+def forward(impl, x, weight, scale, bias, down, up):
+    """What every case times (then its backward, in the fwd+bwd cases): `impl` on the case's operands."""
+    return IMPLS[impl](x, weight, bias, down, up, 0.5, weight_scale=scale)
 
 
 @pytest.mark.parametrize("impl", [gpu_only("gesso-triton"), "torch-matmuls"])
@@ -42,12 +48,11 @@ def _operands(M, K, N, rank, fp8):
 @pytest.mark.parametrize("case", GPU_CASES if ON_GPU else CPU_CASES, ids=lambda c: c[0])
 def bench_lora_linear(benchmark, case, rank, backward, fp8, impl):
     name, M, K, N = case
-    x, weight, scale, bias, down, up = _operands(M, K, N, rank, fp8)
+    x, weight, scale, bias, down, up = operands(M, K, N, rank, fp8)
     dy = torch.randn(M, N, device=DEVICE, dtype=DTYPE)
-    fn = IMPLS[impl]
 
     def step():
-        y = fn(x, weight, bias, down, up, 0.5, weight_scale=scale)
+        y = forward(impl, x, weight, scale, bias, down, up)
         if backward:
             torch.autograd.grad(y, (x, down, up), dy)
 

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from diffusers import optimization
 
 from gesso.engine.schedules import SCHEDULES, build_schedule
 
@@ -44,7 +45,6 @@ def test_multiplier_equals_formula(name, total, warmup, cycles, expected):
 @pytest.mark.parametrize("name", SCHEDULES)
 @pytest.mark.parametrize("warmup,cycles", [(0, 1), (7, 3)])  # no warmup; warmup with 3 restarts
 def test_matches_diffusers_get_scheduler(name, warmup, cycles):
-    optimization = pytest.importorskip("diffusers.optimization")
     total = 53
     ours = lrs_over(build_schedule(name, make_optimizer(), total, warmup, cycles), total + 5)
     ref_opt = make_optimizer()
