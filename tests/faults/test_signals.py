@@ -159,8 +159,8 @@ def test_an_interrupt_at_the_optimizer_update_saves_only_an_exact_state(tmp_path
     real = train_module.train_optimizer
     calls = []
 
-    def interrupted_optimizer(network, tc):
-        opt = real(network, tc)
+    def interrupted_optimizer(*args):
+        opt = real(*args)
 
         def hook(optimizer, args, kwargs):
             calls.append(snapshot(tmp_path / "cut"))  # the folder as this step's update begins or ends
