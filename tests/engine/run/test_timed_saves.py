@@ -36,8 +36,8 @@ def run_with_clock(folder: Path, cache: Path, monkeypatch, *extra: str) -> list[
     clock, saves = FakeClock(), []
     real = train_module.train_optimizer
 
-    def timed_optimizer(network, tc):
-        opt = real(network, tc)
+    def timed_optimizer(*args):
+        opt = real(*args)
         opt.register_step_post_hook(lambda *args: setattr(clock, "now", clock.now + STEP_MINUTES * 60))
         return opt
 
