@@ -5,6 +5,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+import pytest
+
 from gesso.engine.config.sections import Config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,6 +22,7 @@ def test_config_reference_lists_every_key():
         assert keys <= documented, f"[{section.name}] keys missing from README: {sorted(keys - documented)}"
 
 
+@pytest.mark.slow
 def test_train_help_points_to_the_reference():
     out = subprocess.run([sys.executable, str(ROOT / "cli.py"), "train", "--help"], capture_output=True, text=True).stdout
     assert "README.md" in out and "Config reference" in out

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--model", "tiny-sdxl", "--resolution", "64", "--rank", "4"]
 
 
+@pytest.mark.slow
 def test_driver_writes_every_system_and_the_summary(tmp_path):
     raw, predictions, final = tmp_path / "raw.json", tmp_path / "pred.json", tmp_path / "quick.json"
     rows = ["rows", "--results", str(raw), "--steps", "2", "--warmup", "0", *TINY]
@@ -106,6 +107,7 @@ def test_peer_computes_the_engines_function_on_the_same_modules():
     assert len(p.lora_params) == 2 * len(network.modules)
 
 
+@pytest.mark.slow
 def test_full_size_peer_carries_lora_on_kohyas_722_modules():
     # built on the meta device: no memory, the module set of the real SDXL UNet
     with torch.device("meta"):
@@ -125,6 +127,7 @@ def test_dispatch_table_is_never_written_without_a_gpu(tmp_path, capsys):
     assert not out.exists() and "no dispatch table written" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_shell_plan_runs_the_issues_order_inside_the_budget(tmp_path):
     env = dict(os.environ, QUICK_PLAN="1", OUT=str(tmp_path), PYTHON=sys.executable)
     done = subprocess.run(["bash", "benchmarks/gpu_session.sh", "quick"], cwd=ROOT, env=env, capture_output=True,

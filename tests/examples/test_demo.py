@@ -87,6 +87,7 @@ def test_the_base_knows_shapes_but_not_the_style():
     assert h[red] > 0.04 and h[blue] > 0.3, f"red {h[red]:.2f}, blue {h[blue]:.2f}"
 
 
+@pytest.mark.slow
 def test_strength_one_draws_the_style_and_strength_zero_is_the_base(renders):
     base, s1 = (mean_distance(renders[k]) for k in ("base", "s1"))
     assert s1 <= 0.7 * base, f"distance to the training images: base {base:.3f}, LoRA {s1:.3f}: less than 30% closer"
@@ -95,6 +96,7 @@ def test_strength_one_draws_the_style_and_strength_zero_is_the_base(renders):
         assert np.array_equal(np.asarray(a), np.asarray(b))  # strength 0 is the base, bit for bit
 
 
+@pytest.mark.slow
 def test_the_epoch_by_strength_grid_grows_along_strength(run):
     # the grid command the run printed, as a user copies it, at a fixed seed on the CPU
     out, printed = run
@@ -120,6 +122,7 @@ def test_the_epoch_by_strength_grid_grows_along_strength(run):
     shutil.copy(grids[0], out / "grid.png")  # kept beside the run for a look
 
 
+@pytest.mark.slow
 def test_previews_of_the_run_show_the_style(run):
     previews = sorted((run[0] / "samples").glob("demo-e*-*.png"))
     assert [p.name for p in previews] == [f"demo-e{e:06d}-{i:02d}.png" for e in (3, 6, 9) for i in (0, 1)]

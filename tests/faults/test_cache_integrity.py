@@ -79,6 +79,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", DAMAGE)
 def test_damaged_cache_file_is_named_rebuilt_and_never_trained_on(tmp_path, reference, kind, caplog):
     ref_cache, ref_out, ref_lora, ref_losses = reference
@@ -119,6 +120,7 @@ def test_damaged_cache_file_is_named_rebuilt_and_never_trained_on(tmp_path, refe
     assert again.losses == result.losses
 
 
+@pytest.mark.slow
 def test_cli_names_the_damaged_file_and_trains(tmp_path, reference):
     ref_cache, ref_out, ref_lora, ref_losses = reference
     cache = tmp_path / "cache"

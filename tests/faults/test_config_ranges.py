@@ -183,6 +183,7 @@ def test_toml_file_values_are_checked(tmp_path, text, name):
     assert name in str(caught.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, names", [
     (["train.learning_rate=-1"], ["train.learning_rate = -1.0"]),
     (["train.learning_rate=nan"], ["train.learning_rate = nan"]),
@@ -199,6 +200,7 @@ def test_cli_names_the_key_in_one_line(tmp_path, overrides, names):
     assert not out.exists(), "a refused config started a run"
 
 
+@pytest.mark.slow
 def test_cli_names_the_key_of_a_toml_file(tmp_path):
     path = config_file(tmp_path, "[network]\nalpha = inf\n")
     before = snapshot(tmp_path)

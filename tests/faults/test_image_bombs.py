@@ -8,6 +8,7 @@ import sys
 import zlib
 
 import numpy as np
+import pytest
 from faults_testutil import DEMO, ROOT, assert_unchanged, snapshot
 from PIL import Image
 
@@ -53,6 +54,7 @@ def train_peak(data, work):
     return child.returncode, (work / "stdout").read_text(), (work / "stderr").read_text(), usage.ru_maxrss * 1024
 
 
+@pytest.mark.slow
 def test_huge_images_train_or_are_skipped_within_bounded_memory(tmp_path):
     plain, huge = tmp_path / "plain", tmp_path / "huge"
     shutil.copytree(DEMO.parent / "demo", plain)

@@ -82,6 +82,7 @@ def assert_refused(inputs: Path, out: Path, name: str, stem: str, module: str, t
 
 
 # every command against each spoiled UNet tensor: lora_up, lora_down, alpha
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["convert", "merge", "resize", "sample"])
 @pytest.mark.parametrize("stem", ["nan_up", "inf_down", "nan_alpha"])
 def test_spoiled_unet_module_is_refused(inputs, tmp_path, name, stem):
@@ -100,6 +101,7 @@ def test_nan_alpha_from_peft_metadata_is_refused(inputs, tmp_path):
     assert_refused(inputs, tmp_path, "convert", "peft_nan_alpha", f"unet.{peft_path(models.configs.get('tiny-sdxl'))}", "alpha")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["convert", "merge", "resize", "sample"])
 def test_valid_file_passes(inputs, tmp_path, name):
     before = snapshot(inputs)

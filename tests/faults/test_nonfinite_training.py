@@ -14,6 +14,7 @@ from gesso.engine.run.state import Position
 from gesso.errors import TrainError
 
 
+@pytest.mark.slow
 def test_a_diverged_run_writes_no_file(tmp_path):
     # lr 1e30: the first update's weights are finite in fp32 and overflow fp16, the file's save_dtype
     proc = gesso_cli("train", DEMO, "--output-dir", tmp_path / "run", "--set", "train.learning_rate=1e30",

@@ -21,6 +21,7 @@ def modes(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): stat.S_IMODE(p.stat().st_mode) for p in folder.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
 def test_every_file_a_run_writes_has_the_umasks_mode(tmp_path, umask, mode):
     overrides = ["train.epochs=1", "dataset.repeats=1", "dataset.resolution=64", "sample.steps=4", "sample.every_n_epochs=1",

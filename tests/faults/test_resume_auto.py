@@ -39,6 +39,7 @@ def rows(folder: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
+@pytest.mark.slow
 def test_the_same_command_three_times_interrupted_resumed_and_finished(tmp_path, cache):
     reference = train(load_config(DEMO, [*SETS, f"dataset.cache_dir='{cache}'"]), tmp_path / "reference", progress=False)
     run = tmp_path / "run"
@@ -89,6 +90,7 @@ def test_auto_with_overwrite_is_refused_before_anything_is_touched(tmp_path, cac
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_an_unfinished_state_of_another_network_is_refused(tmp_path, cache):
     run = tmp_path / "run"
     train(load_config(DEMO, [*SETS, f"dataset.cache_dir='{cache}'", "train.epochs=1", "output.save_every_n_steps=0"]),

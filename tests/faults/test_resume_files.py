@@ -115,6 +115,7 @@ def assert_folder_kept(run: Path, before: dict[Path, bytes], bad: bytes) -> None
     assert set(snapshot(run)) == set(before) | {run / STATE_FILE}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_bad_state_is_one_line_naming_it(tmp_path, template, case):
     folder, cache = template
@@ -131,6 +132,7 @@ def test_bad_state_is_one_line_naming_it(tmp_path, template, case):
     assert_folder_kept(run, before, bad)
 
 
+@pytest.mark.slow
 def test_state_of_another_network_names_the_folder(tmp_path, template):
     folder, cache = template
     run = tmp_path / "run"
@@ -140,6 +142,7 @@ def test_state_of_another_network_names_the_folder(tmp_path, template):
     assert_unchanged(before)
 
 
+@pytest.mark.slow
 def test_listed_file_outside_the_folder_is_never_deleted(tmp_path, template):
     # keep_last deletes the oldest listed files: a forged list must not reach a file elsewhere
     folder, cache = template
@@ -162,6 +165,7 @@ def malicious(kind: str, marker: Path, state: dict) -> bytes:
     return torch_bytes({**state, "network": {"rank": OpensAFile(marker)}})  # deep inside an otherwise good state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["plain pickle", "torch zip", "nested"])
 def test_malicious_state_runs_no_code(tmp_path, template, kind):
     folder, cache = template
@@ -185,6 +189,7 @@ def evil_checkpoint(folder: Path, kind: str, marker: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["plain pickle", "torch zip"])
 def test_malicious_ckpt_is_refused_by_inspect(tmp_path, kind):
     marker = tmp_path / "ran"
@@ -196,6 +201,7 @@ def test_malicious_ckpt_is_refused_by_inspect(tmp_path, kind):
     assert set(snapshot(tmp_path)) == set(before)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["plain pickle", "torch zip"])
 def test_malicious_ckpt_is_refused_by_train(tmp_path, template, kind):
     _, cache = template

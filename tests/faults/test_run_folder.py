@@ -56,6 +56,7 @@ def same_tensors(a: Path, b: Path) -> bool:
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
+@pytest.mark.slow
 def test_a_finished_runs_folder_is_refused_untouched_and_overwrite_replaces_it(tmp_path, cache):
     run = tmp_path / "run"
     run.mkdir()
@@ -79,6 +80,7 @@ def test_a_finished_runs_folder_is_refused_untouched_and_overwrite_replaces_it(t
     assert not (run / ".gesso.lock").exists()
 
 
+@pytest.mark.slow
 def test_resuming_into_another_runs_folder_is_refused(tmp_path, cache):
     # --resume A --output-dir B would replace B's files with A's continuation
     cut, other = tmp_path / "cut", tmp_path / "other"
@@ -101,6 +103,7 @@ def test_resuming_into_another_runs_folder_is_refused(tmp_path, cache):
     assert train(cfg, cut, resume=cut, progress=False).final.is_file()
 
 
+@pytest.mark.slow
 def test_a_second_run_in_a_busy_folder_is_refused_naming_the_first_ones_pid(tmp_path, cache):
     run = tmp_path / "run"
     first = start_run(run, cache, tmp_path / "first.log", "train.epochs=500")  # runs until stopped below
@@ -118,6 +121,7 @@ def test_a_second_run_in_a_busy_folder_is_refused_naming_the_first_ones_pid(tmp_
     assert (run / "state.pt").is_file()
 
 
+@pytest.mark.slow
 def test_a_killed_runs_stale_lock_and_temp_files_are_cleaned_by_the_next_run(tmp_path, cache):
     run = tmp_path / "run"
     killed = start_run(run, cache, tmp_path / "killed.log", "train.epochs=500")

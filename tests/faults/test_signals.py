@@ -90,6 +90,7 @@ def assert_same_as(reference: dict[str, torch.Tensor], path: Path) -> None:
     assert got.keys() == reference.keys() and all(torch.equal(got[k], reference[k]) for k in got), "differs from the uninterrupted run"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signals, code", [
     ([signal.SIGINT], 130),                                # Ctrl-C: the step finishes, its state is saved
     ([signal.SIGINT, signal.SIGINT], 130),                 # twice, quickly: stop now, the last finished step saved
@@ -120,13 +121,16 @@ def test_a_signal_in_the_loop_leaves_a_state_that_resumes_to_the_uninterrupted_f
     assert_same_as(reference, resumed.final)
 
 
+# while Python loads torch (an interrupted extension module's import raises ImportError, not KeyboardInterrupt), then
+# the engine once torch is in; just after the run took its folder (building the model); encoding the dataset into an
+# empty cache. The fast subset keeps the first: the others each run further into a start-up (4-11 s of CPU)
 @pytest.mark.parametrize("point, signum, code", [
-    ("torch.", signal.SIGINT, 130),    # while Python loads torch (an interrupted extension module's import raises
-    ("torch", signal.SIGINT, 130),     # ImportError, not KeyboardInterrupt), then the engine once torch is in
-    ("torch", signal.SIGTERM, 143),
-    ("model", signal.SIGINT, 130),     # just after the run took its folder: building the model
-    ("cache", signal.SIGINT, 130),     # encoding the dataset into an empty cache
-    ("cache", signal.SIGTERM, 143),
+    ("torch.", signal.SIGINT, 130),
+    pytest.param("torch", signal.SIGINT, 130, marks=pytest.mark.slow),
+    pytest.param("torch", signal.SIGTERM, 143, marks=pytest.mark.slow),
+    pytest.param("model", signal.SIGINT, 130, marks=pytest.mark.slow),
+    pytest.param("cache", signal.SIGINT, 130, marks=pytest.mark.slow),
+    pytest.param("cache", signal.SIGTERM, 143, marks=pytest.mark.slow),
 ], ids=["imports-torch", "imports-engine", "imports-engine-sigterm", "model", "cache", "cache-sigterm"])
 def test_a_signal_during_start_up_stops_at_once_with_one_line(tmp_path, cache, point, signum, code):
     run, logs, fresh_cache = tmp_path / "run", tmp_path / "logs", tmp_path / "fresh_cache"
@@ -150,6 +154,7 @@ def test_a_signal_during_start_up_stops_at_once_with_one_line(tmp_path, cache, p
         loadable(p)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["before", "inside"])
 def test_an_interrupt_at_the_optimizer_update_saves_only_an_exact_state(tmp_path, monkeypatch, capsys, cache, reference, where):
     """Ctrl-C raised as the 8th optimizer step begins (before the update: the state of step 7 is exact, saved) or

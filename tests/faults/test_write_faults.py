@@ -102,6 +102,7 @@ def assert_nothing_lost(run: Path, files: dict[Path, bytes], rows: bytes) -> Non
     assert temp_litter(run) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["demo-000002.safetensors", "state.pt"])  # each save path, after an earlier file
 def test_a_full_tmpfs_fails_the_save_with_one_line_and_keeps_the_earlier_files(tmp_path, cache, first_epoch, name):
     with tmpfs(tmp_path / "disk") as disk:
@@ -118,6 +119,7 @@ def test_a_full_tmpfs_fails_the_save_with_one_line_and_keeps_the_earlier_files(t
             loadable(run / "demo-000002.safetensors")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, code", [("demo-000002.safetensors", "ENOSPC"), ("state.pt", "EDQUOT")])
 def test_a_failing_fsync_fails_the_save_with_one_line_and_keeps_the_earlier_files(tmp_path, cache, first_epoch, name, code):
     run = tmp_path / "run"
@@ -130,6 +132,7 @@ def test_a_failing_fsync_fails_the_save_with_one_line_and_keeps_the_earlier_file
         assert not (run / name).exists()
 
 
+@pytest.mark.slow
 def test_a_read_only_run_folder_is_one_line_and_nothing_changes(tmp_path, cache, first_epoch):
     run = tmp_path / "run"
     shutil.copytree(first_epoch, run)
@@ -141,6 +144,7 @@ def test_a_read_only_run_folder_is_one_line_and_nothing_changes(tmp_path, cache,
     assert snapshot(run).keys() == before.keys()
 
 
+@pytest.mark.slow
 def test_a_read_only_samples_folder_fails_the_preview_after_the_epochs_files(tmp_path, cache, first_epoch):
     run = tmp_path / "run"
     shutil.copytree(first_epoch, run)
@@ -155,6 +159,7 @@ def test_a_read_only_samples_folder_fails_the_preview_after_the_epochs_files(tmp
     assert torch.load(run / "state.pt", weights_only=True)["epoch"] == 3  # --resume goes on after epoch 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("output", ["a_file", "a_file/run"])  # the output folder is a file; its parent is a file
 def test_an_output_path_that_is_a_file_is_one_line_naming_it(tmp_path, cache, output):
     (tmp_path / "a_file").write_text("my notes")
@@ -164,6 +169,7 @@ def test_an_output_path_that_is_a_file_is_one_line_naming_it(tmp_path, cache, ou
     assert (tmp_path / "a_file").read_text() == "my notes"
 
 
+@pytest.mark.slow
 def test_a_cache_that_cannot_be_written_is_a_warning_and_the_run_goes_on(tmp_path, cache, first_epoch):
     shutil.copytree(cache, tmp_path / "cache")
     before = snapshot(tmp_path / "cache")
@@ -178,6 +184,7 @@ def test_a_cache_that_cannot_be_written_is_a_warning_and_the_run_goes_on(tmp_pat
     assert snapshot(tmp_path / "cache").keys() == before.keys()
 
 
+@pytest.mark.slow
 def test_a_file_in_the_way_of_tensorboard_is_a_warning_and_metrics_has_every_step(tmp_path, cache):
     run = tmp_path / "run"
     run.mkdir()
@@ -198,6 +205,7 @@ def stop_at(step: int):
     return on_event
 
 
+@pytest.mark.slow
 def test_a_metrics_file_cut_by_a_kill_is_repaired_on_resume(tmp_path, cache):
     cfg = load_config(DEMO, [*SMALL, "train.epochs=2", "sample.prompts=[]", f"dataset.cache_dir='{cache}'"])
     run = tmp_path / "run"

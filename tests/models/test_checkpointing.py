@@ -2,6 +2,7 @@
 
 The recomputation must cost the same whatever the frozen weights' storage: with fp8 bases, a conv that
 closes a checkpointed unit must not run again in backward only to save its weight (engine/memory/fp8.py)."""
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -41,6 +42,7 @@ def _step_flops(unet: UNet, checkpointing: bool, dtype) -> int:
     return counter.get_total_flops()
 
 
+@pytest.mark.slow
 def test_fp8_bases_recompute_exactly_what_plain_bases_recompute():
     dtype = torch.float32  # the count is the same in bf16 (ops and shapes do not change), 10x slower on a CPU
     forward = {}

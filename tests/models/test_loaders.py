@@ -112,6 +112,7 @@ def folders(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny-sdxl", "tiny-sd15"])
 def test_diffusers_folder_equals_single_file(tmp_path, folders, name):
     save_file(state_of(name), tmp_path / "single.safetensors")
@@ -120,6 +121,7 @@ def test_diffusers_folder_equals_single_file(tmp_path, folders, name):
     assert_same(from_folder, from_file.state_dict())
 
 
+@pytest.mark.slow
 def test_diffusers_folder_with_a_foreign_key_is_refused(tmp_path, folders):
     shutil.copytree(folders / "tiny-sd15", tmp_path / "pipe")
     weights = tmp_path / "pipe" / "vae" / "diffusion_pytorch_model.safetensors"
@@ -139,6 +141,7 @@ def hub_cache(root, repo_id: str, content) -> None:
     shutil.copytree(content, repo / "snapshots" / commit)
 
 
+@pytest.mark.slow
 def test_hub_repo_id_from_the_local_cache(tmp_path, sdxl_file, folders):
     hub_cache(tmp_path / "hub", "someone/tiny-sdxl", folders / "tiny-sdxl")
     (tmp_path / "single").mkdir()

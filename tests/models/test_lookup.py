@@ -27,6 +27,7 @@ def test_a_built_in_name_is_its_architecture_at_random_init():
     assert torch.equal(sd.unet.input_blocks[0][0].weight, reference.unet.input_blocks[0][0].weight.bfloat16())
 
 
+@pytest.mark.slow
 def test_a_checkpoint_file_is_read_by_its_headers_then_loaded(tmp_path):
     sd = models.build("tiny-sdxl", seed=1)
     save_file({k: v.contiguous() for k, v in sd.state_dict().items()}, tmp_path / "mine.safetensors")

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import gesso
@@ -27,6 +28,7 @@ def readme_example() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
+@pytest.mark.slow
 def test_readme_example_stops_and_resumes_to_the_uninterrupted_file(tmp_path):
     code = readme_example()
     overrides = ast.literal_eval(re.search(r"gesso\.load_config\(sys\.argv\[1\], (\[.*?\])\)", code, re.S).group(1))

@@ -84,6 +84,7 @@ def trained(host, tmp_path_factory) -> dict:
     return {**json.loads(done.stdout.splitlines()[-1]), "stdout": done.stdout, "out": tmp / "out"}
 
 
+@pytest.mark.slow
 def test_the_host_keeps_its_packages_and_trains_the_demo_with_gesso(host, trained):
     assert trained["host"] == [str(host / n) for n in ("models/__init__.py", "engine/__init__.py", "kernels/__init__.py",
                                                       "cli.py")]
@@ -96,6 +97,7 @@ def test_the_host_keeps_its_packages_and_trains_the_demo_with_gesso(host, traine
     assert keys and all(k.startswith("lora_unet_") for k in keys)
 
 
+@pytest.mark.slow
 def test_gesso_inspect_from_the_host(host, trained):
     with safe_open(trained["final"], "pt") as f:
         modules = sum(k.endswith(".lora_down.weight") for k in f.keys())
@@ -104,6 +106,7 @@ def test_gesso_inspect_from_the_host(host, trained):
     assert "module names: all match" in out
 
 
+@pytest.mark.slow
 def test_gesso_memory_from_the_host(host):
     out = run_gesso(["memory", DEMO], host)
     peak = re.search(r"peak (\d+\.\d+) GiB", out)

@@ -156,6 +156,7 @@ def test_top_level_names_sees_a_stray_name():
     assert top_level_names(record + stray) == {"gesso", "models", "cli", "easy-install"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["editable", "plain"])
 def test_the_install_puts_one_name_in_site_packages(mode, request):
     inst = request.getfixturevalue(mode)
@@ -175,6 +176,7 @@ def test_the_install_puts_one_name_in_site_packages(mode, request):
     assert names == {"gesso"}, sorted(inst.files)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["editable", "plain"])
 def test_only_gesso_imports_from_the_install(mode, request, tmp_path):
     inst = request.getfixturevalue(mode)
@@ -187,6 +189,7 @@ def test_only_gesso_imports_from_the_install(mode, request, tmp_path):
     assert out["ids"] == [49406, 49407]  # CLIP's start and end tokens, from the shipped vocabulary
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["editable", "plain"])
 def test_the_console_script_runs(mode, request, tmp_path):
     inst = request.getfixturevalue(mode)

@@ -56,6 +56,7 @@ def test_bad_config_names_the_key(tmp_path, text, overrides, message):
         load_config(write(tmp_path, text), overrides)
 
 
+@pytest.mark.slow
 def test_cli_reports_bad_key_in_one_line_and_exits_2(tmp_path):
     path = write(tmp_path, '[dataset]\npath = "data"\n[train]\nepoch = 3\n')
     proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "train", str(path)], capture_output=True, text=True, cwd=tmp_path)
@@ -64,6 +65,7 @@ def test_cli_reports_bad_key_in_one_line_and_exits_2(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_reports_missing_config_file(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "train", str(tmp_path / "nope.toml")], capture_output=True, text=True)
     assert proc.returncode == 2 and "nope.toml: no such config file" in proc.stderr

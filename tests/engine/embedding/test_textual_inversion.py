@@ -31,6 +31,7 @@ def ti_run(tmp_path_factory):
     return cfg, train(cfg, out)
 
 
+@pytest.mark.slow
 def test_embedding_learns_on_a_fixed_evaluation_set(tmp_path):
     # The user's demo (examples/demo.toml, its pretrained base and 10_gssdemo) with an embedding in place of the
     # LoRA: 4 vectors from "shape", 2 repeats (54 steps). The same images, timesteps and noise with the starting
@@ -48,6 +49,7 @@ def test_embedding_learns_on_a_fixed_evaluation_set(tmp_path):
     assert after <= 0.85 * before, f"eval loss {before:.5f} -> {after:.5f}: less than a 15% drop"
 
 
+@pytest.mark.slow
 def test_only_the_new_vectors_train(ti_run):
     cfg, _ = ti_run
     sd, _, network, _ = prepare_run(find_inputs(cfg, torch.device("cpu")))
@@ -58,6 +60,7 @@ def test_only_the_new_vectors_train(ti_run):
     assert {id(p) for p in optimized} == {id(p) for p in network.parameters()}
 
 
+@pytest.mark.slow
 def test_files_are_sdxl_embeddings_with_textual_inversion_metadata(ti_run):
     cfg, result = ti_run
     names = sorted(p.name for p in result.output_dir.glob("*.safetensors"))
@@ -69,6 +72,7 @@ def test_files_are_sdxl_embeddings_with_textual_inversion_metadata(ti_run):
     assert not any(k.startswith("ss_network_") for k in meta)
 
 
+@pytest.mark.slow
 def test_previews_use_the_embedding_and_the_state_resumes_it(ti_run):
     cfg, result = ti_run
     assert sorted(p.name for p in (result.output_dir / "samples").glob("*.png")) == ["demo-e000002-00.png", "demo-e000004-00.png"]
@@ -80,6 +84,7 @@ def test_previews_use_the_embedding_and_the_state_resumes_it(ti_run):
     assert sd.embeddings.expand("gssdemo, embedding:demo") == f"{spelled}, {spelled}"
 
 
+@pytest.mark.slow
 def test_sample_uses_embeddings_by_name(ti_run):
     _, result = ti_run
     kw = dict(steps=2, width=64, height=64, seed=5, device="cpu", sampler="euler")

@@ -119,6 +119,7 @@ def two(tmp_path_factory) -> Path:
     return base
 
 
+@pytest.mark.slow
 def test_two_processes_train_as_one_process_with_the_same_effective_batch(single, two, cache):
     run = two / "run"
     # one set of files: exactly the single-process run's (rank 1 wrote none of its own, and no lock or temp file is left)
@@ -138,6 +139,7 @@ def test_two_processes_train_as_one_process_with_the_same_effective_batch(single
     assert log.count("saved ") == 1  # the other rank prints nothing
 
 
+@pytest.mark.slow
 def test_a_killed_two_process_run_resumes_to_the_uninterrupted_file(tmp_path, single, two, cache):
     run = tmp_path / "run"
     proc = torchrun(run, cache, tmp_path / "log", wait=False)
@@ -161,6 +163,7 @@ def test_a_killed_two_process_run_resumes_to_the_uninterrupted_file(tmp_path, si
     assert "resuming at epoch" in (tmp_path / "resumed").read_text() and killed_at >= 1
 
 
+@pytest.mark.slow
 def test_a_state_resumes_only_with_the_same_effective_batch(single, cache):
     state = load_state(single)
     assert state["batch_shape"] == {"batch_size": 4, "batches_per_step": 2}

@@ -45,6 +45,7 @@ def run(tmp_path_factory):
     return out, stdout.getvalue(), stderr.getvalue()
 
 
+@pytest.mark.slow
 def test_preview_infotext_names_the_saved_epoch_file_and_its_hash(run):
     out, _, _ = run
     text = Image.open(out / "samples" / "demo-e000002-00.png").info["parameters"]
@@ -66,6 +67,7 @@ def test_previews_reach_tensorboard_as_images(run):
     assert png.tobytes() == saved.convert("RGB").tobytes()
 
 
+@pytest.mark.slow
 def test_the_bar_says_it_renders_previews_and_the_run_ends_with_the_next_commands(run):
     out, stdout, stderr = run
     assert "rendering previews 1/2" in stderr and "rendering previews 2/2" in stderr

@@ -29,6 +29,7 @@ def demo_run(tmp_path_factory):
     return cfg, train(cfg, out)
 
 
+@pytest.mark.slow
 def test_demo_learns_on_a_fixed_evaluation_set(demo_run):
     # Same images, timesteps and noise before and after: a drop here is learning, not a different draw.
     cfg, result = demo_run
@@ -40,6 +41,7 @@ def test_demo_learns_on_a_fixed_evaluation_set(demo_run):
     assert after <= 0.85 * before, f"eval loss {before:.4f} -> {after:.4f}: less than a 15% drop"
 
 
+@pytest.mark.slow
 def test_demo_writes_epoch_files_final_file_and_metrics(demo_run):
     cfg, result = demo_run
     names = sorted(p.name for p in result.output_dir.glob("*.safetensors"))
@@ -51,6 +53,7 @@ def test_demo_writes_epoch_files_final_file_and_metrics(demo_run):
     assert all(set(r) == {"step", "epoch", "loss", "lr"} and r["loss"] > 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_demo_writes_previews_and_tensorboard_scalars(demo_run):
     from PIL import Image
     from tensorboardX.proto import event_pb2  # reads back what SummaryWriter wrote
@@ -74,6 +77,7 @@ def test_demo_writes_previews_and_tensorboard_scalars(demo_run):
     assert tags["loss"] == tags["lr"] == tags["it_per_s"] == list(range(1, steps + 1))
 
 
+@pytest.mark.slow
 def test_saved_keys_follow_the_kohya_layout(demo_run):
     cfg, result = demo_run
     tensors, meta = read_lora(result.final)
@@ -92,6 +96,7 @@ def test_saved_keys_follow_the_kohya_layout(demo_run):
     assert json.loads(meta["ss_tag_frequency"])["demo"]["gssdemo"] == 12
 
 
+@pytest.mark.slow
 def test_reloaded_lora_reproduces_the_trained_model(demo_run):
     cfg, result = demo_run
     sd, _, network, cache = prepare_run(find_inputs(cfg, torch.device("cpu")))
@@ -128,6 +133,7 @@ def test_zero_initialised_lora_leaves_the_unet_unchanged():
     assert all(m.lora_down.abs().sum() > 0 for m in network.modules.values())  # only up is zero
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_tensors(tmp_path):
     overrides = ["train.epochs=1", "dataset.repeats=1", "output.save_dtype=fp32", f"dataset.cache_dir='{tmp_path / 'cache'}'"]
     cfg = load_config(DEMO, overrides)
@@ -138,6 +144,7 @@ def test_same_seed_gives_identical_tensors(tmp_path):
     assert any(not torch.equal(a[k], c[k]) for k in a if k.endswith("up.weight"))  # the seed matters
 
 
+@pytest.mark.slow
 def test_training_from_a_checkpoint_file_equals_training_the_built_in_model(tmp_path):
     # model.checkpoint takes a single file: the tiny model saved in the original layout trains exactly like
     # the built-in model it came from (same weights, same seed, same files).
@@ -153,6 +160,7 @@ def test_training_from_a_checkpoint_file_equals_training_the_built_in_model(tmp_
     assert from_file[1]["ss_sd_model_name"].endswith("tiny.safetensors")
 
 
+@pytest.mark.slow
 def test_grid_of_three_epochs_by_four_strengths_renders_from_the_demo_run(demo_run):
     import numpy as np
     from PIL import Image
@@ -173,6 +181,7 @@ def test_grid_of_three_epochs_by_four_strengths_renders_from_the_demo_run(demo_r
     assert w >= 3 * 128 and h >= 4 * 128
 
 
+@pytest.mark.slow
 def test_bf16_run_computes_in_bf16_without_autocast_and_previews_with_fp8_bases(tmp_path):
     # mixed_precision = bf16: the frozen UNet runs in bf16 end to end, norms included (autocast would give
     # fp32 norm outputs, and keep them for backward); fp8 bases take bf16 inputs and previews still render

@@ -47,11 +47,13 @@ def vpred_run(tmp_path_factory):
     return root, result, seen
 
 
+@pytest.mark.slow
 def test_trains_v_on_the_zero_terminal_snr_schedule(vpred_run):
     _, _, seen = vpred_run
     assert seen["draw"] == {("v_prediction", 0.0)}  # v targets; ᾱ_T = 0 exactly in training
 
 
+@pytest.mark.slow
 def test_previews_sample_with_the_v_denoiser(vpred_run):
     _, result, seen = vpred_run
     assert seen["denoiser"] == {"v_prediction"}
@@ -65,6 +67,7 @@ def test_metadata_says_v_prediction_and_zero_terminal_snr(vpred_run):
     assert meta["ss_v_parameterization"] == "True" and meta["ss_zero_terminal_snr"] == "True"
 
 
+@pytest.mark.slow
 def test_sample_and_grid_pick_the_prediction(vpred_run):
     root, result, _ = vpred_run
     from_keys = single.open_pipeline(str(root / "noob.safetensors"), [], device="cpu")
@@ -75,6 +78,7 @@ def test_sample_and_grid_pick_the_prediction(vpred_run):
     assert got == [("v_prediction", True), ("v_prediction", True), ("epsilon", False), ("epsilon", False)]
 
 
+@pytest.mark.slow
 def test_v_sampling_differs_from_epsilon_sampling_of_the_same_weights(vpred_run):
     root, _, _ = vpred_run
     s = render.Settings("gssdemo, a red circle", steps=3, sampler="euler", seed=3, width=64, height=64)

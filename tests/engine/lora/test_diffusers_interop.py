@@ -28,6 +28,7 @@ def lora_layers(module: torch.nn.Module) -> dict[str, LoraLayer]:
     return {n: m for n, m in module.named_modules() if isinstance(m, LoraLayer)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny-sdxl", "tiny-sd15"])
 def test_our_kohya_file_loads_in_diffusers_with_equal_output(name, tmp_path):
     sd = tiny(name)
@@ -55,6 +56,7 @@ def test_our_kohya_file_loads_in_diffusers_with_equal_output(name, tmp_path):
     assert rel_err(ours, theirs) < TOL  # ... identically in both
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_text_encoder_modules_match_diffusers(tmp_path):
     """te1/te2 modules (OpenCLIP's q/k/v on rows of the fused in_proj) merged by us equal diffusers' loaded LoRA."""
@@ -104,6 +106,7 @@ def peft_lora_on_diffusers_unet(unet, seed: int) -> LoraConfig:
     return config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny-sdxl", "tiny-sd15"])
 def test_diffusers_saved_lora_reads_onto_engine(name, tmp_path):
     sd = tiny(name)
@@ -126,6 +129,7 @@ def renamed(tensors: dict, rename) -> dict:
     return {rename(k): v for k, v in tensors.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["lora.down", "processor", "bare peft", "comfyui"])
 def test_other_spellings_read_to_the_same_modules(variant, tmp_path):
     """The same tiny SDXL LoRA in diffusers' older spellings, PEFT's prefix-less state dict and ComfyUI's saved

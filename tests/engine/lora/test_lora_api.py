@@ -90,6 +90,7 @@ def test_merge_adds_the_weighted_update_to_the_target_weight(files):
     assert (one - base[key].double() - delta(a[linear]).reshape(one.shape)).abs().max() < 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rank", [1, 3])  # 1: every module cut; 3: rank-4 modules cut, rank-2 convs kept
 def test_resize_to_rank_gives_best_rank_r_modules(files, rank):
     _, tmp = files

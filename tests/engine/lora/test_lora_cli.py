@@ -26,6 +26,7 @@ def deltas(path, cfg) -> dict[str, torch.Tensor]:
     return {n: m.delta((m.up.shape[0], m.down[0].numel())) for n, m in lo.modules.items()}
 
 
+@pytest.mark.slow
 def test_convert_round_trip_and_resize(files, capsys):
     sd, tmp = files
     assert cli.main(["convert", str(tmp / "a.safetensors"), str(tmp / "d.safetensors"), "--to", "diffusers", "--model", "tiny-sdxl"]) == 0

@@ -88,6 +88,7 @@ def files(tmp_path_factory):
     return sd, tmp
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", lycoris.ALGOS)
 def test_keys_are_those_comfyui_and_a1111_read(files, algo):
     sd, tmp = files
@@ -117,6 +118,7 @@ def test_reader_gives_back_the_trained_modules(files, algo):
         assert m.alpha == float(tensors[f"{name}.alpha"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", lycoris.ALGOS)
 def test_merge_bakes_in_each_module_as_the_consumers_do(files, algo):
     sd, tmp = files
@@ -138,6 +140,7 @@ def test_merge_bakes_in_each_module_as_the_consumers_do(files, algo):
         assert (merged[key].double() - want).abs().max() < 1e-5, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", lycoris.ALGOS)
 def test_sample_applies_the_file_as_merge_does(files, algo):
     sd, tmp = files
@@ -160,6 +163,7 @@ def test_sample_applies_the_file_as_merge_does(files, algo):
     assert torch.allclose(got, want, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_grid_renders_lycoris_epochs_at_each_strength(files, tmp_path):
     _, tmp = files
     run = {"run-000001": "loha", "run-000002": "lokr"}  # a run's epoch files, as the grid's epoch axis finds them
@@ -179,6 +183,7 @@ def test_grid_renders_lycoris_epochs_at_each_strength(files, tmp_path):
     assert all(np.abs(images[e, 1.0] - images[e, 0.0]).max() > 8 for e in run)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", lycoris.ALGOS)
 def test_inspect_names_the_adapter_and_matches_the_model(files, algo, capsys):
     _, tmp = files
@@ -188,6 +193,7 @@ def test_inspect_names_the_adapter_and_matches_the_model(files, algo, capsys):
     assert "ss_network_module = lycoris.kohya" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", lycoris.ALGOS)
 def test_resize_refuses_in_one_line(files, algo, capsys):
     _, tmp = files
@@ -198,6 +204,7 @@ def test_resize_refuses_in_one_line(files, algo, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_diffusers_does_not_accept_kohya_dora_and_applies_its_lora_part_only(tmp_path):
     # diffusers 0.42 lora_conversion_utils drops every `dora_scale` of a kohya SDXL/SD 1.x file ("a DoRA checkpoint that
     # is not compatible in Diffusers"), and has no SDXL/SD 1.x loader for LoHa or LoKr: it is no reference for these
@@ -222,6 +229,7 @@ def test_diffusers_does_not_accept_kohya_dora_and_applies_its_lora_part_only(tmp
     assert rel_err(engine_out(sd, inputs), theirs) > 1e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", lycoris.ALGOS)
 def test_convert_keeps_them_in_the_kohya_layout_and_refuses_diffusers(files, algo, capsys):
     _, tmp = files

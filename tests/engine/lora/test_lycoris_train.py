@@ -25,6 +25,7 @@ def short(tmp_path, algo: str, *extra):
                               "output.save_dtype='fp32'", f"dataset.cache_dir='{tmp_path / 'cache'}'", *extra])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", lycoris.ALGOS)
 def test_each_type_trains_saves_and_loads_back(tmp_path, algo):
     result = train(short(tmp_path, algo, "network.lokr_factor=4"), tmp_path / "run")
@@ -56,6 +57,7 @@ def test_each_type_trains_saves_and_loads_back(tmp_path, algo):
         assert (sd.unet(x, t, context, y) - base).abs().max() > 1e-4
 
 
+@pytest.mark.slow
 def test_dora_on_the_output_axis_is_recorded_and_shaped(tmp_path):
     result = train(short(tmp_path, "dora", "network.dora_wd_on_output=true", "network.conv_rank=0"), tmp_path / "run")
     tensors, meta = read_lora(result.final)
@@ -64,6 +66,7 @@ def test_dora_on_the_output_axis_is_recorded_and_shaped(tmp_path):
     assert scales and all(v.shape == (tensors[k.replace("dora_scale", "lora_up.weight")].shape[0], 1) for k, v in scales.items())
 
 
+@pytest.mark.slow
 def test_resume_after_interrupt_equals_an_uninterrupted_run(tmp_path):
     cfg = short(tmp_path, "loha", "dataset.repeats=2")
 

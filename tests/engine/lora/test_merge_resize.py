@@ -23,6 +23,7 @@ def deltas(lo: lora_convert.LoRA) -> dict[str, torch.Tensor]:
     return {n: m.delta((m.up.shape[0], m.down[0].numel())).double() for n, m in lo.modules.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny-sdxl", "tiny-sd15"])
 def test_merged_checkpoint_equals_base_plus_lora(name, tmp_path):
     sd = tiny(name)
@@ -39,6 +40,7 @@ def test_merged_checkpoint_equals_base_plus_lora(name, tmp_path):
     assert rel_err(engine_out(merged, inputs), expected) < 1e-5
 
 
+@pytest.mark.slow
 def test_stacked_merge_equals_sequential_and_keeps_layout_and_dtype(tmp_path):
     sd = tiny("tiny-sdxl")
     export(sd, tmp_path / "base.safetensors", dtype=torch.float16)
@@ -118,6 +120,7 @@ def test_resize_by_energy_keeps_the_fewest_ranks_that_reach_it(lo):
             assert fraction[r.rank_after - 2] < 0.9
 
 
+@pytest.mark.slow
 def test_resized_file_with_mixed_ranks_loads_in_diffusers_at_the_right_strength(lo, tmp_path):
     sd = tiny("tiny-sdxl")
     pipe = pipeline(sd)

@@ -43,6 +43,7 @@ def deltas(path, cfg) -> dict[str, torch.Tensor]:
     return {n: m.delta((m.up.shape[0], m.down[0].numel())) for n, m in lora_convert.read(path, cfg).modules.items()}
 
 
+@pytest.mark.slow
 def test_convert_and_resize_the_demo_lora_without_model(demo_lora, tmp_path, capsys):
     path, model_cfg = demo_lora
     assert lora_tools.model_config(path) == model_cfg  # ss_sd_model_name, not the full-size SDXL of ss_base_model_version
@@ -70,6 +71,7 @@ def test_modelspec_architecture_names_the_family(tmp_path, architecture, expecte
     assert lora_tools.model_config(tmp_path / "x.safetensors") == expected
 
 
+@pytest.mark.slow
 def test_without_a_model_it_cannot_place_the_message_says_pass_model(demo_lora, tmp_path, capsys):
     path, _ = demo_lora
     tensors, meta = read_lora(path)
@@ -83,6 +85,7 @@ def test_without_a_model_it_cannot_place_the_message_says_pass_model(demo_lora, 
         lora_tools.model_config(tmp_path / "bare.safetensors")
 
 
+@pytest.mark.slow
 def test_merge_names_a_lora_made_for_another_family(demo_lora, tmp_path):
     path, _ = demo_lora
     export(tiny("tiny-sd15"), tmp_path / "sd15.safetensors")

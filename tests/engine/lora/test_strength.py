@@ -29,6 +29,7 @@ def out_with(sd, path, inputs, multiplier=1.0):
     return out
 
 
+@pytest.mark.slow
 def test_strength_scales_the_update(setup):
     sd, tensors, path, tmp = setup
     inputs = unet_inputs(sd.cfg)

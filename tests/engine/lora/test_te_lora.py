@@ -62,6 +62,7 @@ def te_run(tmp_path_factory):
     return cfg, train(cfg, out)
 
 
+@pytest.mark.slow
 def test_saved_file_has_kohya_te_modules_and_they_train(te_run):
     cfg, result = te_run
     tensors, meta = read_lora(result.final)
@@ -81,6 +82,7 @@ def test_saved_file_has_kohya_te_modules_and_they_train(te_run):
     assert meta["ss_network_train_unet_only"] == "False"
 
 
+@pytest.mark.slow
 def test_saved_file_is_read_whole_by_the_converter(te_run):
     cfg, result = te_run
     lo = lora_convert.read(result.final, models.configs.get(cfg.model.name))
@@ -88,6 +90,7 @@ def test_saved_file_is_read_whole_by_the_converter(te_run):
     assert set(lo.modules) == {k.split(".")[0] for k in read_lora(result.final)[0]}
 
 
+@pytest.mark.slow
 def test_resume_state_restores_te_modules(te_run):
     cfg, result = te_run
     state = load_state(result.output_dir)

@@ -16,6 +16,7 @@ from gesso.kernels.lora_linear import lora_linear_ref
 CPU = torch.device("cpu")
 
 
+@pytest.mark.slow
 def test_bench_without_gpu_reports_both_paths_as_cpu_numbers(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert cli.main(["bench", "--resolution", "64", "--rank", "4", "--steps", "2", "--warmup", "1", "--out", str(out)]) == 0
@@ -52,6 +53,7 @@ def test_formula_gives_the_documented_sdxl_forward():
     assert [round(bench.unet_forward_flops(sdxl, px, 1) / 1e12, 2) for px in (1024, 768, 512)] == [6.76, 3.64, 1.59]
 
 
+@pytest.mark.slow
 def test_matrix_on_cpu_has_every_case_for_both_paths(tmp_path, capsys):
     out = tmp_path / "matrix.json"
     assert cli.main(["bench", "--matrix", "--steps", "1", "--warmup", "0", "--out", str(out)]) == 0
@@ -77,6 +79,7 @@ def test_matrix_on_cpu_has_every_case_for_both_paths(tmp_path, capsys):
     assert 0.5 * forward < recomputed <= forward
 
 
+@pytest.mark.slow
 def test_loss_check_on_cpu_passes_for_both_bases(tmp_path, capsys):
     out = tmp_path / "loss.json"
     argv = ["bench", "--loss-check", "3", "--resolution", "32", "--rank", "4", "--gradient-checkpointing", "--lr", "1e-3"]
@@ -94,6 +97,7 @@ def test_loss_check_on_cpu_passes_for_both_bases(tmp_path, capsys):
         assert c["sensitive"]  # 3 steps at lr 1e-3 move the loss by more than the tolerance
 
 
+@pytest.mark.slow
 def test_loss_check_fails_when_the_kernels_path_does_not_train(monkeypatch, tmp_path, capsys):
     real = bench.kernel_path
     # a LoRA linear whose up-projection gets no gradient: the LoRA never trains

@@ -48,6 +48,7 @@ def _train(unet, steps: int, watch=None):
 
 
 # fp8 without LoCon: the res-blocks' closing fp8 convs are bare, their backward the first of the unit to run
+@pytest.mark.slow
 @pytest.mark.parametrize("fp8_base, locon", [(False, True), (True, False)], ids=["bf16-locon", "fp8-attention-only"])
 def test_losses_and_lora_grads_equal_the_unswapped_run_bit_for_bit(fp8_base, locon):
     unet, network = _unet(fp8_base, locon)

@@ -199,6 +199,7 @@ def _train_losses(quantise: bool, steps=6) -> list[float]:
     return losses
 
 
+@pytest.mark.slow
 def test_lora_training_with_fp8_bases_reduces_the_loss_like_fp32():
     fp8_losses, fp32_losses = _train_losses(quantise=True), _train_losses(quantise=False)
     # measured: 1.084 -> 0.932 with fp8 bases, 1.083 -> 0.933 with fp32, at most 0.0013 apart per step

@@ -27,6 +27,7 @@ def predicted():
     return load_config(DEMO, memory_testutil.SDXL_1024 + ["train.memory='auto'"]), predict, by_mode
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("free", [24, 12, 8, 6, 4])
 def test_each_free_figure_gets_the_first_mode_that_fits(predicted, free):
     cfg, predict, cache = predicted
@@ -40,6 +41,7 @@ def test_each_free_figure_gets_the_first_mode_that_fits(predicted, free):
         assert mode[:2] == (True, True) and not memplan.fits(predict(memtrace.with_mode(cfg, True, True, t.blocks_to_swap - 1)), free)
 
 
+@pytest.mark.slow
 def test_the_figures_spread_over_the_modes(predicted):
     cfg, predict, _ = predicted
     chosen = [memplan.plan(cfg, free, predict)[0].train for free in (24, 12, 8, 6, 4)]
@@ -47,6 +49,7 @@ def test_the_figures_spread_over_the_modes(predicted):
     assert modes == [(False, False, 0), (False, True, 0), (False, True, 0), (True, True, 0), (True, True, 0)], modes
 
 
+@pytest.mark.slow
 def test_when_only_block_swap_fits_the_fewest_blocks_that_fit_are_swapped():
     # on the demo's tiny model, where a prediction takes a second: a figure between the leanest mode without
     # swap and the one with every block swapped
@@ -62,6 +65,7 @@ def test_when_only_block_swap_fits_the_fewest_blocks_that_fit_are_swapped():
     assert memplan.fits(p, free) and not memplan.fits(predict(memtrace.with_mode(cfg, True, True, n - 1)), free)
 
 
+@pytest.mark.slow
 def test_training_prints_its_choice_and_a_card_too_small_is_one_line(predicted, capsys):
     cfg, predict, _ = predicted
     with mock.patch.object(memplan, "free_gib", return_value=6.0), mock.patch.object(memplan.memtrace, "predict", predict):

@@ -36,6 +36,7 @@ def full_size():
             ([], ["train.fp8_base=true"], every, ["train.fp8_base=true"] + every)]
 
 
+@pytest.mark.slow
 def test_full_size_sdxl_weights_are_counted_exactly(full_size):
     bf16, fp8, bf16_swap, fp8_swap = full_size
     assert bf16.weights_gib * 2**30 == 2 * SDXL_UNET_PARAMS  # every frozen tensor in bf16
@@ -50,6 +51,7 @@ def test_full_size_sdxl_weights_are_counted_exactly(full_size):
     assert 0 < fp8_swap.swap_gib < bf16_swap.swap_gib < 0.1 * bf16.weights_gib  # a few blocks at a time
 
 
+@pytest.mark.slow
 def test_full_size_sdxl_step_fits_the_memory_modes(full_size):
     # issue 14's targets at 1024x1024, batch 1, rank 16, AdamW8bit. A prediction, not a GPU measurement (see
     # engine/memory/memtrace.py for what it leaves out); it fails if the step's memory regresses, e.g. attention
@@ -60,6 +62,7 @@ def test_full_size_sdxl_step_fits_the_memory_modes(full_size):
     assert all(p.activations_gib < 0.5 for p in full_size)
 
 
+@pytest.mark.slow
 def test_memory_command_prints_each_mode_and_rejects_a_bad_model_in_one_line(capsys):
     from gesso import cli
 

@@ -15,6 +15,8 @@ import subprocess
 import sys
 from unittest import mock
 
+import pytest
+
 from gesso.engine.config.load import load_config
 from gesso.engine.memory import memtrace
 from gesso.models import configs
@@ -92,6 +94,7 @@ def _measured(checkpointing: bool) -> int:
     return json.loads(out.stdout.splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_prediction_agrees_with_the_measured_peak_of_a_cpu_step_within_10_percent():
     with mock.patch.dict(configs.REGISTRY, {MID.name: MID}):
         for checkpointing in (False, True):

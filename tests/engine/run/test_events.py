@@ -26,6 +26,7 @@ def same_file(a: Path, b: Path) -> bool:
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
+@pytest.mark.slow
 def test_every_step_and_every_file_written_is_an_event(tmp_path):
     cfg = small(tmp_path, "output.save_every_n_steps=4", "sample.prompts=['gssdemo, a circle']", "sample.steps=2",
                 "sample.every_n_epochs=2")
@@ -51,6 +52,7 @@ def test_every_step_and_every_file_written_is_an_event(tmp_path):
     assert all(json.loads(json.dumps(e)) == e for e in events)
 
 
+@pytest.mark.slow
 def test_stop_from_the_callback_saves_state_and_resume_finishes_the_same_file(tmp_path):
     cfg = small(tmp_path)
     whole = train(cfg, tmp_path / "whole", progress=False)
@@ -68,6 +70,7 @@ def test_stop_from_the_callback_saves_state_and_resume_finishes_the_same_file(tm
     assert [p.name for p in resumed.epoch_files] == ["demo-000001.safetensors", "demo-000002.safetensors"]
 
 
+@pytest.mark.slow
 def test_an_exception_in_the_callback_leaves_a_resumable_state(tmp_path):
     cfg = small(tmp_path)
     whole = train(cfg, tmp_path / "whole", progress=False)

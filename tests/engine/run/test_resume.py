@@ -31,6 +31,7 @@ def interrupt_at(step):
     return on_event
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [2, 3])  # mid-epoch, and at an epoch's last step (before its save)
 def test_resume_after_interrupt_equals_an_uninterrupted_run(tmp_path, stop):
     cfg = small(tmp_path)
@@ -47,6 +48,7 @@ def test_resume_after_interrupt_equals_an_uninterrupted_run(tmp_path, stop):
     assert epoch_files == ["demo-000001.safetensors", "demo-000002.safetensors"]
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_network_shape(tmp_path):
     cfg = small(tmp_path)
     with pytest.raises(KeyboardInterrupt):
@@ -55,6 +57,7 @@ def test_resume_refuses_another_network_shape(tmp_path):
         train(small(tmp_path, "network.rank=4"), tmp_path / "cut", resume=tmp_path / "cut")
 
 
+@pytest.mark.slow
 def test_step_saves_and_keep_last(tmp_path):
     cfg = small(tmp_path, "output.save_every_n_steps=1", "output.keep_last=2", "output.save_every_n_epochs=0")
     result = train(cfg, tmp_path / "run")
@@ -81,6 +84,7 @@ def adamw_drop(tmp_path_factory) -> float:
     return eval_drop(tmp_path_factory.mktemp("adamw"), "train.optimizer='adamw'")
 
 
+@pytest.mark.slow
 def test_prodigy_and_adamw8bit_reduce_the_loss_like_adamw(tmp_path, adamw_drop):
     # Two epochs of the demo (60 steps). Each must reach at least 60% of AdamW's drop of the fixed-set eval
     # loss (measured: AdamW 69.7%, Prodigy 72.0%, AdamW8bit with all states 8-bit 69.7%). Prodigy learns its
@@ -116,6 +120,7 @@ def test_divergence_stops_with_a_clear_error(tmp_path):
         train(cfg, tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_fp8_base_weights_train_like_full_precision(tmp_path, adamw_drop):
     # fp8 storage rounds each frozen weight by up to 2^-4 relative (tests/engine/memory/test_fp8.py); the LoRA still
     # learns: at least 80% of the full-precision run's eval-loss drop after two demo epochs.

@@ -50,6 +50,7 @@ def run_with_clock(folder: Path, cache: Path, monkeypatch, *extra: str) -> list[
     return saves
 
 
+@pytest.mark.slow
 def test_a_state_every_10_minutes_and_a_lora_file_with_timed_lora(tmp_path, cache, monkeypatch):
     saves = run_with_clock(tmp_path, cache, monkeypatch, "output.timed_lora=true")
     # steps end at 4, 8, 12 ... minutes: 12 >= 10 at step 3, then 12 minutes after each save at steps 6 and 9; the
@@ -60,6 +61,7 @@ def test_a_state_every_10_minutes_and_a_lora_file_with_timed_lora(tmp_path, cach
         "demo-step00000003.safetensors", "demo-step00000006.safetensors", "demo-step00000009.safetensors", "demo.safetensors"]
 
 
+@pytest.mark.slow
 def test_the_clock_counts_from_the_last_state_saved_by_any_rule(tmp_path, cache, monkeypatch):
     # per-step states at 5 and 10 restart the count: timed states at 3 (12 min), 8 (12 min after step 5's), none at 11
     saves = run_with_clock(tmp_path, cache, monkeypatch, "output.save_every_n_steps=5")
@@ -68,6 +70,7 @@ def test_the_clock_counts_from_the_last_state_saved_by_any_rule(tmp_path, cache,
     assert load_state(tmp_path)["step"] == 12
 
 
+@pytest.mark.slow
 def test_without_save_every_n_minutes_the_clock_saves_nothing(tmp_path, cache, monkeypatch):
     saves = run_with_clock(tmp_path, cache, monkeypatch, "output.save_every_n_minutes=0")
     assert [s for k, s in saves if k == "state"] == [12]

@@ -84,6 +84,7 @@ def test_lora_at_strength_equals_merged_weights(run_dir):
     assert torch.allclose(got, merged, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_grid_three_epochs_by_four_strengths(pipe, run_dir, tmp_path):
     epochs = render.Axis("epoch", tuple(p.stem for p in render.epoch_files(run_dir)))
     assert epochs.values == ("demo-000001", "demo-000002", "demo-000003")
@@ -121,6 +122,7 @@ def test_grid_three_epochs_by_four_strengths(pipe, run_dir, tmp_path):
     assert np.array_equal(pixels(again), images["demo-000002", 0.5])
 
 
+@pytest.mark.slow
 def test_seeds_reproduce_independent_of_batch(pipe):
     s = render.replace(BASE, sampler="euler_a", seed=40)
     batch = [img for img, _ in render.render(pipe, s, batch_size=2)]
@@ -130,6 +132,7 @@ def test_seeds_reproduce_independent_of_batch(pipe):
     assert np.abs(pixels(batch[0]) - pixels(batch[1])).max() > 8
 
 
+@pytest.mark.slow
 def test_img2img_strength_controls_change(pipe):
     source = render.render(pipe, render.replace(BASE, seed=3))[0][0]
     near = render.render(pipe, render.replace(BASE, seed=4, steps=10, denoising_strength=0.2), init_image=source)
@@ -158,6 +161,7 @@ def test_cli_sample_and_errors(run_dir, tmp_path, capsys):
     assert "multiples of 32" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_checkpoint_file_renders_like_the_built_model(pipe, tmp_path):
     # --model accepts a single-file checkpoint (models.loaders); the same weights give the same image
     from safetensors.torch import save_file
@@ -184,6 +188,7 @@ def test_cli_grid_of_seed_by_sampler(tmp_path):
     assert cells == {("1", "Euler"), ("2", "Euler"), ("1", "DDIM"), ("2", "DDIM")}
 
 
+@pytest.mark.slow
 def test_cli_grid_of_run_epochs(run_dir, tmp_path):
     out = tmp_path / "grid"
     args = ["grid", "--run", str(run_dir), "--prompt", "gssdemo", "--x", "epoch=1,3", "--y", "strength=0.5,1",

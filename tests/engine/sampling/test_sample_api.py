@@ -44,6 +44,7 @@ def test_batch_has_the_size_and_each_image_its_infotext():
     assert np.abs(pixels(images[0]) - pixels(images[1])).max() > 8  # two seeds, two pictures
 
 
+@pytest.mark.slow
 def test_same_seed_same_pixels_other_seed_other_pixels():
     first = sample(PROMPT, "tiny-sdxl", seed=7, **FAST)[0]
     again = sample(PROMPT, "tiny-sdxl", seed=7, **FAST)[0]
@@ -65,6 +66,7 @@ def test_model_from_the_tagged_lora_file_and_the_lora_changes_the_image(lora_dir
     assert np.abs(pixels(tagged) - pixels(plain)).max() > 8
 
 
+@pytest.mark.slow
 def test_init_image_as_path_or_image_gives_the_same_picture(tmp_path):
     source = sample("a blue square", "tiny-sdxl", seed=1, **FAST)[0]
     source.save(tmp_path / "init.png")

@@ -61,6 +61,7 @@ def test_text_modules_encode_as_the_live_network(trained):
     assert all(torch.equal(v, own[k]) for k, v in pipe.sd.state_dict().items())  # every weight back, bit for bit
 
 
+@pytest.mark.slow
 def test_sample_renders_with_the_text_modules(trained):
     name, folder, _, _ = trained
     kw = dict(steps=2, width=64, height=64, seed=3, device="cpu", sampler="euler", lora_dir=folder)
