@@ -18,6 +18,13 @@ ALL_SLOW: dict[str, str] = {
     "tests/engine/run/test_timed_saves.py": "each test trains the demo for the saves a clock makes (7-9 s)",
     "tests/faults/test_run_folder.py": "each test trains in a child process, a folder refused only after a run (13-25 s)",
     "tests/package/test_embedding.py": "its one test runs the README's embedding example, stopped and resumed (35 s)",
+    "tests/faults/test_kill_9.py": "its one test kills a real run 20 times and resumes it each time (about 4 min)",
+    "tests/page/test_page_run.py": "each test drives headless Chromium against a live server training the demo (30-90 s)",
+    "tests/page/test_page_token.py": "each test starts a live server and a browser (20-40 s)",
+    "tests/serve/test_serve_bad_requests.py": "each test starts a live gesso serve and waits for its jobs' processes",
+    "tests/serve/test_serve_crash.py": "each test trains a served job, kills the server and resumes it (3-4 min)",
+    "tests/serve/test_serve_isolation.py": "its one test runs failing and killed jobs on a live server (about 4 min)",
+    "tests/serve/test_serve_jobs.py": "its tests share one live server that trains three demo jobs (about 4 min)",
 }
 
 

@@ -2,7 +2,7 @@
 bundled ptxas, sm_80 to sm_120. It runs in a fresh process without TRITON_INTERPRET (the interpreter accepts code the
 compiler refuses, as the 8-bit AdamW's reassigned constexpr was). The quick subset runs in the default suite (about
 three minutes on two busy cores); the whole matrix (SDXL and SD 1.5 shapes, ranks 16 and 128, every head dim, fp32)
-runs with `-m matrix` alone (about 106 min on 2 cores, so CI leaves it out; pytest.ini)."""
+runs with GESSO_AOT_MATRIX=1 alone (about 106 min on 2 cores, so CI skips it, saying so)."""
 import json
 import os
 import subprocess
@@ -86,7 +86,8 @@ def test_a_shape_no_tile_fits_fails():
 
 
 @pytest.mark.slow
-@pytest.mark.matrix
+@pytest.mark.skipif(os.environ.get("GESSO_AOT_MATRIX") != "1",
+                    reason="the whole matrix takes about 106 min on 2 cores: GESSO_AOT_MATRIX=1 runs it")
 def test_full_matrix_compiles(tmp_path):
     done, records = compile_matrix(tmp_path, "--full")
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
