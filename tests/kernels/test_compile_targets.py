@@ -30,6 +30,7 @@ def compile_matrix(tmp_path: Path, *args) -> tuple[subprocess.CompletedProcess, 
     return done, json.loads(out.read_text()) if out.is_file() else []
 
 
+@pytest.mark.slow  # minutes of ptxas: in CI's whole run (the default suite), not in the -m "not slow" loop
 def test_quick_subset_compiles_every_kernel_for_every_target_and_prunes_as_the_compiler_measures(tmp_path):
     done, records = compile_matrix(tmp_path)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
