@@ -229,11 +229,12 @@ def test_a_full_disk_under_metrics_is_an_output_error_and_its_rows_stay(tmp_path
         before = snapshot(run)
         leave_free(disk, 0)
         with pytest.raises(OutputError, match="metrics.jsonl: no space left"):  # resuming rewrites it: atomically
-            RunLog(run, 2, False)
+            RunLog(run, 2, False).open()  # a run opens its log once it is proved (engine/run/rundir.py)
         assert_unchanged(before)
         assert temp_litter(run) == []
 
-        log = RunLog(run, 0, False)  # a new run: an empty file, the old one's page freed
+        log = RunLog(run, 0, False)
+        log.open()  # a new run: an empty file, the old one's page freed
         with pytest.raises(OutputError, match="metrics.jsonl: no space left"):
             for step in range(1, 1000):  # 4 KiB of rows fill the page; the next one fails
                 log.step({"step": step, "epoch": 1, "loss": 0.5, "lr": 1e-4}, 1.0, None)
