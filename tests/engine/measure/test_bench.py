@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from gesso import cli, models
 from gesso.engine.lora import network as lora
 from gesso.engine.measure import bench
-from gesso.kernels.lora_linear import lora_linear_ref
+from gesso.kernels.lora_linear import lora_linear as real_lora_linear
 
 CPU = torch.device("cpu")
 
@@ -101,7 +101,7 @@ def test_loss_check_on_cpu_passes_for_both_bases(tmp_path, capsys):
 def test_loss_check_fails_when_the_kernels_path_does_not_train(monkeypatch, tmp_path, capsys):
     real = bench.kernel_path
     # a LoRA linear whose up-projection gets no gradient: the LoRA never trains
-    untrained = lambda x, w, b, down, up, scale, **kw: lora_linear_ref(x, w, b, down, up.detach(), scale, **kw)  # noqa: E731
+    untrained = lambda x, w, b, down, up, scale, **kw: real_lora_linear(x, w, b, down, up.detach(), scale, **kw)  # noqa: E731
 
     @contextlib.contextmanager
     def broken(path):
