@@ -16,6 +16,8 @@ ALL_SLOW: dict[str, str] = {
     "tests/engine/memory/test_memtrace_rss.py": "its one test trains a mid-size UNet twice in a child process (75 s)",
     "tests/engine/run/test_events.py": "each test trains the demo through the API, stopped or failed and resumed (12-23 s)",
     "tests/engine/run/test_timed_saves.py": "each test trains the demo for the saves a clock makes (7-9 s)",
+    "tests/faults/test_overwrite_and_restart.py": "each test trains the demo, then overwrites or restarts its folder (5-13 s)",
+    "tests/faults/test_resume_averaging.py": "each test resumes from a finished EMA run, 13 s of training to make",
     "tests/faults/test_run_folder.py": "each test trains in a child process, a folder refused only after a run (13-25 s)",
     "tests/package/test_embedding.py": "its one test runs the README's embedding example, stopped and resumed (35 s)",
     "tests/faults/test_kill_9.py": "its one test kills a real run 20 times and resumes it each time (about 4 min)",

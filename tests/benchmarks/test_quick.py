@@ -67,6 +67,7 @@ def test_driver_writes_every_system_and_the_summary(tmp_path):
 
 @pytest.mark.parametrize("error", [CompilationError(None, None, "step is already defined"), PTXASError("ptxas error"),
                                    OutOfResources(102400, 101376, "shared memory")], ids=type)
+@pytest.mark.slow
 def test_a_row_that_raises_leaves_the_rows_measured_before_it(error, tmp_path, monkeypatch):
     raw = tmp_path / "raw.json"
     real = bench.time_path

@@ -72,6 +72,7 @@ def test_a_missing_package_is_one_line_naming_the_extra():
     assert "pip install 'gesso[optimizers]'" in str(caught.value) and "\n" not in str(caught.value)
 
 
+@pytest.mark.slow
 def test_memory_counts_each_optimizers_state():
     # the states per LoRA parameter: AdamW and schedule-free two full copies (exp_avg and exp_avg_sq; z and
     # exp_avg_sq), Lion one (exp_avg), CAME one and its factored second moments (rows + columns, far less)

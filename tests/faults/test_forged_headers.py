@@ -135,6 +135,7 @@ def test_a_forged_file_is_one_error_line_naming_it(good, tmp_path, command, forg
     assert snapshot(tmp_path) == before  # every file as it was (the forged one too), nothing written: no lock, no manifest
 
 
+@pytest.mark.slow
 def test_through_a_real_process_there_is_no_traceback(good, tmp_path):
     forged = forge(good / "lora.safetensors", tmp_path / "forged.safetensors", impossible_shape)
     assert_one_line_error(gesso_cli("inspect", forged), forged, FORGERIES[impossible_shape])

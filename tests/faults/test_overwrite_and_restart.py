@@ -128,6 +128,7 @@ def assert_resumable_to(run: Path, cache: Path, reference: Path) -> None:
     assert same_lora(run / "demo.safetensors", reference / "demo.safetensors")
 
 
+@pytest.mark.slow
 def test_an_overwrite_that_fails_before_its_first_file_leaves_the_earlier_run_whole(tmp_path, cache, reference, unfinished):
     run = tmp_path / "run"
     shutil.copytree(unfinished, run)
@@ -152,6 +153,7 @@ def test_an_overwrite_killed_before_its_first_file_leaves_the_earlier_run_resuma
     assert_resumable_to(run, cache, reference)
 
 
+@pytest.mark.slow
 def test_an_overwrite_replaces_the_earlier_run_at_its_first_file(tmp_path, cache, unfinished):
     run = tmp_path / "run"
     shutil.copytree(unfinished, run)

@@ -88,6 +88,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_file(tmp_path, cache, finishe
     ("schedule-free", ["train.optimizer='adamw'"], "another optimizer's"),
     ("adamw", ["train.optimizer='adamw_schedulefree'"], "another optimizer's"),
 ], ids=["ema-off", "ema-on", "ema-other-decay", "schedule-free-to-adamw", "adamw-to-schedule-free"])
+@pytest.mark.slow
 def test_a_resume_with_other_averaging_is_one_line(tmp_path, cache, finished, saved, extra, says):
     run = copy(finished[saved], tmp_path)
     before = snapshot(run)
@@ -103,6 +104,7 @@ def test_a_resume_with_other_averaging_is_one_line(tmp_path, cache, finished, sa
     ({"decay": 1.5, "shadow": []}, "'ema' is not an EMA state"),
     ({"decay": 0.8, "shadow": [torch.randn(3, 5)]}, "EMA weights do not fit this network"),
 ], ids=["decay-as-text", "shadow-of-lists", "decay-above-1", "shadow-of-another-network"])
+@pytest.mark.slow
 def test_a_forged_ema_state_is_one_line_naming_it(tmp_path, cache, finished, ema, says):
     run = copy(finished["ema"], tmp_path)
     torch.save({**torch.load(run / STATE_FILE, weights_only=True), "ema": ema}, run / STATE_FILE)

@@ -49,6 +49,7 @@ def test_the_gpus_facts(capability):
     assert device.gpu(CUDA).fp8 and device.SHARED_MEMORY_OPTIN[device.gpu(CUDA).arch] == 101376
 
 
+@pytest.mark.slow
 def test_auto_is_the_default_and_the_memory_prediction_takes_a_gpus_bf16(tmp_path, monkeypatch):
     monkeypatch.setenv("GESSO_KERNELS", "auto")  # the prediction's step runs on the meta device: the references
     demo = tmp_path / "demo.toml"

@@ -16,6 +16,7 @@ from gesso.kernels import device
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_doctor_on_a_cpu_machine_says_there_is_no_gpu(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU machine's doctor describes its GPU (the stubbed test below) and runs the self-check")

@@ -47,6 +47,7 @@ def plain(tmp_path_factory, cache) -> Path:
     return train(small(cache), tmp_path_factory.mktemp("plain"), progress=False).final
 
 
+@pytest.mark.slow
 def test_save_preview_and_validate_now_are_answered_at_the_next_step_with_their_events(tmp_path, cache, plain):
     control = Control()
     events = []
@@ -84,6 +85,7 @@ def test_a_preview_asked_without_prompts_is_answered_not_done(tmp_path, cache):
     assert not (tmp_path / "run" / "samples").exists()
 
 
+@pytest.mark.slow
 def test_stop_from_another_thread_saves_the_state_at_that_step_and_resume_finishes_the_same_file(tmp_path, cache, plain):
     control = Control()
     events = []
@@ -114,6 +116,7 @@ def test_requests_from_many_threads_are_each_answered_once():
 
 
 @pytest.mark.parametrize("mode", [torch.inference_mode, torch.no_grad])
+@pytest.mark.slow
 def test_a_host_under_inference_mode_or_no_grad_trains_the_same_file_and_keeps_its_modes(tmp_path, cache, plain, mode):
     with mode():
         result = gesso.train(small(cache), tmp_path / "run", progress=False)

@@ -5,6 +5,7 @@ import json
 import logging
 from pathlib import Path
 
+import pytest
 import torch
 from tensorboardX.proto import event_pb2
 
@@ -63,6 +64,7 @@ def small(tmp_path, *extra):
                               f"dataset.cache_dir='{tmp_path / 'cache'}'", *extra])
 
 
+@pytest.mark.slow
 def test_val_loss_once_per_epoch_in_metrics_tensorboard_events_and_the_same_for_the_same_weights(tmp_path, capsys):
     cfg = small(tmp_path, "dataset.validation_split=0.25")
     events = []
@@ -84,6 +86,7 @@ def test_val_loss_once_per_epoch_in_metrics_tensorboard_events_and_the_same_for_
     assert abs(first - val[-1]["val_loss"]) < 1e-6
 
 
+@pytest.mark.slow
 def test_validating_leaves_the_training_bit_identical(tmp_path):
     held = tmp_path / "held"
     held.mkdir()
