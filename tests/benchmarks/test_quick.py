@@ -2,6 +2,7 @@
 diffusers + PEFT peer's construction and module set, the summary, the dispatch table writer, and the shell plan."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -143,3 +144,5 @@ def test_shell_plan_runs_the_issues_order_inside_the_budget(tmp_path):
     positions = [next(i for i, line in enumerate(plan) if step in line) for step in order]
     assert positions == sorted(positions), plan
     assert "GESSO_KERNELS=triton" in plan[0]
+    # the parity tests, spread over workers where the machine has pytest-xdist
+    assert re.search(r"-m pytest -q -p no:cacheprovider (-n \d+ )?tests/kernels$", plan[0]), plan[0]
