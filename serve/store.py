@@ -63,7 +63,7 @@ class Store:
         if version > SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"its schema is version {version}, this Gesso reads version {SCHEMA_VERSION}")
         upgrade = "ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'train';" if version == 1 else ""  # before grids
-        db.executescript(f"BEGIN; {SCHEMA} {upgrade} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+        db.executescript(f"BEGIN IMMEDIATE; {SCHEMA} {upgrade} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
